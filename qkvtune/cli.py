@@ -1,0 +1,96 @@
+"""``qkvtune train|eval|export`` — argument parsing and one-line errors; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+
+def _known_errors():
+    from .config import ConfigError
+    from .data import DataError
+    from .io import AdapterError
+    from .models import ModelError
+    from .targets import TargetError
+
+    return (ConfigError, DataError, AdapterError, ModelError, TargetError)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import dump_metrics, train
+
+    cfg = load_config(args.config, args.overrides)
+    fresh = not os.path.exists(cfg.output_dir)
+    try:
+        metrics = train(cfg)
+    except BaseException:
+        if fresh and not cfg.resume and os.path.isdir(cfg.output_dir):
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing half-written
+        raise
+    print(dump_metrics(metrics))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import parse_override
+    from .train import dump_metrics, evaluate_run
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    print(dump_metrics(evaluate_run(args.run_dir, overrides)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .io import AdapterError, export_merged
+    from .train import load_run
+
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        raise AdapterError(f"{args.out_dir}: exists and is not empty")
+    _, model, tokenizer, _ = load_run(args.run_dir)
+    tmp = args.out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_merged(model, tokenizer, tmp)
+        if os.path.exists(args.out_dir):
+            os.rmdir(args.out_dir)
+        os.replace(tmp, args.out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {args.out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qkvtune", description="Attention-centric fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune: qkvtune train [CONFIG.yaml] [key=value ...]")
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults + overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value, value read as YAML (targets=[q,v])")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a finished run: qkvtune eval RUN_DIR [key=value ...]")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="e.g. task=glue/rte data_dir=... max_eval_samples=200")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write a merged Hugging Face model: qkvtune export RUN_DIR OUT_DIR")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # `qkvtune train key=value ...` with no file
+        args.config = None
+    try:
+        return args.func(args)
+    except _known_errors() as e:
+        print(f"qkvtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkvtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

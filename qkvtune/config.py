@@ -1,0 +1,211 @@
+"""One validated run configuration: YAML file + ``key=value`` overrides, checked as a whole before any work.
+
+Every key is a field of ``TrainConfig`` below; that class is the config reference (README mirrors it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # what to tune
+    model: str = "minilm"                  # hub id, local folder, or alias: minilm, smollm2-135m
+    task: str = "builtin/vader"            # glue/<task>, commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
+    data_dir: str | None = None            # folder laid out like shared/datasets; else $QKVTUNE_DATA; else the hub
+    method: str = "lora"                   # lora | dora | dense
+    targets: list = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o
+    layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
+    target_modules: dict | None = None     # explicit {module_suffix: kind | {kind: "a:b"}} for unknown models
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0                   # dropout on the LoRA path
+    # learning rates (arXiv 2410.02247): η_Q = lr, η_V = lr_ratio·lr
+    lr: float = 5e-4
+    lr_ratio: float = 1.0
+    lr_q: float | None = None
+    lr_k: float | None = None
+    lr_v: float | None = None
+    lr_o: float | None = None
+    lr_head: float | None = None
+    loraplus_ratio: float | None = None    # η_B = ratio·η_A
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"             # any transformers optimizer name (adamw_torch, sgd, adafactor, …)
+    warmup_ratio: float = 0.06
+    scheduler: str = "linear"
+    # schedule and data
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    train_on_inputs: bool = False          # causal LM: also learn the prompt tokens
+    # evaluation, checkpoints, stopping
+    eval_strategy: str = "epoch"           # epoch | steps | no
+    eval_steps: int | None = None
+    patience: int | None = None            # stop after this many evaluations without improvement
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    report_to: str = "none"                # none | tensorboard
+    max_new_tokens: int = 16               # commonsense: generated tokens per answer
+    # run
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: typing.Any = False             # false | true (latest checkpoint in output_dir) | a checkpoint path
+    dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_CHOICES = {"method": ("lora", "dora", "dense"), "eval_strategy": ("epoch", "steps", "no"),
+            "report_to": ("none", "tensorboard"),
+            "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
+
+
+def _check_type(key: str, value):
+    """Coerce ints to floats where a float is wanted; refuse anything else of the wrong type."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    if hint is typing.Any:
+        return value
+    args = typing.get_args(hint)
+    allowed = tuple(a for a in args if a is not type(None)) if args else (hint,)
+    if value is None and type(None) in args:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in allowed and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and str in allowed and bool not in allowed:
+        return "no" if value is False else "yes"  # YAML 1.1 reads `no` as false (eval_strategy: no)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in allowed)}, got {value!r}")
+    if not isinstance(value, tuple(typing.get_origin(a) or a for a in allowed)):
+        raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in allowed)}, got {value!r}")
+    return value
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    if isinstance(cfg.targets, str):
+        cfg.targets = [t.strip() for t in cfg.targets.split(",")]
+    if not cfg.targets or not all(isinstance(t, str) for t in cfg.targets):
+        raise ConfigError(f"targets: expected a non-empty list such as [q, v], got {cfg.targets!r}")
+    if not cfg.target_modules:
+        bad = [t for t in cfg.targets if t not in ("q", "k", "v", "o")]
+        if bad:
+            raise ConfigError(f"targets: {bad} are not attention matrices (q, k, v, o)")
+    if len(set(cfg.targets)) != len(cfg.targets):
+        raise ConfigError(f"targets: {cfg.targets} names a matrix twice")
+    positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio, "epochs": cfg.epochs,
+                "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
+                "max_length": cfg.max_length, "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
+    for key in ("lr_q", "lr_k", "lr_v", "lr_o", "lr_head", "loraplus_ratio", "max_steps", "max_train_samples",
+                "max_eval_samples", "eval_steps", "patience"):
+        if getattr(cfg, key) is not None:
+            positive[key] = getattr(cfg, key)
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout: must be in [0, 1), got {cfg.dropout!r}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio!r}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay: must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.save_total_limit < 1:
+        raise ConfigError(f"save_total_limit: must be >= 1, got {cfg.save_total_limit!r}")
+    if cfg.eval_strategy == "steps" and cfg.eval_steps is None:
+        raise ConfigError("eval_steps: required when eval_strategy is steps")
+    if cfg.patience is not None and cfg.eval_strategy == "no":
+        raise ConfigError("patience: needs evaluation (eval_strategy epoch or steps)")
+    if not isinstance(cfg.resume, (bool, str)):
+        raise ConfigError(f"resume: expected true, false or a checkpoint path, got {cfg.resume!r}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir: must not be empty")
+
+
+def parse_override(item: str) -> tuple[str, typing.Any]:
+    """``key=value`` with the value read as YAML (``targets=[q,v]``, ``lr=1e-4``, ``resume=true``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
+        value = None
+    return key.strip(), value
+
+
+def build_config(values: dict) -> TrainConfig:
+    """Validate a dict of settings into a TrainConfig (unknown keys get a did-you-mean)."""
+    kwargs = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        kwargs[key] = _check_type(key, value)
+    cfg = TrainConfig(**kwargs)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    values = {}
+    if path:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+    for item in overrides:
+        key, value = parse_override(item)
+        values[key] = value
+    try:
+        return build_config(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    from .io import _atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    _atomic_write(path, write)
+
+
+def resolve_data_dir(cfg: TrainConfig) -> str | None:
+    return cfg.data_dir or os.environ.get("QKVTUNE_DATA") or None

@@ -1,0 +1,142 @@
+"""Data layer: `load_task` turns a task id into tokenized train/eval sets, a padding collator
+and Trainer metrics.
+
+Task ids: glue/<task> (nine GLUE tasks), commonsense/<name> (LLM-Adapters JSON),
+text/<file> (.txt, .json, .jsonl) and builtin/vader, builtin/pydoc (offline data).
+"""
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import datasets
+import torch
+
+
+class DataError(ValueError):
+    """Bad or missing data. The message names the file and the row (1-based line number),
+    JSON record (0-based index) or field at fault."""
+
+
+@dataclass
+class TaskData:
+    name: str  # normalized task id, e.g. "glue/sst2"
+    kind: str  # "classification" | "regression" | "causal_lm" | "qa_generation"
+    num_labels: int  # classes; 1 for regression; 0 for causal LM kinds
+    label_names: list[str] | None
+    train: datasets.Dataset  # tokenized; only the columns the model takes
+    evals: dict[str, datasets.Dataset]
+    collator: Callable
+    compute_metrics: Callable | None  # keys without the "eval_" prefix
+    metric_for_best: str
+    greater_is_better: bool
+    generation_records: dict[str, list[dict]] | None = None  # qa_generation: {"test": [{"prompt", "answer"}]}
+    answer_choices: list[str] | None = None  # qa_generation: distinct answer labels
+
+
+class PadCollator:
+    """Pads each batch to its own longest sequence (dynamic padding).
+
+    Sequence labels (causal LM) pad with -100 so the loss ignores them; scalar labels become a
+    long tensor (classes) or a float tensor (regression). The pad id and side are read from the
+    tokenizer at call time, so a caller may still change them after `load_task`.
+    """
+
+    pad_values = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise DataError(no_pad_message(self.tokenizer))
+        left = self.tokenizer.padding_side == "left"
+        batch = {}
+        for key in features[0]:
+            values = [f[key].tolist() if hasattr(f[key], "tolist") else f[key] for f in features]
+            if not isinstance(values[0], (list, tuple)):  # scalar label
+                dtype = torch.float32 if any(isinstance(v, float) for v in values) else torch.long
+                batch[key] = torch.tensor(values, dtype=dtype)
+                continue
+            width = max(len(v) for v in values)
+            fill = self.pad_values.get(key, pad_id if key == "input_ids" else 0)
+            rows = [[fill] * (width - len(v)) + list(v) if left else list(v) + [fill] * (width - len(v))
+                    for v in values]
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+
+def no_pad_message(tokenizer) -> str:
+    return (f"tokenizer {type(tokenizer).__name__} has no pad token; set one before load_task, "
+            "e.g. tokenizer.pad_token = tokenizer.eos_token")
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """The argument, else $QKVTUNE_DATA, else None (meaning: the Hugging Face hub)."""
+    data_dir = data_dir or os.environ.get("QKVTUNE_DATA") or None
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: data folder not found")
+    return data_dir
+
+
+def find_dir(parent: str, name: str) -> str:
+    """`parent/name`, matching the folder name case-insensitively and ignoring '-' and '_'."""
+    path = os.path.join(parent, name)
+    if os.path.isdir(path):
+        return path
+    norm = lambda s: s.lower().replace("-", "").replace("_", "")
+    if os.path.isdir(parent):
+        for entry in sorted(os.listdir(parent)):
+            if norm(entry) == norm(name) and os.path.isdir(os.path.join(parent, entry)):
+                return os.path.join(parent, entry)
+    raise DataError(f"{path}: folder not found")
+
+
+def subsample(columns: dict[str, list], n: int | None, seed: int | None) -> dict[str, list]:
+    """A seeded random subset of n rows (file order kept), or the first n rows when seed is None."""
+    total = len(next(iter(columns.values())))
+    if n is None or n >= total:
+        return columns
+    idx = list(range(n)) if seed is None else sorted(random.Random(seed).sample(range(total), n))
+    return {k: [v[i] for i in idx] for k, v in columns.items()}
+
+
+def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: int = 128,
+              max_train_samples: int | None = None, max_eval_samples: int | None = None,
+              seed: int = 0, train_on_inputs: bool = False) -> TaskData:
+    """Load, subsample and tokenize a task. See the module docstring for task ids."""
+    if tokenizer.pad_token_id is None:
+        raise DataError(no_pad_message(tokenizer))
+    if max_length < 1:
+        raise DataError(f"max_length must be positive, got {max_length}")
+    family, _, rest = task.partition("/")
+    family = family.lower()
+    opts = dict(max_length=max_length, max_train_samples=max_train_samples,
+                max_eval_samples=max_eval_samples, seed=seed)
+    # Submodules are imported here, not at the top, because they import from this module.
+    if family == "glue" and rest:
+        from .glue import load_glue
+        return load_glue(rest, tokenizer, resolve_data_dir(data_dir), **opts)
+    if family == "commonsense" and rest:
+        from .commonsense import load_commonsense
+        return load_commonsense(rest, tokenizer, _local_dir(task, data_dir),
+                                train_on_inputs=train_on_inputs, **opts)
+    if family == "text" and rest:
+        from .text import load_text
+        return load_text(rest, tokenizer, _local_dir(task, data_dir), train_on_inputs=train_on_inputs, **opts)
+    if family == "builtin" and rest:
+        from .builtin import load_builtin
+        return load_builtin(rest, tokenizer, **opts)
+    raise DataError(f"unknown task {task!r}: expected glue/<task>, commonsense/<name>, text/<file> "
+                    "or builtin/vader, builtin/pydoc")
+
+
+def _local_dir(task: str, data_dir: str | None) -> str:
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is None:
+        raise DataError(f"{task} has no hub source: pass data_dir or set QKVTUNE_DATA to the data folder")
+    return data_dir
+
+
+__all__ = ["DataError", "TaskData", "PadCollator", "load_task"]

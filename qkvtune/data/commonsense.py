@@ -1,0 +1,84 @@
+"""Commonsense QA in the LLM-Adapters layout (<data_dir>/commonsense/<name>/{train,test}.json),
+trained as instruction following and scored by generating and extracting the answer label."""
+import os
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from . import DataError, TaskData, find_dir, subsample
+from .text import alpaca_prompt, causal_task, encode_prompts, read_json_records, tokenize_sft
+
+FIELDS = ("instruction", "input", "output", "answer")
+
+
+def load_commonsense(name: str, tokenizer, data_dir: str, *, max_length: int, max_train_samples, max_eval_samples,
+                     seed, train_on_inputs: bool) -> TaskData:
+    folder = find_dir(os.path.join(data_dir, "commonsense"), name)
+    test = read_json_records(os.path.join(folder, "test.json"), FIELDS)
+    train = read_json_records(os.path.join(folder, "train.json"), FIELDS)
+    choices = sorted({r["answer"] for r in train + test})  # from all the data, before subsampling
+
+    def columns(records):
+        return {"prompt": [alpaca_prompt(r["instruction"], r["input"]) for r in records],
+                "response": [r["output"] for r in records], "answer": [r["answer"] for r in records]}
+
+    task = f"commonsense/{os.path.basename(folder)}"
+    train = subsample(columns(train), max_train_samples, seed)
+    test = subsample(columns(test), max_eval_samples, None)
+    data = causal_task(task, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{task} train"),
+                       {"test": tokenize_sft(test, tokenizer, max_length, train_on_inputs, f"{task} test")},
+                       tokenizer, kind="qa_generation")
+    data.generation_records = {"test": [{"prompt": p, "answer": a} for p, a in zip(test["prompt"], test["answer"])]}
+    data.answer_choices = choices
+    return data
+
+
+def extract_answer(text: str, choices: list[str]) -> str | None:
+    """The choice occurring first in `text` as a whole word, case-insensitively; None if none does.
+
+    A generic form of LLM-Adapters' per-dataset regexes. Alternatives are tried longest first and
+    must not touch a word character on either side, so "answer10" never reads as "answer1".
+    """
+    if not choices:
+        return None
+    alts = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
+    m = re.search(rf"(?<!\w)(?:{alts})(?!\w)", text, flags=re.IGNORECASE)
+    if m is None:
+        return None
+    found = m.group(0).lower()
+    return next(c for c in choices if c.lower() == found)
+
+
+@torch.no_grad()
+def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: int = 8, max_new_tokens: int = 32,
+                        choices: list[str] | None = None) -> dict:
+    """Greedy-generate a response to each record's prompt and score the extracted answer.
+
+    records: [{"prompt": str, "answer": str}]; choices defaults to the distinct answers in records
+    (pass TaskData.answer_choices to extract over the full label set).
+    """
+    if tokenizer.pad_token_id is None:
+        raise DataError("tokenizer has no pad token; set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
+    choices = choices if choices is not None else sorted({r["answer"] for r in records})
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    # Decoder-only models continue from the last position, so prompts must be padded on the left.
+    tokenizer.padding_side = "right" if getattr(model.config, "is_encoder_decoder", False) else "left"
+    model.eval()
+    correct = 0
+    try:
+        for i in tqdm(range(0, len(records), batch_size), desc="generate", unit="batch"):
+            batch = records[i:i + batch_size]
+            ids = encode_prompts(tokenizer, [r["prompt"] for r in batch])
+            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            if not getattr(model.config, "is_encoder_decoder", False):
+                out = out[:, enc["input_ids"].shape[1]:]  # keep only the generated continuation
+            for r, text in zip(batch, tokenizer.batch_decode(out, skip_special_tokens=True)):
+                correct += extract_answer(text, choices) == r["answer"]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return {"accuracy": correct / len(records) if records else 0.0, "n": len(records)}

@@ -1,0 +1,161 @@
+"""GLUE from the original TSV download (<data_dir>/glue/<FOLDER>/) or from the hub (nyu-mll/glue)."""
+import csv
+import math
+import os
+from dataclasses import dataclass
+
+import datasets
+
+from . import DataError, PadCollator, TaskData, find_dir, subsample
+from .metrics import glue_metrics
+
+
+@dataclass(frozen=True)
+class Spec:
+    folder: str
+    a: str | int  # text column: header name, or position in a header-less file (CoLA)
+    b: str | int | None  # second text of a pair
+    label: str | int
+    values: tuple[str, ...] | None  # raw label strings in the hub's index order; None = float score
+    names: tuple[str, ...] | None  # hub label names
+    hub: tuple[str, str | None]  # text columns on the hub
+
+
+NLI2 = ("entailment", "not_entailment")
+TASKS = {
+    "cola": Spec("CoLA", 3, None, 1, ("0", "1"), ("unacceptable", "acceptable"), ("sentence", None)),
+    "sst2": Spec("SST-2", "sentence", None, "label", ("0", "1"), ("negative", "positive"), ("sentence", None)),
+    "mrpc": Spec("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), ("not_equivalent", "equivalent"),
+                 ("sentence1", "sentence2")),
+    "stsb": Spec("STS-B", "sentence1", "sentence2", "score", None, None, ("sentence1", "sentence2")),
+    "qqp": Spec("QQP", "question1", "question2", "is_duplicate", ("0", "1"), ("not_duplicate", "duplicate"),
+                ("question1", "question2")),
+    "mnli": Spec("MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
+                 ("entailment", "neutral", "contradiction"), ("premise", "hypothesis")),
+    "qnli": Spec("QNLI", "question", "sentence", "label", NLI2, NLI2, ("question", "sentence")),
+    "rte": Spec("RTE", "sentence1", "sentence2", "label", NLI2, NLI2, ("sentence1", "sentence2")),
+    "wnli": Spec("WNLI", "sentence1", "sentence2", "label", ("0", "1"), ("not_entailment", "entailment"),
+                 ("sentence1", "sentence2")),
+}
+COLA_COLUMNS = 4  # source, label, original label, sentence
+
+
+def read_tsv(path: str, spec: Spec) -> dict[str, list]:
+    """Columns text_a, (text_b), label of one GLUE TSV file, validated row by row."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a BOM
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = ((reader.line_num, row) for row in reader if row)  # skip blank lines
+        first = next(rows, None)
+        if first is None:
+            raise DataError(f"{path}: empty file")
+        if isinstance(spec.label, int):  # header-less: the first row is data
+            ncols, rows = COLA_COLUMNS, _chain(first, rows)
+            cols = [spec.a, spec.b, spec.label]
+        else:
+            line, header = first
+            ncols = len(header)
+            for name in (spec.a, spec.b, spec.label):
+                if name is not None and name not in header:
+                    raise DataError(f"{path} row {line}: header has no column {name!r}")
+            cols = [header.index(c) if c is not None else None for c in (spec.a, spec.b, spec.label)]
+        a, b, y = cols
+        out = {"text_a": [], "text_b": [], "label": []}
+        for line, row in rows:
+            if len(row) != ncols:
+                raise DataError(f"{path} row {line}: expected {ncols} tab-separated columns, found {len(row)}")
+            out["text_a"].append(row[a])
+            if b is not None:
+                out["text_b"].append(row[b])
+            out["label"].append(_label(row[y].strip(), spec, path, line))
+    if not out["label"]:
+        raise DataError(f"{path}: no data rows")
+    if b is None:
+        del out["text_b"]
+    return out
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _label(raw: str, spec: Spec, path: str, line: int):
+    if spec.values is None:
+        try:
+            score = float(raw)
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(f"{path} row {line}: score {raw!r} is not a number")
+        return score
+    if raw not in spec.values:
+        raise DataError(f"{path} row {line}: label {raw!r} is not one of {', '.join(spec.values)}")
+    return spec.values.index(raw)
+
+
+def _from_hub(task: str, spec: Spec, eval_splits: dict[str, str]):
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", task)
+    except Exception as e:  # offline, no hub access, ...: say how to use local files instead
+        raise DataError(f"GLUE {task}: could not load from the Hugging Face hub ({e}); "
+                        "pass data_dir or set QKVTUNE_DATA to a folder with glue/<TASK>/*.tsv") from e
+    a, b = spec.hub
+
+    def columns(split):
+        out = {"text_a": list(ds[split][a]), "label": list(ds[split]["label"])}
+        if b is not None:
+            out["text_b"] = list(ds[split][b])
+        return out
+
+    return columns("train"), {name: columns(split) for name, split in eval_splits.items()}
+
+
+def tokenize_texts(columns: dict[str, list], tokenizer, max_length: int, desc: str) -> datasets.Dataset:
+    """Tokenize text_a (and text_b as the pair's second text) without padding; label -> labels."""
+    keep = set(tokenizer.model_input_names)
+
+    def encode(batch):
+        texts = (batch["text_a"], batch["text_b"]) if "text_b" in batch else (batch["text_a"],)
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        out = {k: v for k, v in enc.items() if k in keep}
+        out["labels"] = batch["label"]
+        return out
+
+    ds = datasets.Dataset.from_dict(columns)
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
+
+
+def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, max_train_samples: int | None,
+              max_eval_samples: int | None, seed: int) -> TaskData:
+    task = name.lower().replace("-", "").replace("_", "")  # "SST-2" -> "sst2", "STS-B" -> "stsb"
+    if task not in TASKS:
+        raise DataError(f"unknown GLUE task {name!r}; known: {', '.join(TASKS)}")
+    spec = TASKS[task]
+    if data_dir is None:
+        hub_splits = {"matched": "validation_matched", "mismatched": "validation_mismatched"} \
+            if task == "mnli" else {"dev": "validation"}
+        train, evals = _from_hub(task, spec, hub_splits)
+    else:
+        folder = find_dir(os.path.join(data_dir, "glue"), spec.folder)
+        files = {"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"} \
+            if task == "mnli" else {"dev": "dev.tsv"}
+        evals = {k: read_tsv(os.path.join(folder, f), spec) for k, f in files.items()}
+        train = read_tsv(os.path.join(folder, "train.tsv"), spec)
+
+    train = subsample(train, max_train_samples, seed)
+    evals = {k: subsample(v, max_eval_samples, None) for k, v in evals.items()}
+    compute_metrics, best = glue_metrics(task)
+    return TaskData(
+        name=f"glue/{task}",
+        kind="regression" if spec.values is None else "classification",
+        num_labels=1 if spec.values is None else len(spec.values),
+        label_names=list(spec.names) if spec.names else None,
+        train=tokenize_texts(train, tokenizer, max_length, f"glue/{task} train"),
+        evals={k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in evals.items()},
+        collator=PadCollator(tokenizer),
+        compute_metrics=compute_metrics,
+        metric_for_best=best,
+        greater_is_better=True,
+    )

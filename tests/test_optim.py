@@ -1,0 +1,76 @@
+"""Parameter groups carry exactly the learning rates asked for, per matrix kind, built from the deltas."""
+
+import pytest
+import torch
+
+from conftest import tiny
+from qkvtune import attach
+from qkvtune.optim import LearningRates, param_groups
+from qkvtune.targets import find_targets
+
+
+def _by_param(groups):
+    return {id(p): g for g in groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("arch,labels", [("bert", 2), ("gpt2", None), ("neox", None)])
+def test_lr_ratio_and_explicit_rates(arch, labels):
+    model = tiny(arch, labels)
+    attach.add_adapter(model, find_targets(model, ["q", "k", "v", "o"]), "dora", rank=2)
+    rates = LearningRates(lr=1e-4, lr_ratio=4.0, lr_o=3e-5, lr_head=2e-3, weight_decay=0.1)
+    groups = param_groups(model, rates)
+    lookup = _by_param(groups)
+    expect = {"q": 1e-4, "k": 1e-4, "v": 4e-4, "o": 3e-5}
+    n = 0
+    for _, d in attach.iter_deltas(model):
+        for role, p, decay in d.param_roles():
+            g = lookup[id(p)]
+            assert g["lr"] == pytest.approx(expect[d.kind]) and g["name"] == f"{d.kind}.{role}"
+            assert g["weight_decay"] == (0.1 if role in ("A", "B") else 0.0)  # never on DoRA magnitudes
+            n += 1
+    for p in attach.head_modules(model).values():
+        for q in p.parameters():
+            assert lookup[id(q)]["lr"] == 2e-3
+            assert lookup[id(q)]["weight_decay"] == (0.1 if q.ndim == 2 else 0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(lookup) == len(trainable) and all(id(p) in lookup for p in trainable)
+
+
+def test_loraplus_and_explicit_v():
+    model = tiny("llama")
+    attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", rank=2)
+    groups = {g["name"]: g["lr"] for g in param_groups(model, LearningRates(lr=1e-3, lr_ratio=8, lr_v=5e-3,
+                                                                           loraplus_ratio=16))}
+    assert groups == {"q.A": 1e-3, "q.B": 1.6e-2, "v.A": 5e-3, "v.B": 8e-2}
+
+
+def test_groups_do_not_depend_on_parameter_names():
+    """A module literally named 'value' that holds q must get η_Q, not η_V (name matching would fail)."""
+    net = torch.nn.Module()
+    net.value = torch.nn.Linear(4, 4)
+    attach.add_adapter(net, find_targets(net, ["q"], target_modules={"value": "q"}), "lora", rank=2, heads=[])
+    groups = param_groups(net, LearningRates(lr=1e-3, lr_ratio=10))
+    assert {g["name"]: g["lr"] for g in groups} == {"q.A": 1e-3, "q.B": 1e-3}
+
+
+def test_stray_trainable_parameter_is_an_error():
+    model = tiny("bert", 2)
+    attach.add_adapter(model, find_targets(model, ["v"]), "lora", rank=2)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="word_embeddings"):
+        param_groups(model, LearningRates())
+
+
+def test_adamw_applies_group_rates():
+    """One AdamW step moves each parameter by ≈ its group's lr (Adam's first step is lr·sign(g))."""
+    model = tiny("bert", 2)
+    attach.add_adapter(model, find_targets(model, ["q", "v"]), "dense", heads=[])
+    opt = torch.optim.AdamW(param_groups(model, LearningRates(lr=1e-3, lr_ratio=4)), eps=1e-12, weight_decay=0)
+    before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    model(torch.randint(2, 64, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
+    opt.step()
+    for _, d in attach.iter_deltas(model):
+        step = (d.weight - before[id(d.weight)]).abs()
+        moved = step[d.weight.grad.abs() > 1e-8]
+        assert moved.numel() > 0
+        assert torch.allclose(moved, torch.full_like(moved, 4e-3 if d.kind == "v" else 1e-3), rtol=1e-3)

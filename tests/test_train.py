@@ -1,0 +1,124 @@
+"""End to end through transformers.Trainer on tiny models and real data: files left behind, eval and
+export agree with the trained adapter, resume reproduces an uninterrupted run, errors are one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import REPO, data_dir
+from qkvtune import attach, io
+from qkvtune.config import build_config
+from qkvtune.train import evaluate_run, load_run, train
+
+needs_data = pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
+
+
+def _cfg(tmp_path, model, **kw):
+    base = dict(model=model, task="glue/sst2", data_dir=data_dir(), max_train_samples=64, max_eval_samples=32,
+                batch_size=8, epochs=1, logging_steps=2, output_dir=str(tmp_path / "run"), lr=5e-3, lr_ratio=4.0)
+    base.update(kw)
+    return build_config(base)
+
+
+@needs_data
+def test_train_eval_export(tmp_path, tiny_bert_dir):
+    cfg = _cfg(tmp_path, tiny_bert_dir)
+    metrics = train(cfg)
+    out = tmp_path / "run"
+    for f in ("qkvtune_adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "metrics.json",
+              "config.yaml", "loss.png"):
+        assert (out / f).exists(), f
+    saved = json.load(open(out / "metrics.json"))
+    assert 0 <= saved["eval_accuracy"] <= 1 and saved["global_step"] == 8
+    # the recorded rates are the ones asked for
+    rates = json.load(open(out / "qkvtune_adapter.json"))["settings"]["learning_rates"]
+    assert rates["q.A"] == 5e-3 and rates["v.B"] == pytest.approx(2e-2) and rates["head"] == 5e-3
+    again = evaluate_run(str(out))
+    assert again["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    # merged export = unmerged adapter
+    _, model, tok, task = load_run(str(out))
+    batch = task.collator([task.evals["dev"][i] for i in range(8)])
+    batch.pop("labels")
+    with torch.no_grad():
+        y = model.eval()(**batch).logits
+    r = subprocess.run([sys.executable, "-m", "qkvtune", "export", str(out), str(tmp_path / "merged")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(**batch).logits - y).abs().max() <= 1e-5
+
+
+def test_gpt2_fused_qv_training_keeps_k_bit_identical(tmp_path, tiny_gpt2_dir):
+    cfg = build_config(dict(model=tiny_gpt2_dir, task="builtin/pydoc", max_train_samples=16, max_eval_samples=4,
+                            max_length=32, batch_size=4, max_steps=4, targets=["q", "v"], lr=1e-2,
+                            output_dir=str(tmp_path / "run"), eval_strategy="no"))
+    train(cfg)
+    subprocess.run([sys.executable, "-m", "qkvtune", "export", str(tmp_path / "run"), str(tmp_path / "m")], check=True,
+                   capture_output=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    for hb, ht in zip(base.transformer.h, tuned.transformer.h):
+        w0, w1 = hb.attn.c_attn.weight, ht.attn.c_attn.weight
+        assert torch.equal(w0[:, 32:64], w1[:, 32:64])
+        assert not torch.equal(w0[:, :32], w1[:, :32]) and not torch.equal(w0[:, 64:], w1[:, 64:])
+        assert torch.equal(hb.attn.c_proj.weight, ht.attn.c_proj.weight)
+
+
+@needs_data
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
+    common = dict(max_steps=6, eval_strategy="steps", eval_steps=3, save_total_limit=5, dropout=0.1)
+    full = _cfg(tmp_path, tiny_bert_dir, output_dir=str(tmp_path / "full"), **common)
+    train(full)
+    # a run stopped after its first checkpoint, then resumed
+    part = _cfg(tmp_path, tiny_bert_dir, output_dir=str(tmp_path / "part"), **common)
+    train(part)
+    for name in os.listdir(tmp_path / "part"):
+        if name.startswith("checkpoint-6") or not name.startswith("checkpoint"):
+            p = tmp_path / "part" / name
+            subprocess.run(["rm", "-rf", str(p)], check=True)
+    train(_cfg(tmp_path, tiny_bert_dir, output_dir=str(tmp_path / "part"), resume=True, **common))
+    a = load_file(tmp_path / "full" / "checkpoint-6" / io.QKV_WEIGHTS)
+    b = load_file(tmp_path / "part" / "checkpoint-6" / io.QKV_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qkvtune", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_bad_config_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    r = _cli("train", f"output_dir={out}", "lr_ration=4")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["qkvtune: error: unknown config key 'lr_ration' (did you mean 'lr_ratio'?)"]
+    assert not out.exists()
+
+
+def test_cli_bad_data_names_file_and_row(tmp_path, tiny_bert_dir):
+    folder = tmp_path / "data" / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    out = tmp_path / "never"
+    r = _cli("train", f"model={tiny_bert_dir}", "task=glue/sst2", f"data_dir={tmp_path / 'data'}", f"output_dir={out}")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("qkvtune: error:") and "train.tsv" in last and "row 3" in last
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_cli_unknown_target_for_model(tmp_path, tiny_bert_dir):
+    r = _cli("train", f"model={tiny_bert_dir}", "targets=[q]", "target_modules={nothing: q}",
+             f"output_dir={tmp_path / 'x'}")
+    assert r.returncode == 2 and "no Linear/Conv1D module ends with 'nothing'" in r.stderr
