@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 
@@ -145,6 +145,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"resume: expected true, false or a checkpoint path, got {cfg.resume!r}")
     if not cfg.output_dir:
         raise ConfigError("output_dir: must not be empty")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("report_to: tensorboard is not installed (pip install 'qkvtune[tensorboard]')")
 
 
 def parse_override(item: str) -> tuple[str, typing.Any]:
@@ -206,6 +208,3 @@ def save_config(cfg: TrainConfig, path: str) -> None:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     _atomic_write(path, write)
 
-
-def resolve_data_dir(cfg: TrainConfig) -> str | None:
-    return cfg.data_dir or os.environ.get("QKVTUNE_DATA") or None

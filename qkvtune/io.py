@@ -119,7 +119,7 @@ def adapter_state(model, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under stable names: ``deltas.<module>.<kind>.<param>``, ``heads.<module>.<param>``."""
     state = {}
     for wrapper, delta in attach.iter_deltas(model, name):
-        for pname, p in delta.named_parameters():
+        for pname, p in [*delta.named_parameters(), *delta.named_buffers()]:  # buffers: e.g. block indices
             state[f"deltas.{delta.target.module}.{delta.kind}.{pname}"] = p
     for module, head in attach.head_modules(model, name).items():
         for pname, p in head.state_dict().items():
@@ -217,8 +217,11 @@ def _load_state(model, name: str, tensors: dict, where: str) -> None:
             t = tensors[key]
             if t.shape != p.shape:
                 raise AdapterError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            if not t.is_floating_point():
-                raise AdapterError(f"{where}: {key} has dtype {t.dtype}, expected a floating-point tensor")
+            if t.is_floating_point() != p.is_floating_point():
+                raise AdapterError(f"{where}: {key} has dtype {t.dtype}, expected {p.dtype}")
+            if not p.is_floating_point() and not torch.equal(t.to(p.dtype), p):
+                # integer buffers (indices) follow from the adapter's settings; they must agree with them
+                raise AdapterError(f"{where}: {key} does not match the indices in {QKV_CONFIG}")
             p.copy_(t.to(p.dtype))
 
 

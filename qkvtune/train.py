@@ -16,7 +16,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from . import attach, io
-from .config import TrainConfig, resolve_data_dir, save_config
+from .config import TrainConfig, save_config
 from .models import default_dtype, load_model, load_tokenizer
 from .optim import LearningRates, param_groups
 from .targets import find_targets
@@ -99,7 +99,7 @@ def prepare(cfg: TrainConfig):
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    task = load_task(cfg.task, tokenizer, data_dir=resolve_data_dir(cfg), max_length=cfg.max_length,
+    task = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
                      max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
                      seed=cfg.seed, train_on_inputs=cfg.train_on_inputs)
     model, tokenizer, new_modules = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
@@ -201,7 +201,7 @@ def load_run(run_dir: str, overrides: dict | None = None):
     if overrides:
         cfg = build_config({**cfg.to_dict(), **overrides})
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    task = load_task(cfg.task, tokenizer, data_dir=resolve_data_dir(cfg), max_length=cfg.max_length,
+    task = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
                      max_train_samples=1, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed)
     model, tokenizer, _ = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
                                      cfg.trust_remote_code, tokenizer)

@@ -122,3 +122,42 @@ def test_cli_unknown_target_for_model(tmp_path, tiny_bert_dir):
     r = _cli("train", f"model={tiny_bert_dir}", "targets=[q]", "target_modules={nothing: q}",
              f"output_dir={tmp_path / 'x'}")
     assert r.returncode == 2 and "no Linear/Conv1D module ends with 'nothing'" in r.stderr
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_unseen_glue_layout_mnli_metric_names(tmp_path, tiny_bert_dir):
+    """A GLUE task not in shared/datasets, from its folder: two dev sets, GLUE metric names, best model by
+    the matched accuracy."""
+    header = "index\tpromptID\tpairID\tgenre\ts1bp\ts2bp\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    rows = [("a cat sleeps", "an animal rests", "entailment"), ("a cat sleeps", "a dog barks", "neutral"),
+            ("it is raining", "it is dry", "contradiction")] * 6
+
+    def tsv(n):
+        return header + "".join(f"{i}\t0\t0\tg\tx\tx\tx\tx\t{a}\t{b}\t{c}\t{c}\n" for i, (a, b, c) in enumerate(rows[:n]))
+    root = tmp_path / "data" / "glue" / "MNLI"
+    _write(root / "train.tsv", tsv(18))
+    _write(root / "dev_matched.tsv", tsv(6))
+    _write(root / "dev_mismatched.tsv", tsv(3))
+    cfg = build_config(dict(model=tiny_bert_dir, task="glue/mnli", data_dir=str(tmp_path / "data"), batch_size=6,
+                            epochs=2, output_dir=str(tmp_path / "run"), patience=5))
+    metrics = train(cfg)
+    assert {"eval_matched_accuracy", "eval_mismatched_accuracy"} <= set(metrics)
+    state = json.load(open(sorted((tmp_path / "run").glob("checkpoint-*"))[-1] / "trainer_state.json"))
+    assert state["best_metric"] is not None and state["best_global_step"] in (3, 6)
+
+
+def test_commonsense_generation_accuracy_end_to_end(tmp_path, tiny_llama_dir):
+    recs = [{"instruction": f"Is {w} a fruit? Answer format: true/false", "input": "", "output":
+             f"the correct answer is {a}", "answer": a} for w, a in [("apple", "true"), ("stone", "false")] * 4]
+    _write(tmp_path / "data" / "commonsense" / "toy" / "train.json", json.dumps(recs))
+    _write(tmp_path / "data" / "commonsense" / "toy" / "test.json", json.dumps(recs[:4]))
+    cfg = build_config(dict(model=tiny_llama_dir, task="commonsense/toy", data_dir=str(tmp_path / "data"),
+                            batch_size=4, max_steps=3, max_length=64, max_new_tokens=4, eval_strategy="no",
+                            output_dir=str(tmp_path / "run")))
+    metrics = train(cfg)
+    assert metrics["eval_samples"] == 4 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert "eval_loss" in metrics and not any("logits" in k for k in metrics)
