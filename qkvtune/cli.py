@@ -9,16 +9,20 @@ import sys
 
 
 def _known_errors():
+    from .checkpoints import CheckpointError, RunLockedError
     from .config import ConfigError
     from .data import DataError
     from .io import AdapterError
     from .models import ModelError
     from .targets import TargetError
+    from .train import NonFiniteError
 
-    return (ConfigError, DataError, AdapterError, ModelError, TargetError)
+    return (ConfigError, DataError, AdapterError, ModelError, TargetError, CheckpointError, RunLockedError,
+            NonFiniteError)
 
 
 def cmd_train(args) -> int:
+    from .checkpoints import last_complete
     from .config import load_config
     from .train import dump_metrics, train
 
@@ -27,8 +31,9 @@ def cmd_train(args) -> int:
     try:
         metrics = train(cfg)
     except BaseException:
-        if fresh and not cfg.resume and os.path.isdir(cfg.output_dir):
-            shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing half-written
+        # nothing half-written: a run that failed before its first complete checkpoint leaves no folder
+        if fresh and os.path.isdir(cfg.output_dir) and last_complete(cfg.output_dir) is None:
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
         raise
     print(dump_metrics(metrics))
     return 0

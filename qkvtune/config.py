@@ -66,7 +66,11 @@ class TrainConfig:
     # run
     seed: int = 0
     output_dir: str = "runs/default"
-    resume: typing.Any = False             # false | true (latest checkpoint in output_dir) | a checkpoint path
+    resume: typing.Any = False             # false | true (latest complete checkpoint in output_dir) | a checkpoint path
+    overwrite: bool = False                # allow a fresh run in an output_dir that already holds one
+    on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient stops the run, or skips the step
+    max_nonfinite_skips: int = 10          # with skip: stop after this many skipped steps
+    allow_pickle: bool = False             # load model weights from pickle files (.bin) when no safetensors exist
     dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     trust_remote_code: bool = False
 
@@ -76,7 +80,7 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"method": ("lora", "dora", "dense"), "eval_strategy": ("epoch", "steps", "no"),
-            "report_to": ("none", "tensorboard"),
+            "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
             "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
 
 
@@ -135,8 +139,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"weight_decay: must be >= 0, got {cfg.weight_decay!r}")
-    if cfg.save_total_limit < 1:
-        raise ConfigError(f"save_total_limit: must be >= 1, got {cfg.save_total_limit!r}")
+    if cfg.save_total_limit < 2:  # one complete checkpoint must survive while the next is written
+        raise ConfigError(f"save_total_limit: must be >= 2, got {cfg.save_total_limit!r}")
+    if cfg.max_nonfinite_skips < 0:
+        raise ConfigError(f"max_nonfinite_skips: must be >= 0, got {cfg.max_nonfinite_skips!r}")
     if cfg.eval_strategy == "steps" and cfg.eval_steps is None:
         raise ConfigError("eval_steps: required when eval_strategy is steps")
     if cfg.patience is not None and cfg.eval_strategy == "no":

@@ -96,15 +96,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, kind: str = "classification", num_labels: int = 2, dtype=None,
-               trust_remote_code: bool = False, tokenizer=None):
+               trust_remote_code: bool = False, tokenizer=None, allow_pickle: bool = False):
     """(model, tokenizer, new_modules). ``kind`` is a task kind: classification/regression load a sequence
     classifier with ``num_labels``; causal_lm/qa_generation a causal LM. ``new_modules`` are modules whose
-    weights were not in the checkpoint (the fresh task head): they train and are saved with the adapter."""
+    weights were not in the checkpoint (the fresh task head): they train and are saved with the adapter.
+    Weights load from safetensors only unless ``allow_pickle``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name)
     tokenizer = tokenizer or load_tokenizer(name, trust_remote_code)
-    kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code, "output_loading_info": True}
+    kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code, "output_loading_info": True,
+              "use_safetensors": None if allow_pickle else True}
     try:
         if kind in ("classification", "regression"):
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -114,7 +116,8 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
         else:
             raise ModelError(f"task kind {kind!r} has no model class")
     except OSError as e:
-        raise ModelError(f"model: cannot load {name!r} ({str(e).splitlines()[0]})") from None
+        hint = "" if allow_pickle else "; pickle weights (.bin) are refused unless allow_pickle=true"
+        raise ModelError(f"model: cannot load {name!r} ({str(e).splitlines()[0]}){hint}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})

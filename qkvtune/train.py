@@ -15,17 +15,23 @@ import os
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
-from . import attach, io
-from .config import TrainConfig, save_config
+from . import attach, checkpoints, io
+from .config import ConfigError, TrainConfig, save_config
 from .models import default_dtype, load_model, load_tokenizer
 from .optim import LearningRates, param_groups
 from .targets import find_targets
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
 class QkvTrainer(Trainer):
-    def __init__(self, *args, rates: LearningRates, settings: dict | None = None, **kwargs):
+    def __init__(self, *args, rates: LearningRates, settings: dict | None = None, on_nonfinite: str = "stop",
+                 max_nonfinite_skips: int = 10, **kwargs):
         self.rates = rates
         self.settings = settings or {}
+        self.on_nonfinite, self.max_nonfinite_skips, self.nonfinite_skips = on_nonfinite, max_nonfinite_skips, 0
         super().__init__(*args, **kwargs)
         # Trainer assumes a forward(**kwargs) normalises its loss by num_items_in_batch and then multiplies
         # the loss by the number of processes; sequence classifiers ignore that kwarg, so under DDP their
@@ -37,7 +43,38 @@ class QkvTrainer(Trainer):
         if self.optimizer is None:
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer = cls(param_groups(self.model, self.rates), **kwargs)
+            self.optimizer.step = self._guarded(self.optimizer.step)
         return self.optimizer
+
+    # --- numerical faults: never let a NaN/inf reach the weights ---
+    def _nonfinite(self, what: str) -> None:
+        last = checkpoints.last_complete(self.args.output_dir)
+        raise NonFiniteError(f"non-finite {what} at step {self.state.global_step + 1}; "
+                             f"last good checkpoint: {last or 'none'} (resume=true continues from it)")
+
+    def _guarded(self, step):
+        def guarded_step(*args, **kwargs):
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+                if self.on_nonfinite == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
+                    self.nonfinite_skips += 1
+                    return None  # the scheduler still advances; Trainer zeroes the gradients
+                self._nonfinite("gradient")
+            return step(*args, **kwargs)
+        return guarded_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.on_nonfinite == "stop" and not torch.isfinite(loss).all():
+            self._nonfinite("loss")
+        return loss
+
+    # --- checkpoints: complete only once sealed (see checkpoints.py) ---
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            checkpoints.seal(os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}"))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.should_save:
@@ -103,11 +140,14 @@ def prepare(cfg: TrainConfig):
                      max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
                      seed=cfg.seed, train_on_inputs=cfg.train_on_inputs)
     model, tokenizer, new_modules = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
-                                               cfg.trust_remote_code, tokenizer)
+                                               cfg.trust_remote_code, tokenizer, cfg.allow_pickle)
     targets = find_targets(model, cfg.targets, cfg.layers, cfg.target_modules)
     hparams = {} if cfg.method == "dense" else {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora,
                                                  "dropout": cfg.dropout}
-    attach.add_adapter(model, targets, cfg.method, heads=attach.find_heads(model, new_modules), **hparams)
+    try:
+        attach.add_adapter(model, targets, cfg.method, heads=attach.find_heads(model, new_modules), **hparams)
+    except ValueError as e:  # e.g. a rank above the matrix size: a config problem, named by its key
+        raise ConfigError(str(e)) from None
     return model, tokenizer, task
 
 
@@ -143,6 +183,8 @@ def plot_losses(log_history: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    end = next((i for i, h in enumerate(log_history) if "train_runtime" in h), len(log_history))
+    log_history = log_history[:end]  # the final evaluations after training are reported in metrics.json
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if not train and not evals:
@@ -161,15 +203,36 @@ def plot_losses(log_history: list[dict], path: str) -> None:
 
 
 def _resume_arg(cfg: TrainConfig):
+    """The checkpoint to continue from: the newest *complete* one for ``resume: true`` (a checkpoint a
+    kill interrupted is removed), a checked path, or None for a fresh run."""
     if cfg.resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
+        return checkpoints.last_complete(cfg.output_dir, remove_incomplete=_is_main())
+    if cfg.resume:
+        return checkpoints.check_resumable(cfg.resume)
+    if not cfg.overwrite and (checkpoints.checkpoints(cfg.output_dir) or
+                              os.path.exists(os.path.join(cfg.output_dir, "config.yaml"))):
+        raise ConfigError(f"output_dir: {cfg.output_dir} already holds a run; pass resume=true to continue it, "
+                          "overwrite=true to start again there, or another output_dir")
+    return None
 
-        return get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
-    return cfg.resume or None
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run a whole fine-tuning job; leaves the adapter, metrics.json, config.yaml and loss.png in output_dir."""
+    """Run a whole fine-tuning job; leaves the adapter, metrics.json, config.yaml and loss.png in output_dir.
+    Holds a lock on output_dir for the whole run (one writer at a time)."""
+    lock = checkpoints.lock_output_dir(cfg.output_dir) if _is_main() else None
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    resume = _resume_arg(cfg)
     model, tokenizer, task = prepare(cfg)
     metric = task.metric_for_best if task.metric_for_best == "loss" else _metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
@@ -179,8 +242,9 @@ def train(cfg: TrainConfig) -> dict:
                                                             param_groups(model, learning_rates(cfg))}}
     trainer = QkvTrainer(model=model, args=args, train_dataset=task.train, eval_dataset=eval_sets,
                          data_collator=task.collator, compute_metrics=task.compute_metrics,
-                         callbacks=callbacks, rates=learning_rates(cfg), settings=settings)
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+                         callbacks=callbacks, rates=learning_rates(cfg), settings=settings,
+                         on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips)
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics = evaluate_all(trainer, model, tokenizer, task, cfg)
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
@@ -204,7 +268,7 @@ def load_run(run_dir: str, overrides: dict | None = None):
     task = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
                      max_train_samples=1, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed)
     model, tokenizer, _ = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
-                                     cfg.trust_remote_code, tokenizer)
+                                     cfg.trust_remote_code, tokenizer, cfg.allow_pickle)
     io.load_adapter(model, run_dir)
     return cfg, model, tokenizer, task
 
