@@ -14,11 +14,12 @@ def _known_errors():
     from .data import DataError
     from .io import AdapterError
     from .models import ModelError
+    from .smt import SelectionError
     from .targets import TargetError
     from .train import NonFiniteError
 
     return (ConfigError, DataError, AdapterError, ModelError, TargetError, CheckpointError, RunLockedError,
-            NonFiniteError)
+            NonFiniteError, SelectionError)
 
 
 def cmd_train(args) -> int:

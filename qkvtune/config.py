@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ class TrainConfig:
     model: str = "minilm"                  # hub id, local folder, or alias: minilm, smollm2-135m
     task: str = "builtin/vader"            # glue/<task>, commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
     data_dir: str | None = None            # folder laid out like shared/datasets; else $QKVTUNE_DATA; else the hub
-    method: str = "lora"                   # lora | dora | dense
+    method: str = "lora"                   # lora | dora | dense | smt
     targets: list = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o
     layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
     target_modules: dict | None = None     # explicit {module_suffix: kind | {kind: "a:b"}} for unknown models
@@ -32,6 +33,14 @@ class TrainConfig:
     alpha: float = 16.0
     rslora: bool = False
     dropout: float = 0.0                   # dropout on the LoRA path
+    # SMT (arXiv 2405.15525): block-sparse deltas on the blocks a gradient warm-up scores highest
+    smt_budget: typing.Any = 0.01          # fraction of the model's parameters in (0, 1], or an integer block count
+    block_size: int = 256
+    smt_warmup_steps: int = 100
+    smt_score: str = "abs_mean"            # abs_mean (mean |g|) | mean_abs (|mean g|) | l2
+    smt_targets: list = field(default_factory=lambda: ["q", "k", "v"])  # eligible kinds; add "mlp" for MLPs
+    smt_per_matrix: bool = False           # equal quotas per matrix instead of one global top-N
+    smt_selection: str | None = None       # a fixed selection JSON instead of the warm-up
     # learning rates (arXiv 2410.02247): η_Q = lr, η_V = lr_ratio·lr
     lr: float = 5e-4
     lr_ratio: float = 1.0
@@ -79,7 +88,7 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"method": ("lora", "dora", "dense"), "eval_strategy": ("epoch", "steps", "no"),
+_CHOICES = {"method": ("lora", "dora", "dense", "smt"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
             "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
 
@@ -143,6 +152,17 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"save_total_limit: must be >= 2, got {cfg.save_total_limit!r}")
     if cfg.max_nonfinite_skips < 0:
         raise ConfigError(f"max_nonfinite_skips: must be >= 0, got {cfg.max_nonfinite_skips!r}")
+    budget = cfg.smt_budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
+            isinstance(budget, float) and budget > 1):
+        raise ConfigError(f"smt_budget: expected a fraction in (0, 1] or a block count >= 1, got {budget!r}")
+    if cfg.block_size <= 0 or cfg.smt_warmup_steps <= 0:
+        raise ConfigError("block_size and smt_warmup_steps: must be > 0")
+    bad = [t for t in cfg.smt_targets if t not in ("q", "k", "v", "o", "mlp")]
+    if bad or not cfg.smt_targets:
+        raise ConfigError(f"smt_targets: {bad or cfg.smt_targets} must be a non-empty subset of q, k, v, o, mlp")
+    if cfg.smt_selection and not os.path.isfile(cfg.smt_selection):
+        raise ConfigError(f"smt_selection: {cfg.smt_selection} not found")
     if cfg.eval_strategy == "steps" and cfg.eval_steps is None:
         raise ConfigError("eval_steps: required when eval_strategy is steps")
     if cfg.patience is not None and cfg.eval_strategy == "no":

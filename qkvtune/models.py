@@ -89,7 +89,10 @@ def default_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # not found offline, no tokenizer files, unknown model type
+        raise ModelError(f"model: cannot load a tokenizer for {name!r} ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

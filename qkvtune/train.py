@@ -130,7 +130,29 @@ def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, 
     )
 
 
-def prepare(cfg: TrainConfig):
+def _smt_blocks(cfg: TrainConfig, model, task, resume: str | None):
+    """SMT's targets and hparams: the selection of the checkpoint being resumed (never re-selected), or a
+    fresh warm-up + selection (report written to output_dir), or the user's fixed selection."""
+    from . import smt
+
+    if resume:
+        selection = json.load(open(os.path.join(resume, io.QKV_CONFIG)))["hparams"]["blocks"]
+        smt.check_selection(model, selection, cfg.block_size, where=resume)
+    else:
+        try:
+            selection = smt.prepare_smt(
+                model, task.train, task.collator, batch_size=cfg.batch_size, warmup_steps=cfg.smt_warmup_steps,
+                block_size=cfg.block_size, budget=cfg.smt_budget, score=cfg.smt_score, kinds=cfg.smt_targets,
+                per_matrix=cfg.smt_per_matrix, seed=cfg.seed, selection_path=cfg.smt_selection,
+                out_dir=cfg.output_dir if _is_main() else None, layers=cfg.layers)
+        except smt.SelectionError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return smt.targets_of(model, selection), {"block_size": cfg.block_size, "blocks": selection}
+
+
+def prepare(cfg: TrainConfig, resume: str | None = None):
     """Model with the adapter attached, tokenizer and task data, all from the config (no training)."""
     from .data import load_task
 
@@ -141,9 +163,12 @@ def prepare(cfg: TrainConfig):
                      seed=cfg.seed, train_on_inputs=cfg.train_on_inputs)
     model, tokenizer, new_modules = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
                                                cfg.trust_remote_code, tokenizer, cfg.allow_pickle)
-    targets = find_targets(model, cfg.targets, cfg.layers, cfg.target_modules)
-    hparams = {} if cfg.method == "dense" else {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora,
-                                                 "dropout": cfg.dropout}
+    if cfg.method == "smt":
+        targets, hparams = _smt_blocks(cfg, model, task, resume)
+    else:
+        targets = find_targets(model, cfg.targets, cfg.layers, cfg.target_modules)
+        hparams = {} if cfg.method == "dense" else {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora,
+                                                     "dropout": cfg.dropout}
     try:
         attach.add_adapter(model, targets, cfg.method, heads=attach.find_heads(model, new_modules), **hparams)
     except ValueError as e:  # e.g. a rank above the matrix size: a config problem, named by its key
@@ -233,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig) -> dict:
     resume = _resume_arg(cfg)
-    model, tokenizer, task = prepare(cfg)
+    model, tokenizer, task = prepare(cfg, resume)
     metric = task.metric_for_best if task.metric_for_best == "loss" else _metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []

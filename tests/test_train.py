@@ -161,3 +161,44 @@ def test_commonsense_generation_accuracy_end_to_end(tmp_path, tiny_llama_dir):
     metrics = train(cfg)
     assert metrics["eval_samples"] == 4 and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert "eval_loss" in metrics and not any("logits" in k for k in metrics)
+
+
+def test_smt_end_to_end_reload_and_resume(tmp_path, tiny_bert_dir):
+    """method=smt: warm-up + selection + block training through Trainer; the saved sparse adapter reloads
+    to identical outputs; a resumed run reuses the checkpoint's selection and ends bit-identical."""
+    common = dict(model=tiny_bert_dir, task="builtin/vader", max_train_samples=64, max_eval_samples=16,
+                  batch_size=8, method="smt", block_size=8, smt_budget=6, smt_warmup_steps=2, lr=1e-2,
+                  eval_strategy="steps", eval_steps=2, save_total_limit=4)
+    full = train(build_config(dict(common, max_steps=4, output_dir=str(tmp_path / "full"))))
+    out = tmp_path / "full"
+    report = json.load(open(out / "smt_allocation.json"))
+    assert sum(report["by_kind"].values()) == 6 and (out / "smt_allocation.png").exists()
+    meta = json.load(open(out / io.QKV_CONFIG))
+    assert meta["method"] == "smt" and len(meta["hparams"]["blocks"]) == 6
+    assert full["trainable_parameters"] == 6 * 8 * 8 + 32 * 2 + 2  # blocks + classifier head
+    again = evaluate_run(str(out))
+    assert again["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+    # resume from step 2 of a second run: same selection, same final adapter
+    part = tmp_path / "part"
+    train(build_config(dict(common, max_steps=4, output_dir=str(part))))
+    for name in os.listdir(part):
+        if name != "checkpoint-2":
+            subprocess.run(["rm", "-rf", str(part / name)], check=True)
+    train(build_config(dict(common, max_steps=4, output_dir=str(part), resume=True)))
+    assert not (part / "smt_allocation.json").exists()  # no second warm-up
+    a, b = load_file(out / io.QKV_WEIGHTS), load_file(part / io.QKV_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_missing_model_and_corrupt_adapter(tmp_path, tiny_bert_dir):
+    r = _cli("train", "model=/nonexistent/model-folder", f"output_dir={tmp_path / 'x'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("qkvtune: error: model:")
+    assert not (tmp_path / "x").exists()
+    run = tmp_path / "run"
+    train(build_config(dict(model=tiny_bert_dir, task="builtin/vader", max_train_samples=16, max_eval_samples=8,
+                            max_steps=1, eval_strategy="no", output_dir=str(run))))
+    (run / io.QKV_WEIGHTS).write_bytes(b"garbage")
+    r = _cli("eval", str(run))
+    assert r.returncode == 2 and "checksum" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("export", str(run), str(tmp_path / "merged"))
+    assert r.returncode == 2 and not (tmp_path / "merged").exists()
