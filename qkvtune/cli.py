@@ -16,10 +16,11 @@ def _known_errors():
     from .models import ModelError
     from .smt import SelectionError
     from .targets import TargetError
+    from .analysis import AnalysisError
     from .train import NonFiniteError
 
     return (ConfigError, DataError, AdapterError, ModelError, TargetError, CheckpointError, RunLockedError,
-            NonFiniteError, SelectionError)
+            NonFiniteError, SelectionError, AnalysisError)
 
 
 def cmd_train(args) -> int:
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+    from .analysis.cli import register as register_analyze
+
+    register_analyze(sub)  # qkvtune analyze ntk|stopping|subspace|amplification|task-vectors|samples
     args = parser.parse_args(argv)
     if args.command == "train" and args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # `qkvtune train key=value ...` with no file

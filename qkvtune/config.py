@@ -68,6 +68,7 @@ class TrainConfig:
     eval_strategy: str = "epoch"           # epoch | steps | no
     eval_steps: int | None = None
     patience: int | None = None            # stop after this many evaluations without improvement
+    early_stopping: str = "none"           # none | ntk: stop at the step the pretrained-kernel rule predicts
     save_total_limit: int = 2
     logging_steps: int = 10
     report_to: str = "none"                # none | tensorboard
@@ -90,6 +91,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"method": ("lora", "dora", "dense", "smt"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
+            "early_stopping": ("none", "ntk"),
             "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
 
 

@@ -135,6 +135,10 @@ def _smt_blocks(cfg: TrainConfig, model, task, resume: str | None):
     fresh warm-up + selection (report written to output_dir), or the user's fixed selection."""
     from . import smt
 
+    smallest = min(min(t.shape) for t in smt.eligible_targets(model, cfg.smt_targets, layers=cfg.layers))
+    if cfg.block_size > smallest:
+        raise ConfigError(f"block_size: {cfg.block_size} is larger than the smallest eligible matrix side "
+                          f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
     if resume:
         selection = json.load(open(os.path.join(resume, io.QKV_CONFIG)))["hparams"]["blocks"]
         smt.check_selection(model, selection, cfg.block_size, where=resume)
@@ -227,6 +231,20 @@ def plot_losses(log_history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _ntk_callback(cfg: TrainConfig, model, task, resume):
+    """Predict the stopping step from the empirical NTK at the pretrained weights (before any training)."""
+    from .analysis.stopping import ntk_stopping_callback
+
+    if task.kind not in ("classification", "regression"):
+        raise ConfigError(f"early_stopping: ntk needs a classification or regression task, not {task.kind}")
+    if cfg.method == "smt":
+        raise ConfigError("early_stopping: ntk is not available with method=smt")
+    return ntk_stopping_callback(
+        model, task.train, task.collator, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        max_steps=cfg.max_steps, warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler, grad_accum=cfg.grad_accum,
+        kinds=cfg.targets, layers=cfg.layers, record_path=os.path.join(cfg.output_dir, "ntk_stopping.json"))
+
+
 def _resume_arg(cfg: TrainConfig):
     """The checkpoint to continue from: the newest *complete* one for ``resume: true`` (a checkpoint a
     kill interrupted is removed), a checked path, or None for a fresh run."""
@@ -262,6 +280,8 @@ def _train(cfg: TrainConfig) -> dict:
     metric = task.metric_for_best if task.metric_for_best == "loss" else _metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []
+    if cfg.early_stopping == "ntk":
+        callbacks.append(_ntk_callback(cfg, model, task, resume))
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)
     settings = {"config": cfg.to_dict(), "learning_rates": {g["name"]: g["lr"] for g in
                                                             param_groups(model, learning_rates(cfg))}}

@@ -165,7 +165,7 @@ def test_fuzzed_configs_are_accepted_or_refused_cleanly(cfg):
         assert "\n" not in str(e) and str(e)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(st.text(alphabet="ab 01\t\"'-.x", max_size=8), min_size=0, max_size=4), max_size=6),
        st.booleans())
 def test_fuzzed_glue_files_are_accepted_or_refused_cleanly(tmp_path_factory, rows, header):
@@ -183,7 +183,7 @@ def test_fuzzed_glue_files_are_accepted_or_refused_cleanly(tmp_path_factory, row
     tok = _TOK.setdefault("t", AutoTokenizer.from_pretrained(minilm_folder()))
     try:
         task = load_task("glue/sst2", tok, data_dir=str(root))
-        assert len(task.train) == len(rows)
+        assert len(task.train) == sum(1 for r in rows if "\t".join(r) != "")  # blank lines are skipped
     except DataError as e:
         assert "\n" not in str(e) and "train.tsv" in str(e)
 

@@ -190,6 +190,12 @@ def test_smt_end_to_end_reload_and_resume(tmp_path, tiny_bert_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_block_size_larger_than_matrix(tmp_path, tiny_bert_dir):
+    r = _cli("train", f"model={tiny_bert_dir}", "method=smt", "block_size=64", f"output_dir={tmp_path / 'x'}")
+    assert r.returncode == 2 and "block_size: 64 is larger than the smallest eligible matrix side (32)" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_missing_model_and_corrupt_adapter(tmp_path, tiny_bert_dir):
     r = _cli("train", "model=/nonexistent/model-folder", f"output_dir={tmp_path / 'x'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("qkvtune: error: model:")
@@ -202,3 +208,23 @@ def test_cli_missing_model_and_corrupt_adapter(tmp_path, tiny_bert_dir):
     assert r.returncode == 2 and "checksum" in r.stderr and "Traceback" not in r.stderr
     r = _cli("export", str(run), str(tmp_path / "merged"))
     assert r.returncode == 2 and not (tmp_path / "merged").exists()
+
+
+def test_ntk_early_stopping_callback_records_prediction(tmp_path, tiny_bert_dir):
+    cfg = build_config(dict(model=tiny_bert_dir, task="builtin/vader", max_train_samples=48, max_eval_samples=16,
+                            batch_size=8, epochs=2, optim="sgd", lr=1e4, warmup_ratio=0, early_stopping="ntk",
+                            on_nonfinite="skip", max_nonfinite_skips=12,
+                            output_dir=str(tmp_path / "run")))
+    metrics = train(cfg)
+    record = json.load(open(tmp_path / "run" / "ntk_stopping.json"))
+    predicted = record["ntk_predicted_step"]
+    # the tiny random model's kernel is small (η̂ ≈ 2e4): only a large SGD step makes the rule fire in 12 steps
+    assert isinstance(predicted, int) and 0 <= predicted < 12
+    # the run stops at the prediction (Trainer's first step at the earliest), and the observed best is recorded
+    assert metrics["global_step"] == record["ntk_stopped_at"] == max(predicted, 1)
+    assert "ntk_observed_best_step" in record
+
+
+def test_cli_analyze_is_wired():
+    r = _cli("analyze", "--help")
+    assert r.returncode == 0 and "ntk" in r.stdout and "task-vectors" in r.stdout
