@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 
-from .io import _read_json, sha256_file, write_json
+from .io import read_json, sha256_file, write_json
 
 MANIFEST = "qkvtune_checkpoint.json"
 LOCK = ".qkvtune.lock"
@@ -73,7 +73,7 @@ def is_complete(checkpoint_dir: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        files = _read_json(path)["files"]
+        files = read_json(path)["files"]
         return all(sha256_file(os.path.join(checkpoint_dir, n)) == h for n, h in files.items())
     except (ValueError, KeyError, OSError, TypeError):
         return False

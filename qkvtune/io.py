@@ -76,16 +76,18 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str, error: type[Exception] = None, expect: type | tuple = dict):
+    """JSON from ``path``, or ``error`` (default AdapterError) with a one-line message naming the file."""
+    error = error or AdapterError
     try:
         with open(path) as f:
             obj = json.load(f)
     except FileNotFoundError:
-        raise AdapterError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, expect):
+        raise error(f"{path}: expected a JSON {'object' if expect is dict else 'object or list'}")
     return obj
 
 
@@ -159,7 +161,7 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
             raise AdapterError(f"{path}: only pickle weights found; qkvtune loads safetensors only")
         raise AdapterError(f"{path}: no {QKV_CONFIG} or {PEFT_CONFIG}")
     cfg_path, weights = os.path.join(path, QKV_CONFIG), os.path.join(path, QKV_WEIGHTS)
-    meta = _read_json(cfg_path)
+    meta = read_json(cfg_path)
     for key in ("format", "method", "hparams", "targets", "heads", "tensors_sha256"):
         if key not in meta:
             raise AdapterError(f"{cfg_path}: missing field {key!r}")
@@ -312,7 +314,7 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
     """Attach a PEFT LoRA/DoRA adapter. A LoRA on a fused projection becomes one delta per slice
     (B split by rows, A shared), which reproduces ΔW exactly."""
     cfg_path, weights = os.path.join(path, PEFT_CONFIG), os.path.join(path, PEFT_WEIGHTS)
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in ("r", "lora_alpha"):
@@ -388,7 +390,7 @@ def export_merged(model, tokenizer, path: str) -> None:
 def restore_adapter(model, path: str, name: str | None = None) -> None:
     """Load a saved adapter's tensors into the model's existing adapter ``name`` (checkpoints, best model)."""
     cfg_path, weights = os.path.join(path, QKV_CONFIG), os.path.join(path, QKV_WEIGHTS)
-    meta = _read_json(cfg_path)
+    meta = read_json(cfg_path)
     if sha256_file(weights) != meta.get("tensors_sha256"):
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
     _load_state(model, attach._name(model, name), _read_tensors(weights), weights)

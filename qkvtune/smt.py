@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -273,13 +272,9 @@ def load_selection(path: str, block_size: int | None = None) -> list[dict]:
     """Read a selection written by ``save_selection`` (or a bare JSON list of entries) and check each
     entry's fields; ``layer`` is filled in from the module path when absent. Raises SelectionError
     naming the file and the entry."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise SelectionError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SelectionError(f"{path}: not valid JSON ({e})") from None
+    from .io import read_json
+
+    obj = read_json(path, SelectionError, expect=(dict, list))
     if isinstance(obj, dict):
         saved_b = obj.get("block_size")
         if saved_b is not None and block_size is not None and saved_b != block_size:

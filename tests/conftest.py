@@ -63,44 +63,44 @@ def minilm_folder():
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+def _save_tiny(path, model_cls, cfg, tok):
+    torch.manual_seed(0)
+    model_cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _minilm_tokenizer(with_eos: bool = False):
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    if with_eos:  # decoder-only models need an eos; MiniLM's [SEP] serves
+        tok.eos_token = tok.sep_token
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A tiny BERT saved as a normal HF folder with MiniLM's real tokenizer (fast to train on CPU)."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
-    torch.manual_seed(0)
+    tok = _minilm_tokenizer()
     cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    transformers.BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), transformers.BertModel, cfg, tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny Llama (GQA) as a HF folder with MiniLM's tokenizer given an eos token."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
-    tok.eos_token = tok.sep_token
-    torch.manual_seed(0)
+    tok = _minilm_tokenizer(with_eos=True)
     cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=48, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), transformers.LlamaForCausalLM, cfg, tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A tiny GPT-2 (fused Conv1D c_attn) as a HF folder with MiniLM's tokenizer given an eos token."""
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
-    tok.eos_token = tok.sep_token
-    torch.manual_seed(0)
+    tok = _minilm_tokenizer(with_eos=True)
     cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.cls_token_id,
                                   eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), transformers.GPT2LMHeadModel, cfg, tok)
