@@ -70,6 +70,9 @@ class _BlockSparseMatmul(torch.autograd.Function):
         xs, values = ctx.saved_tensors
         plan, b = ctx.plan, ctx.plan.b
         N = grad_out.shape[0]
+        # Under autocast the forward's bmm ran in bf16/fp16, so the incoming gradient has that dtype;
+        # the block gradients must come out in the (fp32) dtype of the values.
+        grad_out = grad_out.to(values.dtype)
         G = grad_out.reshape(N, plan.n_row_blocks, b).index_select(1, plan.rblk).transpose(0, 1)  # (n, N, b)
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
