@@ -330,7 +330,7 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; the frozen originals under heads count once."""
+    """(trainable, total) parameter counts of the model as it stands (adapters and head copies included)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -344,7 +344,6 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
         if A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{weights}: {module} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
                                f"a {fout}×{fin} projection")
-        rank = A.shape[0]
         alpha = float(_pattern(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
         slices = known.get(module) or [Target(module, module.rsplit(".", 1)[-1], None, Rows.range(0, fout),
                                               fin, fout, transposed)]
