@@ -76,9 +76,8 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str, error: type[Exception] = None, expect: type | tuple = dict):
-    """JSON from ``path``, or ``error`` (default AdapterError) with a one-line message naming the file."""
-    error = error or AdapterError
+def read_json(path: str, error: type[Exception] = AdapterError, expect: type | tuple = dict):
+    """JSON from ``path``, or ``error`` with a one-line message naming the file."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -344,7 +343,6 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
         if A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{weights}: {module} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
                                f"a {fout}×{fin} projection")
-        alpha = float(_pattern(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
         slices = known.get(module) or [Target(module, module.rsplit(".", 1)[-1], None, Rows.range(0, fout),
                                               fin, fout, transposed)]
         for t in slices:

@@ -140,7 +140,7 @@ def _smt_blocks(cfg: TrainConfig, model, task, resume: str | None):
         raise ConfigError(f"block_size: {cfg.block_size} is larger than the smallest eligible matrix side "
                           f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
     if resume:
-        selection = json.load(open(os.path.join(resume, io.QKV_CONFIG)))["hparams"]["blocks"]
+        selection = io.read_json(os.path.join(resume, io.QKV_CONFIG))["hparams"]["blocks"]
         smt.check_selection(model, selection, cfg.block_size, where=resume)
     else:
         try:
@@ -231,7 +231,7 @@ def plot_losses(log_history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _ntk_callback(cfg: TrainConfig, model, task, resume):
+def _ntk_callback(cfg: TrainConfig, model, task):
     """Predict the stopping step from the empirical NTK at the pretrained weights (before any training)."""
     from .analysis.stopping import ntk_stopping_callback
 
@@ -281,7 +281,7 @@ def _train(cfg: TrainConfig) -> dict:
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []
     if cfg.early_stopping == "ntk":
-        callbacks.append(_ntk_callback(cfg, model, task, resume))
+        callbacks.append(_ntk_callback(cfg, model, task))
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)
     settings = {"config": cfg.to_dict(), "learning_rates": {g["name"]: g["lr"] for g in
                                                             param_groups(model, learning_rates(cfg))}}
