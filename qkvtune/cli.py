@@ -1,4 +1,4 @@
-"""``qkvtune train|eval|export`` — argument parsing and one-line errors; the work happens elsewhere."""
+"""``qkvtune train|eval|export|analyze|bench`` — argument parsing and one-line errors; the work happens elsewhere."""
 
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from .analysis.cli import register as register_analyze
 
     register_analyze(sub)  # qkvtune analyze ntk|stopping|subspace|amplification|task-vectors|samples
+    from .bench import register as register_bench
+
+    register_bench(sub)  # qkvtune bench speed|claims
     args = parser.parse_args(argv)
     if args.command == "train" and args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # `qkvtune train key=value ...` with no file
