@@ -48,7 +48,7 @@ class TrainConfig:
     lr_k: float | None = None
     lr_v: float | None = None
     lr_o: float | None = None
-    lr_head: float | None = None
+    lr_head: float | None = None          # 0 keeps the (fresh) task head fixed
     loraplus_ratio: float | None = None    # η_B = ratio·η_A
     weight_decay: float = 0.0
     optim: str = "adamw_torch"             # any transformers optimizer name (adamw_torch, sgd, adafactor, …)
@@ -82,6 +82,8 @@ class TrainConfig:
     max_nonfinite_skips: int = 10          # with skip: stop after this many skipped steps
     allow_pickle: bool = False             # load model weights from pickle files (.bin) when no safetensors exist
     dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    fast_path: str = "auto"                # auto | on | off (qkvtune/fastpath.py): auto = cheap dropout masks on CPU
+                                           # (same distribution, another random stream); on = also torch.compile on CUDA
     trust_remote_code: bool = False
 
     def to_dict(self) -> dict:
@@ -91,7 +93,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"method": ("lora", "dora", "dense", "smt"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
-            "early_stopping": ("none", "ntk"),
+            "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
 
 
@@ -137,7 +139,9 @@ def _validate(cfg: TrainConfig) -> None:
     positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
                 "max_length": cfg.max_length, "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
-    for key in ("lr_q", "lr_k", "lr_v", "lr_o", "lr_head", "loraplus_ratio", "max_steps", "max_train_samples",
+    if cfg.lr_head is not None and cfg.lr_head < 0:
+        raise ConfigError(f"lr_head: must be >= 0 (0 keeps the task head fixed), got {cfg.lr_head!r}")
+    for key in ("lr_q", "lr_k", "lr_v", "lr_o", "loraplus_ratio", "max_steps", "max_train_samples",
                 "max_eval_samples", "eval_steps", "patience"):
         if getattr(cfg, key) is not None:
             positive[key] = getattr(cfg, key)
