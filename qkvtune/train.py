@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
-from . import attach, checkpoints, io
+from . import attach, checkpoints, fastpath, io
 from .config import ConfigError, TrainConfig, save_config
 from .models import default_dtype, load_model, load_tokenizer
 from .optim import LearningRates, param_groups
@@ -177,6 +177,9 @@ def prepare(cfg: TrainConfig, resume: str | None = None):
         attach.add_adapter(model, targets, cfg.method, heads=attach.find_heads(model, new_modules), **hparams)
     except ValueError as e:  # e.g. a rank above the matrix size: a config problem, named by its key
         raise ConfigError(str(e)) from None
+    fast = fastpath.resolve(cfg.fast_path)
+    if fast is not None:  # after the adapter, so its dropout is covered too
+        fastpath.enable(model, **fast)
     return model, tokenizer, task
 
 
