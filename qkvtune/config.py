@@ -114,7 +114,9 @@ def _check_type(key: str, value):
         except ValueError:
             pass
     if isinstance(value, bool) and str in allowed and bool not in allowed:
-        return "no" if value is False else "yes"  # YAML 1.1 reads `no` as false (eval_strategy: no)
+        # YAML 1.1 reads no/off/yes/on as booleans (eval_strategy: no, fast_path: off): take the choice's word
+        words = ("yes", "on") if value else ("no", "off")
+        return next((w for w in words if w in _CHOICES.get(key, ())), words[0])
     if isinstance(value, bool) and bool not in allowed:
         raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in allowed)}, got {value!r}")
     if not isinstance(value, tuple(typing.get_origin(a) or a for a in allowed)):

@@ -150,3 +150,19 @@ def test_unknown_claim_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qkvtune", "bench", "claims", "--suite", str(tmp_path), "--claims", "C9",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "C9" in r.stderr
+
+
+def test_overrides_reach_every_run_or_one_family():
+    from qkvtune.bench.claims import Claim, run_settings, score_of
+
+    claim = Claim(id="C", title="t", tasks=["glue.0", "commonsense.0"], base={"rank": 8},
+                  arms={"a": {"rank": 4, "only_tasks": ["glue.0"]}})
+    suite = {"base": {"lr": 1.0}, "profiles": {"glue": {"model": "minilm", "lr": 2.0}, "commonsense": {"model": "llm"}},
+             "overrides": {"glue.model": "roberta-base", "batch_size": 4}}
+    glue = run_settings(suite, claim, "glue/sst2", "a", 1, None)
+    assert glue == {"lr": 2.0, "model": "roberta-base", "rank": 4, "batch_size": 4, "task": "glue/sst2", "seed": 1}
+    cs = run_settings(suite, claim, "commonsense/piqa", "a", 0, None)
+    assert cs["model"] == "llm" and cs["batch_size"] == 4 and cs["lr"] == 1.0
+    # MNLI-style records name the dev set: eval_matched_accuracy
+    assert score_of({"eval_matched_accuracy": 0.8, "eval_mismatched_accuracy": 0.7}, "glue/mnli") == 0.8
+    assert score_of({"eval_matthews_correlation": 0.3}, "glue/cola") == 0.3 and score_of({}, "glue/cola") is None

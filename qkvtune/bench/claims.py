@@ -184,12 +184,25 @@ def score_key(task: str) -> str:
     return f"eval_{glue_metrics(name)[1]}" if family == "glue" else "eval_accuracy"
 
 
+def score_of(record: dict, task: str):
+    """The task's dev score in a metrics / log record; with several dev sets (MNLI's matched and mismatched)
+    Trainer names them eval_<set>_<metric>, and the first set's counts."""
+    key = score_key(task)
+    if key in record:
+        return record[key]
+    metric = key[len("eval_"):]
+    return next((v for k, v in record.items() if k.startswith("eval_") and k.endswith("_" + metric)), None)
+
+
 def run_settings(suite: dict, claim: Claim, task: str, arm: str, seed: int, data_dir: str | None) -> dict:
     family = task.split("/")[0]
     arm_settings = {k: v for k, v in (claim.arms[arm] or {}).items() if k != "only_tasks"}
     settings = {**(suite.get("base") or {}), **((suite.get("profiles") or {}).get(family) or {}),
                 **claim.base, **arm_settings}
-    settings.update(suite.get("overrides") or {})  # the command line's key=value, over everything
+    for key, value in (suite.get("overrides") or {}).items():  # the command line's key=value, over everything;
+        scope, _, name = key.rpartition(".")                    # glue.model=… applies to one family only
+        if scope in ("", family):
+            settings[name] = value
     settings.update(task=task, seed=seed)
     if data_dir:
         settings["data_dir"] = os.path.abspath(data_dir)
@@ -229,7 +242,8 @@ def ensure_run(settings: dict, out_dir: str, arm: str, log) -> Run:
     metrics = train(cfg)
     seconds = time.perf_counter() - t0
     history = _history(out_dir)
-    score = float(metrics.get(score_key(settings["task"]), math.nan))
+    score = score_of(metrics, settings["task"])
+    score = math.nan if score is None else float(score)
     rec = {"settings": settings, "task": settings["task"], "arm": arm, "seed": settings["seed"], "metrics": metrics,
            "score": score, "history": history, "seconds": seconds}
     from ..io import write_json
@@ -253,9 +267,8 @@ def steps_to_target(runs: dict, arms: list[str], reference: str, fraction: float
     for arm in arms:
         steps = []
         for task, by_arm in runs.items():
-            key = score_key(task)
-            ref = [h[key] for h in by_arm[reference].history if key in h]
-            curve = [(h["step"], h[key]) for h in by_arm[arm].history if key in h]
+            ref = [v for h in by_arm[reference].history if (v := score_of(h, task)) is not None]
+            curve = [(h["step"], v) for h in by_arm[arm].history if (v := score_of(h, task)) is not None]
             if not ref or not curve:
                 continue
             target = fraction * max(ref)
@@ -601,7 +614,8 @@ def cmd_claims(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("claims", help="reproduce the papers' claims: one experiment per claim, seeds, verdicts, report")
-    p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. model=roberta-base for the papers' scale)")
+    p.add_argument("overrides", nargs="*", help="key=value for every run, or family.key=value for one family "
+                   "(e.g. glue.model=roberta-base commonsense.model=meta-llama/Meta-Llama-3-8B for the papers' scale)")
     p.add_argument("--suite", default=default_suite_dir(), help="folder of suite.yaml + c*.yaml (default: configs/claims)")
     p.add_argument("--data-dir", help="folder laid out like shared/datasets (default: $QKVTUNE_DATA)")
     p.add_argument("--tasks", help="task ids instead of those found in the data folder, e.g. glue/rte,commonsense/piqa")

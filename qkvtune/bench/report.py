@@ -144,8 +144,11 @@ def write_report(results, path: str, command: str, seconds: float) -> None:
     lines = ["# qkvtune claims report", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time {seconds / 60:.1f} min "
-             "(runs already in the run folder are read, not retrained)", ""]
+             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of this invocation {seconds / 60:.1f} min "
+             "(runs already in the run folder are read, not retrained)"]
+    unique = {run.dir: run for r in results for s in r.runs.values() for t in s.values() for run in t.values()}
+    lines += [f"- {len(unique)} training runs, {sum(r.seconds for r in unique.values()) / 60:.1f} min of training "
+              "in all (as timed when each run was trained; analyses and kernels come on top)", ""]
     lines += ["## Verdicts", "", "| claim | verdict | tasks | seeds | the papers' own numbers |", "|---|---|---|---|---|"]
     for r in results:
         v = r.verdict + (f" ({r.skipped})" if r.skipped else "")
