@@ -64,9 +64,9 @@ class DeltaProjection(nn.Module):
 
     def _add(self, y: torch.Tensor, rows: Rows, term: torch.Tensor) -> torch.Tensor:
         term = term.to(y.dtype)
-        if rows.covers(y.shape[-1]):
-            return y + term
         # In place on the projection's fresh output: autograd of the matmul does not need it.
+        if rows.covers(y.shape[-1]):
+            return y.add_(term)
         if rows.count == 1:
             y[..., rows.start:rows.start + rows.width] += term
             return y

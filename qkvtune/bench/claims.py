@@ -605,7 +605,7 @@ def cmd_claims(args) -> int:
     results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log)
     report = args.report or os.path.join(args.out, "REPORT.md")
     command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else "qkvtune bench claims …"
-    write_report(results, report, command=command, seconds=time.time() - t0)
+    write_report(results, report, command=command, seconds=time.time() - t0, speed_dir=args.speed_results)
     for r in results:
         print(f"{r.claim.id}: {r.verdict}" + (f" ({r.skipped})" if r.skipped else ""))
     print(f"report: {report}")
@@ -623,4 +623,6 @@ def register(sub) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     p.add_argument("--out", default="runs/claims", help="folder for the runs, the log and the report")
     p.add_argument("--report", help="Markdown report path (default: OUT/REPORT.md); plots go beside it")
+    p.add_argument("--speed-results", help="folder of speed_*.json from `qkvtune bench speed` to include in the report "
+                   "(e.g. benchmarks/results)")
     p.set_defaults(func=cmd_claims)

@@ -4,6 +4,7 @@ verdict, the paper's own numbers) and PNG plots beside it; ``claims.json`` holds
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -137,7 +138,33 @@ def _rule_text(c: dict) -> str:
     return f"{c['rule']}({c['a']}, {c['threshold']})"
 
 
-def write_report(results, path: str, command: str, seconds: float) -> None:
+SPEED_INTRO = """Measured by `qkvtune bench speed` (one process per model and device, configurations interleaved round by
+round, medians). × fwd: the step over one train-mode forward of the bare model; × floor: over k eval-mode forwards
+(k = 1 inference, 2 adapter training: forward + input gradients, 3 full fine-tuning). merged-forward is the
+merged and unwrapped model (what `qkvtune export` writes); merged-wrapped keeps qkvtune's wrappers. The `fast-`
+rows use `fast_path: on` (CPU: cheap dropout masks; CUDA: `torch.compile`) against PEFT's eager step. Figures
+are ratios measured side by side; run-to-run noise on these small, launch- or load-bound shapes is a few
+percent, so a ratio within ±0.05 of its target is not a verdict either way."""
+
+
+def speed_section(folder: str | None) -> list[str]:
+    """The tables of every speed_*.json in ``folder`` (written by ``qkvtune bench speed``)."""
+    from .speed import table
+
+    paths = sorted(glob.glob(os.path.join(folder, "speed_*.json"))) if folder and os.path.isdir(folder) else []
+    if not paths:
+        return []
+    lines = ["## Speed and memory against PEFT", "", SPEED_INTRO, ""]
+    for p in paths:
+        with open(p) as f:
+            rep = json.load(f)
+        lines += [table(rep).replace("## ", "### ", 1), "",
+                  f"`{os.path.relpath(p)}`; {rep.get('date', '')}, {rep.get('device_name') or rep.get('device')}; "
+                  f"torch {(rep.get('versions') or {}).get('torch', '?')}", ""]
+    return lines
+
+
+def write_report(results, path: str, command: str, seconds: float, speed_dir: str | None = None) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     plots = os.path.join(out_dir, "claims_plots")
     os.makedirs(plots, exist_ok=True)
@@ -155,6 +182,7 @@ def write_report(results, path: str, command: str, seconds: float) -> None:
         lines.append(f"| {r.claim.id}: {r.claim.title} | **{v}** | {', '.join(r.tasks) or '–'} | {len(r.seeds)} | "
                      f"{(r.claim.paper or '–').strip()} |")
     lines += ["", "### The verdict rule", "", verdicts.__doc__.split("\n\n", 1)[1].strip(), ""]
+    lines += speed_section(speed_dir)
     record = []
     for r in results:
         c = r.claim

@@ -40,7 +40,9 @@ SHAPES = {"minilm": (16, 128), "smollm2-135m": (4, 128)}
 PEFT_MODULES = {"q": ["query", "q_proj"], "k": ["key", "k_proj"], "v": ["value", "v_proj"]}
 LORA = {"rank": 8, "alpha": 16}
 SMT_BUDGET, SMT_BLOCK = 0.01, 64
-INFER = ["base-forward", "merged-forward", "unmerged-forward"]
+# merged-forward: merge, then unwrap (PEFT's merge_and_unload, what `qkvtune export` writes): the deployed model;
+# merged-wrapped keeps the wrappers (merged weights, a Python call per projection); unmerged adds the LoRA path
+INFER = ["base-forward", "merged-forward", "merged-wrapped-forward", "unmerged-forward", "peft-unmerged-forward"]
 TRAIN = ["full", "peft-lora-qv", "qkvtune-lora-qv", "peft-lora-qkv", "qkvtune-lora-qkv", "qkvtune-dense-qv",
          "qkvtune-smt"]
 FAST = ["fast-qkvtune-lora-qv", "fast-qkvtune-lora-qkv"]
@@ -49,7 +51,9 @@ FLOOR_FORWARDS = {"full": 3, "forward-train": 1, **{c: 1 for c in INFER}}  # eve
 # (configuration, baseline, time target, memory target); None: reported, no target
 RATIOS = [("qkvtune-lora-qv", "peft-lora-qv", 1.0, 1.0), ("qkvtune-lora-qkv", "peft-lora-qkv", 1.0, 1.0),
           ("fast-qkvtune-lora-qv", "peft-lora-qv", 0.80, None), ("fast-qkvtune-lora-qkv", "peft-lora-qkv", 0.80, None),
-          ("merged-forward", "base-forward", 1.02, None), ("unmerged-forward", "base-forward", 1.05, None),
+          ("merged-forward", "base-forward", 1.02, None), ("merged-wrapped-forward", "base-forward", None, None),
+          ("unmerged-forward", "base-forward", 1.05, None), ("peft-unmerged-forward", "base-forward", None, None),
+          ("unmerged-forward", "peft-unmerged-forward", 1.0, None),
           ("qkvtune-dense-qv", "full", None, None), ("qkvtune-smt", "qkvtune-lora-qv", None, None),
           ("qkvtune-smt", "full", None, None)]
 
@@ -128,13 +132,25 @@ def build(config: str, base, kind: str, device: str):
         selection = _smt_selection(model)
         attach.add_adapter(model, smt.targets_of(model, selection), "smt", heads=heads, block_size=SMT_BLOCK,
                            blocks=selection)
-    elif name in ("merged-forward", "unmerged-forward"):
+    elif name in ("merged-forward", "merged-wrapped-forward", "unmerged-forward"):
         attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", heads=[], **LORA)
         with torch.no_grad():
             for _, d in attach.iter_deltas(model):
                 d.lora_B.normal_(0, 0.02)  # a trained-looking adapter (B = 0 would add nothing)
-        if name == "merged-forward":
+        if name == "merged-wrapped-forward":
             attach.merge_adapter(model)
+        elif name == "merged-forward":
+            model = attach.unwrap(model)
+    elif name == "peft-unmerged-forward":
+        import peft
+
+        cfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                              target_modules=[m for k in "qv" for m in PEFT_MODULES[k]])
+        model = peft.get_peft_model(model, cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
     if config.startswith("fast-"):
         fastpath.enable(model, compile=device == "cuda")
     if config in INFER:

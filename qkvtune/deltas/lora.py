@@ -40,7 +40,9 @@ class LoRA(Delta):
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # fp32 adapter on a half-precision base; autocast casts by itself
+        h = F.linear(x, self.lora_A) * self.scale
         return F.linear(h, self.lora_B)
 
     def forward(self, x, base_out=None, base_weight=None):
