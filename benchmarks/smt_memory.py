@@ -30,14 +30,6 @@ CONFIGS = ("full", "lora", "smt")
 TARGETS = {"peak_smt_over_full": 0.75, "step_smt_over_lora": 1.15, "state_smt_over_full": 0.03}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -120,6 +112,7 @@ def run_memory(config: str, args) -> dict:
     import gc
 
     from qkvtune import smt
+    from qkvtune.bench.speed import _status_kb
 
     model, examples, collate, train = _load(args)
     total = smt.count_parameters(model)

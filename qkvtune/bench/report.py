@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..analysis.plots import _pyplot, _save
 from . import verdicts
 
 
@@ -33,10 +34,7 @@ def machine() -> str:
 
 
 def _plot_scores(result, path: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     arms = [a for a in result.claim.arms if any(f"score:{a}@{t}" in result.quantities for t in result.tasks)]
     if not arms:
@@ -57,18 +55,13 @@ def _plot_scores(result, path: str) -> bool:
         ax.set_ylim(max(min(lo - pad, 1.0), -1.0), hi + pad)
     axes[0][0].set_ylabel("dev score (mean ± sd over seeds)")
     fig.suptitle(f"{result.claim.id}: {result.claim.title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
 def _plot_curves(result, path: str) -> bool:
     """Dev score against step for every arm with an evaluation history (mean over seeds), one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from .claims import score_key
 
@@ -95,18 +88,13 @@ def _plot_curves(result, path: str) -> bool:
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{result.claim.id}: dev score during training (mean over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
 def _plot_loss_curves(result, path: str) -> bool:
     """C7-style: dev loss against step per seed, with the predicted stopping step marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     preds = result.quantities.get("predicted_step")
     if not preds:
@@ -124,9 +112,7 @@ def _plot_loss_curves(result, path: str) -> bool:
     ax.set_ylabel("dev loss")
     ax.set_title(f"{result.claim.id}: dev loss; dashed: the rule's T̂", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
