@@ -46,6 +46,7 @@ INFER = ["base-forward", "merged-forward", "merged-wrapped-forward", "unmerged-f
 TRAIN = ["full", "peft-lora-qv", "qkvtune-lora-qv", "peft-lora-qkv", "qkvtune-lora-qkv", "qkvtune-dense-qv",
          "qkvtune-smt"]
 FAST = ["fast-qkvtune-lora-qv", "fast-qkvtune-lora-qkv"]
+FAST_INFER = ["fast-base-forward", "fast-unmerged-forward"]  # CUDA: both compiled, so the ratio is like for like
 UNIT = "forward-train"
 FLOOR_FORWARDS = {"full": 3, "forward-train": 1, **{c: 1 for c in INFER}}  # everything else trains adapters: 2
 # (configuration, baseline, time target, memory target); None: reported, no target
@@ -53,13 +54,17 @@ RATIOS = [("qkvtune-lora-qv", "peft-lora-qv", 1.0, 1.0), ("qkvtune-lora-qkv", "p
           ("fast-qkvtune-lora-qv", "peft-lora-qv", 0.80, None), ("fast-qkvtune-lora-qkv", "peft-lora-qkv", 0.80, None),
           ("merged-forward", "base-forward", 1.02, None), ("merged-wrapped-forward", "base-forward", None, None),
           ("unmerged-forward", "base-forward", 1.05, None), ("peft-unmerged-forward", "base-forward", None, None),
-          ("unmerged-forward", "peft-unmerged-forward", 1.0, None),
+          ("unmerged-forward", "peft-unmerged-forward", 1.0, None), ("fast-unmerged-forward", "fast-base-forward", 1.05, None),
           ("qkvtune-dense-qv", "full", None, None), ("qkvtune-smt", "qkvtune-lora-qv", None, None),
           ("qkvtune-smt", "full", None, None)]
 
 
 def configurations(fast_path: str) -> list[str]:
-    return [UNIT] + INFER + TRAIN + (FAST if fast_path in ("on", "both") else [])
+    return [UNIT] + INFER + TRAIN + (FAST + FAST_INFER if fast_path in ("on", "both") else [])
+
+
+def _inference(config: str) -> bool:
+    return config.removeprefix("fast-") in INFER
 
 
 def model_kind(name: str) -> str:
@@ -153,7 +158,7 @@ def build(config: str, base, kind: str, device: str):
                     p.normal_(0, 0.02)
     if config.startswith("fast-"):
         fastpath.enable(model, compile=device == "cuda")
-    if config in INFER:
+    if _inference(config):
         return model.eval(), None
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -162,7 +167,7 @@ def build(config: str, base, kind: str, device: str):
 def step(config: str, model, opt, batch, device: str) -> None:
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
-        if config in INFER:
+        if _inference(config):
             with torch.inference_mode():
                 model(**{k: v for k, v in batch.items() if k != "labels"})
         elif opt is None:  # the unit: a train-mode forward with its loss
@@ -325,6 +330,14 @@ def run(args) -> int:
     configs = configurations(args.fast_path)
     if args.fast_path == "on":  # fast qkvtune against eager PEFT only
         configs = [c for c in configs if not c.startswith("qkvtune-lora")]
+    if args.configs:  # a subset (its JSON gets its own name, so the full results stay)
+        wanted = [c.strip() for c in args.configs.split(",")]
+        unknown = [c for c in wanted if c not in configurations("both")]
+        if unknown:
+            print(f"qkvtune: error: --configs: unknown {unknown[0]!r} (known: {', '.join(configurations('both'))})",
+                  file=sys.stderr)
+            return 2
+        configs = [c for c in configurations("both") if c in wanted]
     os.makedirs(args.out, exist_ok=True)
     for name in names:
         torch.manual_seed(0)
@@ -351,7 +364,7 @@ def run(args) -> int:
         report["ratios"] = ratios(results, peaks)
         print(table(report), flush=True)
         safe = os.path.basename(os.path.normpath(name)) if name not in SHAPES else name
-        path = os.path.join(args.out, f"speed_{safe}_{device}.json")
+        path = os.path.join(args.out, f"speed_{safe}_{device}{'_subset' if args.configs else ''}.json")
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {path}")
@@ -373,5 +386,6 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for speed_<model>_<device>.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--configs", help="only these configurations, comma-separated (written to speed_<model>_<device>_subset.json)")
     p.add_argument("--note", default="", help="a remark stored in the JSON (e.g. how the weights were obtained)")
     p.set_defaults(func=run)
