@@ -363,7 +363,8 @@ def sample_slope(runs: dict, arms: dict, kernel_n: int = 256, kinds=("q", "v")) 
         ns = [int(n) for n in arms.values()]
         errors = [1.0 - by_arm[arm].score for arm in arms]
         slopes.append(fit_slope(ns, errors))
-        settings = json.load(open(os.path.join(by_arm[next(iter(arms))].dir, "claims_run.json")))["settings"]
+        with open(os.path.join(by_arm[next(iter(arms))].dir, "claims_run.json")) as f:
+            settings = json.load(f)["settings"]
         cfg = build_config({**settings, "output_dir": "unused"})
         model, tok, data = _load(cfg, kernel_n)
         train = [data.train[i] for i in range(min(kernel_n, len(data.train)))]
