@@ -351,12 +351,25 @@ def allocation(runs: dict, arm: str) -> dict:
     return out
 
 
+def pretrained_kernel(settings: dict, n: int, kinds=None):
+    """The empirical NTK of matrix ``kinds`` (default: the run's targets) at the pretrained weights on a run's
+    first ``n`` training examples."""
+    from ..analysis.cli import _load, _output
+    from ..analysis.ntk import empirical_ntk
+    from ..config import build_config
+
+    cfg = build_config({**settings, "output_dir": "unused"})
+    model, _, data = _load(cfg, n)
+    train = [data.train[i] for i in range(min(n, len(data.train)))]
+    return empirical_ntk(model, train, collator=data.collator, kinds=list(kinds or cfg.targets),
+                        output=_output(data, None))
+
+
 def sample_slope(runs: dict, arms: dict, kernel_n: int = 256, kinds=("q", "v")) -> dict:
     """Slope of log(1 − score) on log n over the arms (arm -> n), against the excess-risk exponent −p/(p+1)
     that the decay λ_i ~ i^(−p) of the empirical NTK at the pretrained weights predicts."""
-    from ..analysis.cli import _load, _output, fit_slope
-    from ..analysis.ntk import empirical_ntk, rate_from_decay
-    from ..config import build_config
+    from ..analysis.cli import fit_slope
+    from ..analysis.ntk import rate_from_decay
 
     slopes, rates = [], []
     for task, by_arm in runs.items():
@@ -365,10 +378,7 @@ def sample_slope(runs: dict, arms: dict, kernel_n: int = 256, kinds=("q", "v")) 
         slopes.append(fit_slope(ns, errors))
         with open(os.path.join(by_arm[next(iter(arms))].dir, "claims_run.json")) as f:
             settings = json.load(f)["settings"]
-        cfg = build_config({**settings, "output_dir": "unused"})
-        model, tok, data = _load(cfg, kernel_n)
-        train = [data.train[i] for i in range(min(kernel_n, len(data.train)))]
-        res = empirical_ntk(model, train, collator=data.collator, kinds=list(kinds), output=_output(data, None))
+        res = pretrained_kernel(settings, kernel_n, kinds)
         rates.append(-rate_from_decay(res.decay_exponent))
     out = {"error_slope": _mean(slopes), "kernel_rate": _mean(rates)}
     out["slope_minus_rate"] = out["error_slope"] - out["kernel_rate"]
@@ -442,19 +452,13 @@ def ntk_stopping(runs: dict, suite: dict, claim: Claim, seed: int, data_dir, out
     pretrained weights picks a stable SGD step (lr = lr_scale / λ_max(K/n), the kernel's own scale) and
     predicts T̂; the run then trains past T̂ (horizon_factor × T̂) evaluating the dev loss, and the observed
     best step is compared with T̂ as log2(T̂ / best)."""
-    from ..analysis.cli import _load, _output
-    from ..analysis.ntk import empirical_ntk
     from ..analysis.stopping import predict_stopping
-    from ..config import build_config
 
     ratios, preds, obs = [], [], []
     for task in runs:
         settings = run_settings(suite, claim, task, arm, seed, data_dir)
         settings.update(max_train_samples=n)
-        cfg = build_config({**settings, "output_dir": "unused"})
-        model, tok, data = _load(cfg, n)
-        train = [data.train[i] for i in range(min(n, len(data.train)))]
-        res = empirical_ntk(model, train, collator=data.collator, kinds=list(cfg.targets), output=_output(data, None))
+        res = pretrained_kernel(settings, n)
         kernel = res.kernel.double()
         lam_max = float(torch.linalg.eigvalsh(kernel / len(kernel))[-1])
         # HF regression uses mean (f − y)², twice the rule's (1/2n)Σ(f − y)²: one step of lr is a kernel step of 2·lr
@@ -467,7 +471,6 @@ def ntk_stopping(runs: dict, suite: dict, claim: Claim, seed: int, data_dir, out
         horizon = int(min(max_steps, max(32, math.ceil(horizon_factor * max(t_hat, 1)))))
         settings.update(lr=lr, max_steps=horizon, eval_strategy="steps", eval_steps=max(1, horizon // eval_points),
                         logging_steps=max(1, horizon // eval_points))
-        del model
         run = ensure_run(settings, run_dir(out, settings, f"{task.replace('/', '-')}-s{seed}"), arm, log)
         curve = [(h["step"], h["eval_loss"]) for h in run.history if "eval_loss" in h]
         best = min(curve, key=lambda p: p[1])[0] if curve else None
