@@ -108,6 +108,15 @@ def _smt_selection(model) -> list[dict]:
     return smt.select_blocks(scores, SMT_BLOCK, budget=SMT_BUDGET, total_params=smt.count_parameters(model))
 
 
+def _peft_lora(model, kinds: str, task_type: str | None = None):
+    """PEFT's LoRA (r, α as qkvtune's; no dropout) on the projections of ``kinds`` (e.g. "qv")."""
+    import peft
+
+    cfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type=task_type,
+                          target_modules=[m for k in kinds for m in PEFT_MODULES[k]])
+    return peft.get_peft_model(model, cfg)
+
+
 def build(config: str, base, kind: str, device: str):
     """(model, optimizer or None) for one configuration; the base model itself serves the bare forwards."""
     from .. import attach, fastpath
@@ -121,12 +130,7 @@ def build(config: str, base, kind: str, device: str):
     if name == "full":
         model.requires_grad_(True)
     elif name.startswith("peft-lora"):
-        import peft
-
-        modules = [m for k in name.rsplit("-", 1)[1] for m in PEFT_MODULES[k]]
-        cfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=modules, lora_dropout=0.0,
-                              task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
-        model = peft.get_peft_model(model, cfg)
+        model = _peft_lora(model, name.rsplit("-", 1)[1], task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
     elif name.startswith("qkvtune-lora") or name == "qkvtune-dense-qv":
         kinds = list(name.rsplit("-", 1)[1])
         method, hp = ("dense", {}) if "dense" in name else ("lora", dict(LORA, dropout=0.0))
@@ -147,11 +151,7 @@ def build(config: str, base, kind: str, device: str):
         elif name == "merged-forward":
             model = attach.unwrap(model)
     elif name == "peft-unmerged-forward":
-        import peft
-
-        cfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                              target_modules=[m for k in "qv" for m in PEFT_MODULES[k]])
-        model = peft.get_peft_model(model, cfg)
+        model = _peft_lora(model, "qv")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
