@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 
+from .errors import QkvtuneError
 from .io import read_json, sha256_file, write_json
 
 MANIFEST = "qkvtune_checkpoint.json"
@@ -21,11 +22,11 @@ LOCK = ".qkvtune.lock"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(QkvtuneError):
     """Another process is writing to the same output_dir."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QkvtuneError):
     """A checkpoint that cannot be resumed from."""
 
 

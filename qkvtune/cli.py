@@ -7,20 +7,7 @@ import os
 import shutil
 import sys
 
-
-def _known_errors():
-    from .checkpoints import CheckpointError, RunLockedError
-    from .config import ConfigError
-    from .data import DataError
-    from .io import AdapterError
-    from .models import ModelError
-    from .smt import SelectionError
-    from .targets import TargetError
-    from .analysis import AnalysisError
-    from .train import NonFiniteError
-
-    return (ConfigError, DataError, AdapterError, ModelError, TargetError, CheckpointError, RunLockedError,
-            NonFiniteError, SelectionError, AnalysisError)
+from .errors import QkvtuneError
 
 
 def cmd_train(args) -> int:
@@ -97,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
-    except _known_errors() as e:
+    except QkvtuneError as e:  # every user-caused failure, from every command: one line, exit 2
         print(f"qkvtune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .errors import QkvtuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(QkvtuneError):
     """A configuration that cannot run; the message names the key."""
 
 

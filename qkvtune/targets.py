@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .errors import QkvtuneError
+
 ATTENTION_KINDS = ("q", "k", "v", "o")
 
 
-class TargetError(ValueError):
+class TargetError(QkvtuneError):
     """A target specification that does not fit the model."""
 
 

@@ -16,13 +16,14 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from . import attach, checkpoints, fastpath, io
+from .errors import QkvtuneError
 from .config import ConfigError, TrainConfig, save_config
 from .models import default_dtype, load_model, load_tokenizer
 from .optim import LearningRates, param_groups
 from .targets import find_targets
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(QkvtuneError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
 

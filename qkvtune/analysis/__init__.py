@@ -6,8 +6,10 @@ driver, which calls ``qkvtune.train.train``). Each analysis can write JSON + PNG
 package stays cheap.
 """
 
+from ..errors import QkvtuneError
 
-class AnalysisError(ValueError):
+
+class AnalysisError(QkvtuneError):
     """A bad analysis argument; the message names it in one line."""
 
 

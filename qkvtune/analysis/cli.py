@@ -409,12 +409,8 @@ def _check(args) -> None:
 
 def _guard(func):
     def run(args):
-        try:
-            _check(args)
-            return func(args)
-        except AnalysisError as e:
-            print(f"qkvtune: error: {e}", file=sys.stderr)
-            return 2
+        _check(args)  # errors reach cli.main, which prints them in one line
+        return func(args)
     return run
 
 
@@ -472,15 +468,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     for action in sub.choices.values():
         action.add_argument("--out", required=True, help="folder for the JSON and PNG files")
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m qkvtune.analysis.cli analyze ...``) until the main CLI calls ``register``."""
-    parser = argparse.ArgumentParser(prog="qkvtune")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from ..errors import QkvtuneError, check_output_dir
+
 SHAPES = {"minilm": (16, 128), "smollm2-135m": (4, 128)}
 PEFT_MODULES = {"q": ["query", "q_proj"], "k": ["key", "k_proj"], "v": ["value", "v_proj"]}
 LORA = {"rank": 8, "alpha": 16}
@@ -322,8 +324,7 @@ def run(args) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        print("qkvtune: error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        raise QkvtuneError("--device: cuda, but no CUDA device is available")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     names = list(SHAPES) if args.model == "all" else [args.model]
@@ -334,10 +335,9 @@ def run(args) -> int:
         wanted = [c.strip() for c in args.configs.split(",")]
         unknown = [c for c in wanted if c not in configurations("both")]
         if unknown:
-            print(f"qkvtune: error: --configs: unknown {unknown[0]!r} (known: {', '.join(configurations('both'))})",
-                  file=sys.stderr)
-            return 2
+            raise QkvtuneError(f"--configs: unknown {unknown[0]!r} (known: {', '.join(configurations('both'))})")
         configs = [c for c in configurations("both") if c in wanted]
+    check_output_dir(args.out, "--out")
     os.makedirs(args.out, exist_ok=True)
     for name in names:
         torch.manual_seed(0)

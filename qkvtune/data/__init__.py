@@ -12,8 +12,10 @@ from typing import Callable
 import datasets
 import torch
 
+from ..errors import QkvtuneError
 
-class DataError(ValueError):
+
+class DataError(QkvtuneError):
     """Bad or missing data. The message names the file and the row (1-based line number),
     JSON record (0-based index) or field at fault."""
 
