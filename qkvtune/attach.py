@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .deltas import Delta, build_delta
-from .targets import Rows, Target
+from .targets import Rows, Target, Wrapped, weight_rows, write_slice
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")
 
 
-class DeltaProjection(nn.Module):
+class DeltaProjection(Wrapped):
     """A frozen projection plus the deltas of one or more adapters on its slices."""
 
     def __init__(self, base: nn.Module, transposed: bool):
@@ -30,7 +30,6 @@ class DeltaProjection(nn.Module):
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(kind -> Delta)
         self.active: list[str] = []
         self.merged: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> kind -> original rows
-        self._index: dict[Rows, torch.Tensor] = {}
 
     # HF code sometimes reads .weight/.bias of a projection (dtype checks); keep that working.
     @property
@@ -41,36 +40,12 @@ class DeltaProjection(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def _rows_index(self, rows: Rows, device) -> torch.Tensor:
-        idx = self._index.get(rows)
-        if idx is None or idx.device != device:
-            idx = self._index[rows] = rows.index(device)
-        return idx
-
     def weight_rows(self) -> torch.Tensor:
         """The base weight as (out, in), a view (Conv1D stores it transposed)."""
-        return self.base.weight.t() if self.transposed else self.base.weight
+        return weight_rows(self.base)
 
     def slice_weight(self, rows: Rows) -> torch.Tensor:
-        w = self.weight_rows()
-        if rows.count == 1:
-            return w[rows.start:rows.start + rows.width]
-        return w.index_select(0, self._rows_index(rows, w.device))
-
-    def _take(self, y: torch.Tensor, rows: Rows) -> torch.Tensor:
-        if rows.count == 1:
-            return y[..., rows.start:rows.start + rows.width]
-        return y.index_select(-1, self._rows_index(rows, y.device))
-
-    def _add(self, y: torch.Tensor, rows: Rows, term: torch.Tensor) -> torch.Tensor:
-        term = term.to(y.dtype)
-        # In place on the projection's fresh output: autograd of the matmul does not need it.
-        if rows.covers(y.shape[-1]):
-            return y.add_(term)
-        if rows.count == 1:
-            y[..., rows.start:rows.start + rows.width] += term
-            return y
-        return y.index_add_(-1, self._rows_index(rows, y.device), term)
+        return rows.take(self.weight_rows(), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -81,14 +56,15 @@ class DeltaProjection(nn.Module):
             for delta in self.adapters[name].values():
                 rows = delta.target.rows
                 if delta.needs_base_out:
-                    base_out = self._take(y, rows)
+                    base_out = rows.take(y)
                     if self.base.bias is not None:
-                        base_out = base_out - self._take(self.base.bias, rows)
+                        base_out = base_out - rows.take(self.base.bias)
                     terms.append((rows, delta(x, base_out, self.slice_weight(rows))))
                 else:
                     terms.append((rows, delta(x)))
         for rows, term in terms:  # all terms see the untouched base output first
-            y = self._add(y, rows, term)
+            # in place on the projection's fresh output: autograd of the matmul does not need it
+            y = rows.add_(y, term.to(y.dtype))
         return y
 
     @torch.no_grad()
@@ -96,15 +72,11 @@ class DeltaProjection(nn.Module):
         """W ← W + ΔW on each slice; the original rows are kept so unmerge is exact."""
         if name in self.merged:
             return
-        w = self.weight_rows()
         saved = {}
         for kind, delta in self.adapters[name].items():
-            rows = delta.target.rows
-            idx = self._rows_index(rows, w.device)
-            original = w.index_select(0, idx)
+            original = self.slice_weight(delta.target.rows).clone()
             saved[kind] = original
-            new = original + delta.delta_weight(original).to(original.dtype)
-            w.index_copy_(0, idx, new)
+            write_slice(self, delta.target.rows, original, delta.delta_weight(original))
         self.merged[name] = saved
 
     @torch.no_grad()
@@ -119,9 +91,8 @@ class DeltaProjection(nn.Module):
             self.merge(other)
 
     def _restore(self, name: str) -> None:
-        w = self.weight_rows()
         for kind, original in self.merged.pop(name).items():
-            w.index_copy_(0, self._rows_index(self.adapters[name][kind].target.rows, w.device), original)
+            write_slice(self, self.adapters[name][kind].target.rows, original)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={list(self.merged)}"
@@ -226,10 +197,23 @@ def add_adapter(model: nn.Module, targets: list[Target], method: str = "lora", n
             module = TrainableHead(module)
             _set_submodule(model, h, module)
         module.add(name)
-    registry[name] = AdapterInfo(method, {k: v for k, v in hparams.items()}, list(targets), heads)
+    registry[name] = AdapterInfo(method, _hyperparameters(deltas), list(targets), heads)
     if activate:
         set_adapter(model, name)
     return deltas
+
+
+def _hyperparameters(deltas: list[Delta]) -> dict:
+    """The adapter's hyperparameters as its deltas declare them: settings they share, per-slice lists
+    (SMT's blocks) joined."""
+    out: dict = {}
+    for d in deltas:
+        for k, v in d.hyperparameters().items():
+            if isinstance(v, list):
+                out.setdefault(k, []).extend(v)
+            else:
+                out.setdefault(k, v)
+    return out
 
 
 def adapter_names(model: nn.Module) -> list[str]:

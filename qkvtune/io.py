@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from collections import defaultdict
 
@@ -26,8 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from . import attach
 from .errors import QkvtuneError
-from .deltas import lora_scale
-from .targets import Rows, Target, all_projections, mlp_projections
+from .deltas import delta_class, peft_class
+from .targets import (Rows, Target, all_projections, is_projection, mlp_projections, projection_shape,
+                      unwrapped)
 
 QKV_WEIGHTS = "qkvtune_adapter.safetensors"
 QKV_CONFIG = "qkvtune_adapter.json"
@@ -106,7 +109,7 @@ def base_fingerprint(model: torch.nn.Module, targets: list[Target]) -> str:
     h = hashlib.sha256()
     for module in sorted({t.module for t in targets}):
         m = model.get_submodule(module)
-        w = m.base.weight if isinstance(m, attach.DeltaProjection) else m.weight
+        w = unwrapped(m).weight
         if isinstance(m, attach.DeltaProjection) and m.merged:
             raise AdapterError(f"{module}: unmerge adapters before fingerprinting the base")
         h.update(module.encode())
@@ -146,7 +149,7 @@ def save_adapter(model, path: str, name: str | None = None, extra: dict | None =
         "settings": extra or {},
     }
     write_json(os.path.join(path, QKV_CONFIG), meta)
-    if peft and info.method in ("lora", "dora"):
+    if peft and delta_class(info.method).peft_type is not None:
         save_peft(model, path, name)
 
 
@@ -195,12 +198,11 @@ def _check_targets(model, targets: list[Target], where: str) -> None:
             m = model.get_submodule(t.module)
         except AttributeError:
             raise AdapterError(f"{where}: model has no module {t.module!r}") from None
-        w = m.base.weight if isinstance(m, attach.DeltaProjection) else getattr(m, "weight", None)
-        if w is None:
+        if not is_projection(m):
             raise AdapterError(f"{where}: {t.module!r} is not a projection")
-        shape = (w.shape[1], w.shape[0]) if t.transposed else tuple(w.shape)
-        if shape != (t.out_features, t.in_features):
-            raise AdapterError(f"{where}: {t.module} has weight {tuple(shape)}, the adapter expects "
+        fin, fout, transposed = projection_shape(m)
+        if (fout, fin, transposed) != (t.out_features, t.in_features, t.transposed):
+            raise AdapterError(f"{where}: {t.module} has weight {(fout, fin)}, the adapter expects "
                                f"{(t.out_features, t.in_features)}")
         if t.rows.stop > t.out_features or t.rows.start < 0:
             raise AdapterError(f"{where}: rows {t.rows} of {t.module}[{t.kind}] exceed {t.out_features} outputs")
@@ -229,70 +231,37 @@ def _load_state(model, name: str, tensors: dict, where: str) -> None:
 
 # --- PEFT layout ---------------------------------------------------------------------------------
 
-def _combine_slices(wrapper, deltas: list) -> dict[str, torch.Tensor]:
-    """One PEFT LoRA (A, B[, m]) for a module from its slice deltas, with the scale of the first slice."""
-    d0 = deltas[0]
-    if len(deltas) == 1 and d0.target.rows.covers(d0.target.out_features):
-        out = {"lora_A.weight": d0.lora_A, "lora_B.weight": d0.lora_B}
-        if d0.method == "dora":
-            out["lora_magnitude_vector"] = d0.magnitude
-        return out
-    out_features = d0.target.out_features
-    rank = sum(d.rank for d in deltas)
-    scale = lora_scale(rank, _combined_alpha(deltas), d0.rslora)
-    A = torch.cat([d.lora_A for d in deltas], 0)
-    B = A.new_zeros(out_features, rank)
-    col = 0
-    for d in deltas:
-        idx = d.target.rows.index(B.device)
-        B[idx, col:col + d.rank] = d.lora_B * (d.scale / scale)
-        col += d.rank
-    out = {"lora_A.weight": A, "lora_B.weight": B}
-    if d0.method == "dora":
-        m = wrapper.weight_rows().detach().to(A.dtype).norm(dim=1)  # untouched rows keep W₀ exactly
-        for d in deltas:
-            m[d.target.rows.index(m.device)] = d.magnitude
-        out["lora_magnitude_vector"] = m
-    return out
-
-
-def _combined_alpha(deltas) -> float:
-    """Alpha that gives the combined rank the first slice's scale (so equal-scale slices copy B exactly)."""
-    d0 = deltas[0]
-    rank = sum(d.rank for d in deltas)
-    return d0.scale * (rank ** 0.5 if d0.rslora else rank)
-
-
 def save_peft(model, path: str, name: str | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout; each delta class
+    converts its own tensors (``Delta.to_peft``)."""
     name = attach._name(model, name)
     info = attach._registry(model)[name]
-    by_module = defaultdict(list)
+    by_module: dict[str, list] = defaultdict(list)
     wrappers = {}
     for wrapper, delta in attach.iter_deltas(model, name):
         by_module[delta.target.module].append(delta)
         wrappers[delta.target.module] = wrapper
+    cls = delta_class(info.method)
     tensors, ranks, alphas = {}, {}, {}
     for module, deltas in by_module.items():
-        for key, t in _combine_slices(wrappers[module], deltas).items():
+        module_tensors, settings = cls.to_peft(deltas, wrappers[module].weight_rows())
+        for key, t in module_tensors.items():
             tensors[f"base_model.model.{module}.{key}"] = t
-        ranks[module] = sum(d.rank for d in deltas)
-        alphas[module] = _combined_alpha(deltas) if len(deltas) > 1 or not deltas[0].target.rows.covers(
-            deltas[0].target.out_features) else deltas[0].alpha
+        ranks[module], alphas[module] = settings["r"], settings["lora_alpha"]
     for module, head in attach.head_modules(model, name).items():
         for pname, p in head.state_dict().items():
             tensors[f"base_model.model.{module}.{pname}"] = p
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    d0 = next(iter(by_module.values()))[0]
+    first = next(iter(by_module.values()))
     cfg = getattr(model, "config", None)
     config = {
-        "peft_type": "LORA",
+        "peft_type": cls.peft_type,
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else (
             "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None),
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "r": r, "lora_alpha": alpha, "use_rslora": d0.rslora, "use_dora": d0.method == "dora",
-        "lora_dropout": d0.dropout_p, "bias": "none", "fan_in_fan_out": d0.target.transposed,
+        "r": r, "lora_alpha": alpha, **cls.peft_config(first),
+        "bias": "none", "fan_in_fan_out": first[0].target.transposed,
         "target_modules": sorted(by_module), "modules_to_save": info.heads or None,
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
@@ -303,7 +272,6 @@ def save_peft(model, path: str, name: str | None = None) -> None:
 
 
 def _pattern(patterns: dict, module: str, default):
-    import re
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -315,11 +283,16 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
     (B split by rows, A shared), which reproduces ΔW exactly."""
     cfg_path, weights = os.path.join(path, PEFT_CONFIG), os.path.join(path, PEFT_WEIGHTS)
     cfg = read_json(cfg_path)
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    try:
+        cls = peft_class(cfg)
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: {e}") from None
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), (int, float)) or not 0 < cfg[key] < math.inf:
             raise AdapterError(f"{cfg_path}: field {key!r} must be a positive number")
+    for key in ("alpha_pattern", "rank_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise AdapterError(f"{cfg_path}: field {key!r} must be an object")
     tensors = _read_tensors(weights)
     prefix = "base_model.model."
     modules = sorted({k[len(prefix):].rsplit(".lora_A.weight", 1)[0] for k in tensors if k.endswith(".lora_A.weight")})
@@ -328,53 +301,71 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
     known = {}
     for t in all_projections(model) + mlp_projections(model):
         known.setdefault(t.module, []).append(t)
-    targets, parts = [], {}
+    targets, parts, ranks = [], {}, set()
     for module in modules:
         try:
             m = model.get_submodule(module)
         except AttributeError:
             raise AdapterError(f"{weights}: model has no module {module!r}") from None
-        A, B = tensors[f"{prefix}{module}.lora_A.weight"], tensors.get(f"{prefix}{module}.lora_B.weight")
+        if not is_projection(m):
+            raise AdapterError(f"{weights}: {module!r} is not a projection")
+        own = {k[len(prefix) + len(module) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{module}.lora_")}
+        A, B = own.get("lora_A.weight"), own.get("lora_B.weight")
         if B is None:
             raise AdapterError(f"{weights}: missing {prefix}{module}.lora_B.weight")
-        mag = tensors.get(f"{prefix}{module}.lora_magnitude_vector")
-        base = m.base if isinstance(m, attach.DeltaProjection) else m
-        fin, fout, transposed = (base.weight.shape[0], base.weight.shape[1], True) if type(base).__name__ == "Conv1D" \
-            else (base.in_features, base.out_features, False)
-        if A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
+        fin, fout, transposed = projection_shape(m)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{weights}: {module} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
                                f"a {fout}×{fin} projection")
+        mag = own.get("lora_magnitude_vector")
+        if mag is not None and tuple(mag.shape) != (fout,):
+            raise AdapterError(f"{weights}: {module} lora_magnitude_vector has shape {tuple(mag.shape)}, expected ({fout},)")
         slices = known.get(module) or [Target(module, module.rsplit(".", 1)[-1], None, Rows.range(0, fout),
                                               fin, fout, transposed)]
+        ranks.add(A.shape[0])
         for t in slices:
-            idx = t.rows.index()
+            try:
+                parts[(t.module, t.kind)] = cls.from_peft(own, t)
+            except KeyError as e:
+                raise AdapterError(f"{weights}: missing {prefix}{module}.{e.args[0]}") from None
             targets.append(t)
-            parts[(t.module, t.kind)] = (A, B[idx], None if mag is None else mag[idx])
-    method = "dora" if cfg.get("use_dora") else "lora"
-    heads = [h for h in (cfg.get("modules_to_save") or []) if any(k.startswith(f"{prefix}{h}.") for k in tensors)]
-    ranks = {A.shape[0] for A, _, _ in parts.values()}
+    heads = [h for h in (cfg.get("modules_to_save") or []) if isinstance(h, str) and
+             any(k.startswith(f"{prefix}{h}.") for k in tensors)]
     if len(ranks) > 1:
         raise AdapterError(f"{cfg_path}: per-module ranks {sorted(ranks)} are not supported yet")
-    alphas = {float(_pattern(cfg.get("alpha_pattern") or {}, t.module, cfg["lora_alpha"])) for t in targets}
+    try:
+        alphas = {float(_pattern(cfg.get("alpha_pattern") or {}, t.module, cfg["lora_alpha"])) for t in targets}
+    except (TypeError, ValueError, re.error):
+        raise AdapterError(f"{cfg_path}: field 'alpha_pattern' must map module patterns to numbers") from None
     if len(alphas) > 1:
         raise AdapterError(f"{cfg_path}: per-module alphas are not supported yet")
-    attach.add_adapter(model, targets, method, name, heads=heads, activate=activate, rank=ranks.pop(),
-                       alpha=alphas.pop(), rslora=bool(cfg.get("use_rslora")), dropout=float(cfg.get("lora_dropout") or 0))
-    with torch.no_grad():
-        for _, delta in attach.iter_deltas(model, name):
-            A, B, mag = parts[(delta.target.module, delta.kind)]
-            delta.lora_A.copy_(A)
-            delta.lora_B.copy_(B)
-            if mag is not None:
-                delta.magnitude.copy_(mag)
-        for module, head in attach.head_modules(model, name).items():
-            state = {k[len(prefix) + len(module) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{module}.")}
-            try:
-                head.load_state_dict(state)
-            except RuntimeError as e:
-                attach.delete_adapter(model, name)
-                raise AdapterError(f"{weights}: head {module} does not fit ({str(e).splitlines()[0]})") from None
-    return {"method": method, "peft": cfg}
+    alpha = alphas.pop()
+    if not 0 < alpha < math.inf:
+        raise AdapterError(f"{cfg_path}: alpha {alpha!r} must be a positive number")
+    hparams = cls.hparams_from_peft(cfg, ranks.pop(), alpha)
+    if not 0 <= hparams.get("dropout", 0) < 1:
+        raise AdapterError(f"{cfg_path}: field 'lora_dropout' must be in [0, 1)")
+    attach.add_adapter(model, targets, cls.method, name, heads=heads, activate=activate, **hparams)
+    try:
+        with torch.no_grad():
+            for _, delta in attach.iter_deltas(model, name):
+                params = dict(delta.named_parameters())
+                for pname, value in parts[(delta.target.module, delta.kind)].items():
+                    if value.shape != params[pname].shape:
+                        raise AdapterError(f"{weights}: {delta.target.name} {pname} has shape {tuple(value.shape)}, "
+                                           f"expected {tuple(params[pname].shape)}")
+                    params[pname].copy_(value)
+            for module, head in attach.head_modules(model, name).items():
+                state = {k[len(prefix) + len(module) + 1:]: v for k, v in tensors.items()
+                         if k.startswith(f"{prefix}{module}.")}
+                try:
+                    head.load_state_dict(state)
+                except RuntimeError as e:
+                    raise AdapterError(f"{weights}: head {module} does not fit ({str(e).splitlines()[0]})") from None
+    except AdapterError:
+        attach.delete_adapter(model, name)
+        raise
+    return {"method": cls.method, "peft": cfg}
 
 
 def export_merged(model, tokenizer, path: str) -> None:

@@ -25,8 +25,8 @@ from collections import Counter, defaultdict
 import torch
 from torch import nn
 
-from .errors import QkvtuneError
-from .targets import Target, all_projections, find_targets, layer_index, mlp_projections
+from .deltas.blocksparse import SelectionError, block_grid, check_blocks
+from .targets import Target, all_projections, find_targets, layer_index, mlp_projections, write_slice
 
 SELECTION_FILE = "smt_selection.json"
 REPORT_JSON = "smt_allocation.json"
@@ -43,10 +43,6 @@ SCORES = {
 DEFAULT_SCORE = "abs_mean"
 
 
-class SelectionError(QkvtuneError):
-    """A block selection (file or argument) that is malformed or does not fit the model."""
-
-
 # --- eligible matrices and warm-up ---------------------------------------------------------------
 
 def eligible_targets(model: nn.Module, kinds=("q", "k", "v"), mlp: bool = False, layers=None) -> list[Target]:
@@ -57,19 +53,6 @@ def eligible_targets(model: nn.Module, kinds=("q", "k", "v"), mlp: bool = False,
         kinds.remove("mlp")
         mlp = True
     return find_targets(model, kinds, layers, mlp=mlp)
-
-
-def _weight(model: nn.Module, module: str) -> nn.Parameter:
-    m = model.get_submodule(module)
-    return m.base.weight if type(m).__name__ == "DeltaProjection" else m.weight
-
-
-def _rows(grad: torch.Tensor, t: Target) -> torch.Tensor:
-    """The slice's rows of a module-weight gradient, Linear orientation (rows × in)."""
-    g = grad.t() if t.transposed else grad
-    if t.rows.count == 1:
-        return g[t.rows.start:t.rows.start + t.rows.width]
-    return g.index_select(0, t.rows.index(g.device))
 
 
 def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: int,
@@ -89,9 +72,9 @@ def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: in
         raise ValueError(f"smt_warmup_steps: {steps} must be at least 1")
     by_weight: dict[int, tuple[nn.Parameter, list[Target]]] = {}
     for t in targets:
-        w = _weight(model, t.module)
+        w = t.projection(model).weight
         by_weight.setdefault(id(w), (w, []))[1].append(t)
-    sums = {(t.module, t.kind): torch.zeros(t.shape, dtype=torch.float32, device=_weight(model, t.module).device)
+    sums = {(t.module, t.kind): torch.zeros(t.shape, dtype=torch.float32, device=t.projection(model).weight.device)
             for t in targets}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -100,7 +83,7 @@ def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: in
     def fold(w: nn.Parameter, slices: list[Target]) -> None:
         with torch.no_grad():
             for t in slices:
-                sums[(t.module, t.kind)].add_(_rows(w.grad, t).float())
+                sums[(t.module, t.kind)].add_(t.rows_of(w.grad).float())
             if update_lr is not None:  # apply after backward: W may still be needed by other nodes
                 pending.append((w, slices, w.grad))
         w.grad = None
@@ -127,11 +110,8 @@ def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: in
             loss.backward()
             with torch.no_grad():
                 for w, slices, g in pending:
-                    gw = g.t() if slices[0].transposed else g
-                    ww = w.t() if slices[0].transposed else w
                     for t in slices:
-                        idx = t.rows.index(w.device)
-                        ww.index_copy_(0, idx, ww.index_select(0, idx) - update_lr * gw.index_select(0, idx))
+                        write_slice(t.projection(model), t.rows, t.weight(model).clone(), -update_lr * t.rows_of(g))
             pending.clear()
     finally:
         for h in hooks:
@@ -240,20 +220,7 @@ def targets_of(model: nn.Module, selection: list[dict]) -> list[Target]:
 def check_selection(model: nn.Module, selection: list[dict], block_size: int, where: str = "smt selection") -> None:
     """Every entry names a slice of the model and a block inside its grid; no block twice."""
     shapes = {(t.module, t.kind): t.shape for t in all_projections(model) + mlp_projections(model)}
-    seen = {}
-    for i, e in enumerate(selection):
-        key = (e["module"], e["kind"])
-        if key not in shapes:
-            raise SelectionError(f"{where}: entry {i}: the model has no slice {e['module']}[{e['kind']}]")
-        R, C = shapes[key]
-        nr, nc = -(-R // block_size), -(-C // block_size)
-        if not (e["row"] < nr and e["col"] < nc):
-            raise SelectionError(f"{where}: entry {i}: block ({e['row']}, {e['col']}) is outside the {nr}×{nc} "
-                                 f"grid of {block_size}×{block_size} blocks of {e['module']}[{e['kind']}] ({R}×{C})")
-        block = (*key, e["row"], e["col"])
-        if block in seen:
-            raise SelectionError(f"{where}: entry {i}: same block as entry {seen[block]}")
-        seen[block] = i
+    check_blocks(selection, block_size, shapes, where)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -263,10 +230,6 @@ def save_selection(selection: list[dict], path: str, block_size: int | None = No
     from .io import write_json
 
     write_json(path, {"format": "qkvtune-smt-selection", "block_size": block_size, "blocks": selection})
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def load_selection(path: str, block_size: int | None = None) -> list[dict]:
@@ -283,30 +246,10 @@ def load_selection(path: str, block_size: int | None = None) -> list[dict]:
         obj = obj.get("blocks")
     if not isinstance(obj, list) or not obj:
         raise SelectionError(f"{path}: expected a non-empty list of blocks (or an object with 'blocks')")
-    out, seen = [], {}
-    for i, e in enumerate(obj):
-        where = f"{path}: entry {i}"
-        if not isinstance(e, dict):
-            raise SelectionError(f"{where}: expected an object, got {type(e).__name__}")
-        for key in ("module", "kind"):
-            if not isinstance(e.get(key), str) or not e[key]:
-                raise SelectionError(f"{where}: field {key!r} must be a non-empty string")
-        for key in ("row", "col"):
-            if not _is_int(e.get(key)) or e[key] < 0:
-                raise SelectionError(f"{where}: field {key!r} must be a non-negative integer, got {e.get(key)!r}")
-        layer = e.get("layer", layer_index(e["module"]))
-        if layer is not None and not _is_int(layer):
-            raise SelectionError(f"{where}: field 'layer' must be an integer or null, got {layer!r}")
-        sc = e.get("score")
-        if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))):
-            raise SelectionError(f"{where}: field 'score' must be a number or null, got {sc!r}")
-        block = (e["module"], e["kind"], e["row"], e["col"])
-        if block in seen:
-            raise SelectionError(f"{where}: same block as entry {seen[block]}")
-        seen[block] = i
-        out.append({"module": e["module"], "kind": e["kind"], "layer": layer, "row": e["row"], "col": e["col"],
-                    "score": None if sc is None else float(sc)})
-    return out
+    check_blocks(obj, block_size or 1, None, path)
+    return [{"module": e["module"], "kind": e["kind"], "layer": e.get("layer", layer_index(e["module"])),
+             "row": e["row"], "col": e["col"], "score": None if e.get("score") is None else float(e["score"])}
+            for e in obj]
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -350,7 +293,7 @@ def allocation_report(selection: list[dict], out_dir: str, block_size: int | Non
     if eligible and block_size:
         offered = Counter()
         for t in eligible:
-            offered[t.kind] += math.prod(-(-d // block_size) for d in t.shape)
+            offered[t.kind] += math.prod(block_grid(t.shape, block_size))
         report["eligible_blocks_by_kind"] = {k: offered[k] for k in kinds}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, REPORT_JSON), report)

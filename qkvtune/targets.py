@@ -14,11 +14,13 @@ Rows are kept as a compact, JSON-friendly ``Rows(start, width, stride, count)``:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import QkvtuneError
 
@@ -62,10 +64,34 @@ class Rows:
     def covers(self, n: int) -> bool:
         return self.contiguous and self.start == 0 and self.size == n
 
+    def take(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The slice's entries of ``x`` along ``dim`` (a view when contiguous)."""
+        if self.count == 1 or self.width == self.stride:
+            return x.narrow(dim, self.start, self.size)
+        return x.index_select(dim, _index(self, x.device))
+
+    def add_(self, y: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        """y[..., rows] += term, in place along the last dimension; returns y."""
+        if self.covers(y.shape[-1]):
+            return y.add_(term)
+        if self.count == 1 or self.width == self.stride:
+            y.narrow(-1, self.start, self.size).add_(term)
+            return y
+        return y.index_add_(-1, _index(self, y.device), term)
+
+    def copy_(self, x: torch.Tensor, values: torch.Tensor, dim: int = 0) -> None:
+        """x[rows] = values along ``dim``, in place."""
+        x.index_copy_(dim, _index(self, x.device), values)
+
     def __str__(self) -> str:
         if self.count == 1:
             return f"{self.start}:{self.start + self.width}"
         return f"{self.start}:{self.stop} ({self.count}×{self.width} every {self.stride})"
+
+
+@functools.lru_cache(maxsize=None)
+def _index(rows: Rows, device: torch.device) -> torch.Tensor:
+    return rows.index(device)
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,55 @@ class Target:
         d = dict(d)
         d["rows"] = Rows(**d["rows"])
         return cls(**d)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}[{self.kind}]"
+
+    # The one access path to a slice of a (possibly wrapped, possibly transposed) base weight.
+    def projection(self, model: nn.Module) -> nn.Module:
+        """The frozen Linear/Conv1D of this target, under any qkvtune wrapper."""
+        return unwrapped(model.get_submodule(self.module))
+
+    def rows_of(self, weight_like: torch.Tensor) -> torch.Tensor:
+        """This slice's rows (rows × in, Linear orientation) of a tensor shaped like the module's weight
+        (the weight itself, its gradient)."""
+        return self.rows.take(weight_like.t() if self.transposed else weight_like, 0)
+
+    def weight(self, model: nn.Module) -> torch.Tensor:
+        """The slice of the frozen base weight, (rows × in)."""
+        return self.rows_of(self.projection(model).weight)
+
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        """This slice's entries of a projection output (or output gradient), (…, rows)."""
+        return self.rows.take(y, -1)
+
+
+class Wrapped(nn.Module):
+    """Base class of modules that wrap a frozen projection as ``.base`` (qkvtune's ``DeltaProjection``)."""
+
+    base: nn.Module
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The frozen projection under a qkvtune wrapper (targets are found on wrapped models too)."""
+    return module.base if isinstance(module, Wrapped) else module
+
+
+def weight_rows(module: nn.Module) -> torch.Tensor:
+    """The base weight of a (possibly wrapped) projection as (out, in), a view (Conv1D stores it transposed)."""
+    module = unwrapped(module)
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+@torch.no_grad()
+def write_slice(module: nn.Module, rows: Rows, original: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+    """The one way ΔW reaches base weights (merge, task vectors, export): W[rows] ← original + ΔW on a
+    (possibly wrapped) projection, summed in float64 and cast to the weight's dtype; ``delta=None`` writes
+    ``original`` back bit for bit."""
+    w = weight_rows(module)
+    new = original if delta is None else (original.double() + delta.to(original.device).double()).to(w.dtype)
+    rows.copy_(w, new, 0)
 
 
 # --- architecture rules -------------------------------------------------------------------------
@@ -128,23 +203,14 @@ def _match(pattern: str, name: str) -> re.Match | None:
     return re.search(r"(^|\.)" + pattern + r"$", name)
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The frozen projection under a qkvtune wrapper (targets are found on wrapped models too)."""
-    return module.base if type(module).__name__ == "DeltaProjection" else module
+def is_projection(module: nn.Module) -> bool:
+    return isinstance(unwrapped(module), (nn.Linear, Conv1D))
 
 
-def _is_projection(module: nn.Module) -> bool:
-    module = _unwrapped(module)
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _shape(module: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, transposed) of a Linear or GPT-2 Conv1D."""
-    module = _unwrapped(module)
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    w = module.weight
-    return w.shape[0], w.shape[1], True
+def projection_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, transposed) of a (possibly wrapped) Linear or GPT-2 Conv1D."""
+    w = weight_rows(module)
+    return w.shape[1], w.shape[0], isinstance(unwrapped(module), Conv1D)
 
 
 def layer_index(name: str) -> int | None:
@@ -184,9 +250,9 @@ def all_projections(model: nn.Module) -> list[Target]:
     """Every recognised attention slice in the model (all kinds, all layers)."""
     found = []
     for name, module in model.named_modules():
-        if not _is_projection(module):
+        if not is_projection(module):
             continue
-        fin, fout, transposed = _shape(module)
+        fin, fout, transposed = projection_shape(module)
         for pattern, kind in _SEPARATE:
             if _match(pattern, name):
                 found.append(Target(name, kind, layer_index(name), Rows.range(0, fout), fin, fout, transposed))
@@ -204,20 +270,20 @@ def mlp_projections(model: nn.Module) -> list[Target]:
     """MLP projections as whole-matrix targets with kind ``mlp_up`` / ``mlp_gate`` / ``mlp_down``."""
     found = []
     for name, module in model.named_modules():
-        if not _is_projection(module) or "attention" in name or "attn" in name:
+        if not is_projection(module) or "attention" in name or "attn" in name:
             continue
         for pattern, role in _MLP:
             m = _match(pattern, name)
             if m:
                 role = role or m.group(2).split("_")[0]
-                fin, fout, transposed = _shape(module)
+                fin, fout, transposed = projection_shape(module)
                 found.append(Target(name, f"mlp_{role}", layer_index(name), Rows.range(0, fout), fin, fout, transposed))
                 break
     return found
 
 
 def _summary(model: nn.Module) -> str:
-    names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if _is_projection(m)})
+    names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if is_projection(m)})
     return ", ".join(names[:12]) + (" …" if len(names) > 12 else "")
 
 
@@ -262,7 +328,7 @@ def _explicit(model: nn.Module, spec: dict) -> list[Target]:
     """``{"attn.c_attn": {"q": "0:768", "v": "1536:2304"}, "attn.c_proj": "o"}`` (keys are path suffixes)."""
     found = []
     for key, kinds in spec.items():
-        hits = [(n, m) for n, m in model.named_modules() if (n == key or n.endswith("." + key)) and _is_projection(m)]
+        hits = [(n, m) for n, m in model.named_modules() if (n == key or n.endswith("." + key)) and is_projection(m)]
         if not hits:
             raise TargetError(f"target_modules: no Linear/Conv1D module ends with {key!r}; found {_summary(model)}")
         if isinstance(kinds, str):
@@ -270,7 +336,7 @@ def _explicit(model: nn.Module, spec: dict) -> list[Target]:
         if not isinstance(kinds, dict):
             raise TargetError(f"target_modules: {key!r} must map to a kind or to {{kind: 'a:b'}}")
         for name, module in hits:
-            fin, fout, transposed = _shape(module)
+            fin, fout, transposed = projection_shape(module)
             for kind, rows in kinds.items():
                 found.append(Target(name, str(kind), layer_index(name), _parse_rows(rows, fout, key), fin, fout, transposed))
     return found

@@ -17,10 +17,20 @@ from ..targets import Target
 
 
 class Delta(nn.Module):
-    """Base class. ``target`` says which slice; ``kind`` (q, k, v, o, …) drives learning rates."""
+    """Base class. ``target`` says which slice; ``kind`` (q, k, v, o, …) drives learning rates.
 
-    method: str = "delta"
-    needs_base_out: bool = False  # DoRA rescales the slice's base output
+    A method declares here everything the rest of qkvtune needs to know about it, so nothing outside
+    ``deltas/`` asks which method a delta is: its config keys (``config_keys``), whether its slices and
+    blocks come from a selection (``needs_selection``: SMT), and its PEFT form (``to_peft``/``from_peft``)
+    where one exists (``peft_type``)."""
+
+    method: str = "delta"          # the registry name (deltas/__init__.py), stored in adapter files
+    needs_base_out: bool = False   # DoRA rescales the slice's base output
+    hparam_keys: tuple[str, ...] = ()  # constructor keywords: what ``hyperparameters()`` saves
+    config_keys: tuple[str, ...] = ()  # TrainConfig keys among them (SMT's blocks come from its selection)
+    needs_selection: bool = False  # slices and blocks come from a selection step (SMT), not from targets
+    peft_type: str | None = None   # PEFT's peft_type of the equivalent adapter, or None (no PEFT form)
+    peft_variant: dict = {}        # adapter_config.json flags that tell this method apart (use_dora)
 
     def __init__(self, target: Target):
         super().__init__()
@@ -44,8 +54,38 @@ class Delta(nn.Module):
         raise NotImplementedError
 
     def hyperparameters(self) -> dict:
-        """What is needed to rebuild this delta (saved with the adapter)."""
+        """What is needed to rebuild this delta (saved with the adapter; ``build_delta`` takes it back)."""
         return {}
+
+    @classmethod
+    def hparams_from_config(cls, cfg) -> dict:
+        """This method's constructor keywords from a run config (``config_keys``)."""
+        return {k: getattr(cfg, k) for k in cls.config_keys}
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Low-rank factors (A: r × in, B: rows × r) when ΔW is their product, else None (subspace analysis)."""
+        return None
+
+    # --- PEFT form, where the method has one (one PEFT module may hold several slices) -------------------
+    @classmethod
+    def to_peft(cls, deltas: list["Delta"], weight_rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+        """PEFT tensors (names relative to the module) and per-module settings for the deltas of one module."""
+        raise NotImplementedError(f"{cls.method} has no PEFT form")
+
+    @classmethod
+    def peft_config(cls, deltas: list["Delta"]) -> dict:
+        """Method-specific fields of PEFT's adapter_config.json."""
+        raise NotImplementedError(f"{cls.method} has no PEFT form")
+
+    @classmethod
+    def from_peft(cls, tensors: dict[str, torch.Tensor], target: Target) -> dict[str, torch.Tensor]:
+        """This slice's share of one PEFT module's tensors, keyed by this delta's parameter names."""
+        raise NotImplementedError(f"{cls.method} has no PEFT form")
+
+    @classmethod
+    def hparams_from_peft(cls, config: dict, rank: int, alpha: float) -> dict:
+        """Constructor keywords from PEFT's adapter_config.json (rank and alpha already resolved per module)."""
+        raise NotImplementedError(f"{cls.method} has no PEFT form")
 
     def extra_repr(self) -> str:
         return f"{self.target.module}[{self.kind}] rows={self.target.rows}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import QkvtuneError
 from ..targets import Target
 from .base import Delta, adapter_dtype
 
@@ -86,38 +87,74 @@ class _BlockSparseMatmul(torch.autograd.Function):
         return grad_x, grad_values, None
 
 
-def own_blocks(target: Target, blocks: list[dict], block_size: int) -> list[tuple[int, int]]:
-    """The (row, col) block indices of ``blocks`` that belong to ``target``, checked and sorted."""
-    rows, fin = target.shape
-    n_rb, n_cb = -(-rows // block_size), -(-fin // block_size)
-    where = f"smt: {target.module}[{target.kind}]"
-    mine = set()
-    for e in blocks:
-        if e.get("module") != target.module or e.get("kind") != target.kind:
-            continue
-        r, c = e.get("row"), e.get("col")
-        if not (isinstance(r, int) and isinstance(c, int)) or isinstance(r, bool) or isinstance(c, bool):
-            raise ValueError(f"{where}: block row/col must be integers, got {r!r}, {c!r}")
-        if not (0 <= r < n_rb and 0 <= c < n_cb):
-            raise ValueError(f"{where}: block ({r}, {c}) outside the {n_rb}×{n_cb} grid of "
-                             f"{block_size}×{block_size} blocks of its {rows}×{fin} matrix")
-        if (r, c) in mine:
-            raise ValueError(f"{where}: block ({r}, {c}) selected twice")
-        mine.add((r, c))
-    if not mine:
-        raise ValueError(f"{where}: no blocks selected for this slice")
-    return sorted(mine)
+class SelectionError(QkvtuneError):
+    """A block selection (file or argument) that is malformed or does not fit the model."""
+
+
+def block_grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """(row blocks, column blocks) of a (rows × in) matrix; ragged edges count as a block."""
+    return -(-shape[0] // block_size), -(-shape[1] // block_size)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_blocks(entries: list, block_size: int, shapes: dict | None = None,
+                 where: str = "smt selection") -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """The one validator of a block selection: each entry an object with a non-empty ``module`` and ``kind``,
+    non-negative integer ``row``/``col``, integer-or-null ``layer``, number-or-null ``score``; no block twice;
+    and, given ``shapes`` {(module, kind): (rows, in)}, a slice that exists with the block inside its grid.
+    Returns {(module, kind): sorted [(row, col)]}. Raises SelectionError naming ``where`` and the entry."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise SelectionError(f"{where}: block_size {block_size!r} must be a positive integer")
+    out: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    seen: dict[tuple, int] = {}
+    for i, e in enumerate(entries):
+        at = f"{where}: entry {i}"
+        if not isinstance(e, dict):
+            raise SelectionError(f"{at}: expected an object, got {type(e).__name__}")
+        for key in ("module", "kind"):
+            if not isinstance(e.get(key), str) or not e[key]:
+                raise SelectionError(f"{at}: field {key!r} must be a non-empty string")
+        for key in ("row", "col"):
+            if not _is_int(e.get(key)) or e[key] < 0:
+                raise SelectionError(f"{at}: field {key!r} must be a non-negative integer, got {e.get(key)!r}")
+        if e.get("layer") is not None and not _is_int(e["layer"]):
+            raise SelectionError(f"{at}: field 'layer' must be an integer or null, got {e['layer']!r}")
+        sc = e.get("score")
+        if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))):
+            raise SelectionError(f"{at}: field 'score' must be a number or null, got {sc!r}")
+        key, r, c = (e["module"], e["kind"]), e["row"], e["col"]
+        if shapes is not None:
+            if key not in shapes:
+                raise SelectionError(f"{at}: the model has no slice {key[0]}[{key[1]}]")
+            nr, nc = block_grid(shapes[key], block_size)
+            if not (r < nr and c < nc):
+                R, C = shapes[key]
+                raise SelectionError(f"{at}: block ({r}, {c}) is outside the {nr}×{nc} grid of {block_size}×{block_size} "
+                                     f"blocks of {key[0]}[{key[1]}] ({R}×{C})")
+        if (*key, r, c) in seen:
+            raise SelectionError(f"{at}: same block as entry {seen[(*key, r, c)]} (block ({r}, {c}) selected twice)")
+        seen[(*key, r, c)] = i
+        out.setdefault(key, []).append((r, c))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 class BlockSparse(Delta):
     method = "smt"
+    hparam_keys = ("block_size", "blocks")
+    config_keys = ("block_size",)
+    needs_selection = True  # the blocks come from smt.py's warm-up (or a fixed selection file)
 
     def __init__(self, target: Target, base_weight: torch.Tensor, block_size: int, blocks: list[dict]):
         super().__init__(target)
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size: {block_size!r} must be a positive integer")
         b = self.block_size = block_size
-        rc = own_blocks(target, blocks, b)
+        mine = [e for e in blocks if isinstance(e, dict) and e.get("module") == target.module and e.get("kind") == target.kind]
+        rc = check_blocks(mine, b, {(target.module, target.kind): target.shape}, f"smt: {target.name}")
+        if not rc:
+            raise SelectionError(f"smt: {target.name}: no blocks selected for this slice")
+        rc = rc[(target.module, target.kind)]
         device = base_weight.device
         rows, fin = target.shape
         # Integer buffers are saved with the adapter and checked on load against the ones rebuilt
@@ -125,16 +162,16 @@ class BlockSparse(Delta):
         self.register_buffer("blocks", torch.tensor(rc, dtype=torch.long, device=device).view(-1, 2))
         self.register_buffer("shape", torch.tensor([rows, fin, b], dtype=torch.long, device=device))
         self.values = nn.Parameter(torch.zeros(len(rc), b, b, dtype=adapter_dtype(base_weight), device=device))
-        self._entries = [e for e in blocks if e.get("module") == target.module and e.get("kind") == target.kind]
+        self._entries = mine
         self._plans: dict[torch.device, _Plan] = {}
 
     @property
     def n_row_blocks(self) -> int:
-        return -(-self.target.shape[0] // self.block_size)
+        return block_grid(self.target.shape, self.block_size)[0]
 
     @property
     def n_col_blocks(self) -> int:
-        return -(-self.target.shape[1] // self.block_size)
+        return block_grid(self.target.shape, self.block_size)[1]
 
     def _plan(self, device) -> _Plan:
         plan = self._plans.get(device)

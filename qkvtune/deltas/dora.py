@@ -16,6 +16,7 @@ from .lora import LoRA
 
 class DoRA(LoRA):
     method = "dora"
+    peft_variant = {"use_dora": True}
     needs_base_out = True
 
     def __init__(self, target, base_weight, rank=8, alpha=16.0, rslora=False, dropout=0.0):
@@ -47,3 +48,20 @@ class DoRA(LoRA):
     def param_roles(self):
         yield from super().param_roles()
         yield "magnitude", self.magnitude, False
+
+    @classmethod
+    def _peft_extra(cls, deltas, weight_rows, tensors):
+        d0 = deltas[0]
+        if len(deltas) == 1 and d0.target.rows.covers(d0.target.out_features):
+            return {**tensors, "lora_magnitude_vector": d0.magnitude}
+        m = weight_rows.detach().to(d0.lora_A.dtype).norm(dim=1)  # untouched rows keep W₀ exactly
+        for d in deltas:
+            m[d.target.rows.index(m.device)] = d.magnitude
+        return {**tensors, "lora_magnitude_vector": m}
+
+    @classmethod
+    def from_peft(cls, tensors, target):
+        if "lora_magnitude_vector" not in tensors:
+            raise KeyError("lora_magnitude_vector")
+        return {**super().from_peft(tensors, target),
+                "magnitude": tensors["lora_magnitude_vector"][target.rows.index()]}

@@ -22,6 +22,9 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
 
 class LoRA(Delta):
     method = "lora"
+    hparam_keys = config_keys = ("rank", "alpha", "rslora", "dropout")
+    peft_type = "LORA"
+    peft_variant = {"use_dora": False}
 
     def __init__(self, target: Target, base_weight: torch.Tensor, rank: int = 8, alpha: float = 16.0,
                  rslora: bool = False, dropout: float = 0.0):
@@ -57,3 +60,45 @@ class LoRA(Delta):
 
     def hyperparameters(self):
         return {"rank": self.rank, "alpha": self.alpha, "rslora": self.rslora, "dropout": self.dropout_p}
+
+    def factors(self):
+        return self.lora_A, self.lora_B
+
+    # --- PEFT: slices of a fused projection become one LoRA of rank Σrᵢ on the whole module, with B zero
+    # outside the slices' rows; PEFT then reproduces the outputs exactly and untouched slices stay untouched.
+    @classmethod
+    def to_peft(cls, deltas, weight_rows):
+        d0 = deltas[0]
+        if len(deltas) == 1 and d0.target.rows.covers(d0.target.out_features):
+            return cls._peft_extra(deltas, weight_rows, {"lora_A.weight": d0.lora_A, "lora_B.weight": d0.lora_B}), \
+                {"r": d0.rank, "lora_alpha": d0.alpha}
+        rank = sum(d.rank for d in deltas)
+        alpha = d0.scale * (rank ** 0.5 if d0.rslora else rank)  # the first slice's scale at the combined rank
+        scale = lora_scale(rank, alpha, d0.rslora)
+        A = torch.cat([d.lora_A for d in deltas], 0)
+        B = A.new_zeros(d0.target.out_features, rank)
+        col = 0
+        for d in deltas:
+            B[d.target.rows.index(B.device), col:col + d.rank] = d.lora_B * (d.scale / scale)
+            col += d.rank
+        return cls._peft_extra(deltas, weight_rows, {"lora_A.weight": A, "lora_B.weight": B}), \
+            {"r": rank, "lora_alpha": alpha}
+
+    @classmethod
+    def _peft_extra(cls, deltas, weight_rows, tensors):
+        return tensors
+
+    @classmethod
+    def peft_config(cls, deltas):
+        d0 = deltas[0]
+        return {"use_rslora": d0.rslora, "lora_dropout": d0.dropout_p, **cls.peft_variant}
+
+    @classmethod
+    def from_peft(cls, tensors, target):
+        idx = target.rows.index()
+        return {"lora_A": tensors["lora_A.weight"], "lora_B": tensors["lora_B.weight"][idx]}
+
+    @classmethod
+    def hparams_from_peft(cls, config, rank, alpha):
+        return {"rank": rank, "alpha": alpha, "rslora": bool(config.get("use_rslora")),
+                "dropout": float(config.get("lora_dropout") or 0)}
