@@ -8,6 +8,7 @@ whole model-level API: add, activate, merge/unmerge, delete, unwrap, and list de
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -244,6 +245,22 @@ def set_adapter(model: nn.Module, names: str | list[str], trainable: bool = True
             m.active = next((n for n in names if n in m.copies), None)
             if m.active is not None:
                 m.copies[m.active].requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def heads_only(model: nn.Module, name: str):
+    """Adapter ``name``'s task head on and every delta off: the model is its base weights (plus whatever task
+    vectors were written into them) with that head. The adapters' activation is restored on exit."""
+    set_adapter(model, name)
+    wrappers = [m for m in model.modules() if isinstance(m, DeltaProjection)]
+    saved = [list(m.active) for m in wrappers]
+    for m in wrappers:
+        m.active = []
+    try:
+        yield model
+    finally:
+        for m, a in zip(wrappers, saved):
+            m.active = a
 
 
 def iter_deltas(model: nn.Module, name: str | None = None):

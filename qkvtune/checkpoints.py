@@ -105,3 +105,30 @@ def check_resumable(path: str) -> str:
     if not is_complete(path):
         raise CheckpointError(f"resume: {path} is incomplete or was modified (no valid {MANIFEST})")
     return path
+
+
+# --- what a finished Trainer run recorded ---------------------------------------------------------------
+
+def _last_state(run_dir: str) -> dict | None:
+    """trainer_state.json of the run's newest checkpoint (Trainer's record of evaluations and the best one)."""
+    for ckpt in reversed(checkpoints(run_dir)):
+        path = os.path.join(ckpt, "trainer_state.json")
+        if os.path.exists(path):
+            return read_json(path, CheckpointError)
+    return None
+
+
+def log_history(run_dir: str) -> list[dict]:
+    """Trainer's log history (losses, evaluations) as of the run's newest checkpoint; [] without one."""
+    state = _last_state(run_dir)
+    history = (state or {}).get("log_history", [])
+    return history if isinstance(history, list) else []
+
+
+def best_step(run_dir: str) -> int | None:
+    """The step of the run's best evaluation (Trainer's best checkpoint), or None."""
+    state = _last_state(run_dir) or {}
+    if isinstance(state.get("best_global_step"), int) and state["best_global_step"]:
+        return state["best_global_step"]
+    best = state.get("best_model_checkpoint")
+    return int(best.rstrip("/").split("-")[-1]) if isinstance(best, str) and best else None

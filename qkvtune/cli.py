@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from .errors import QkvtuneError
+from .errors import QkvtuneError, check_output_dir
 
 
 def cmd_train(args) -> int:
@@ -39,15 +39,16 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from .io import AdapterError, export_merged
-    from .train import load_run
+    from .runs import open_run
 
+    check_output_dir(args.out_dir, "OUT_DIR")
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
         raise AdapterError(f"{args.out_dir}: exists and is not empty")
-    _, model, tokenizer, _ = load_run(args.run_dir)
+    run = open_run(args.run_dir, with_task=False)  # the run folder and the base model: no training data
     tmp = args.out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        export_merged(model, tokenizer, tmp)
+        export_merged(run.model, run.tokenizer, tmp, label_names=run.info.label_names)
         if os.path.exists(args.out_dir):
             os.rmdir(args.out_dir)
         os.replace(tmp, args.out_dir)

@@ -368,9 +368,13 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
     return {"method": cls.method, "peft": cfg}
 
 
-def export_merged(model, tokenizer, path: str) -> None:
-    """Merge the active adapter and write an ordinary Hugging Face model folder (safetensors)."""
+def export_merged(model, tokenizer, path: str, label_names: list[str] | None = None) -> None:
+    """Merge the active adapter and write an ordinary Hugging Face model folder (safetensors); a classifier's
+    ``label_names`` become its config's id2label/label2id."""
     attach.unwrap(model, merge=True)
+    if label_names and getattr(model, "config", None) is not None:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

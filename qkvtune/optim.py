@@ -7,35 +7,24 @@ Weight decay goes to matrices (A, B, ΔW, head weights), never to magnitudes, bi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from . import attach
+from .config import TrainConfig
 
 
-@dataclass
-class LearningRates:
-    lr: float = 1e-4                 # η_Q; also η_K, η_O and the head unless given
-    lr_ratio: float = 1.0            # λ: η_V = λ·lr
-    lr_q: float | None = None
-    lr_k: float | None = None
-    lr_v: float | None = None
-    lr_o: float | None = None
-    lr_head: float | None = None
-    loraplus_ratio: float | None = None  # LoRA+: η_B = ratio·η_A
-    weight_decay: float = 0.0
-
-    def for_kind(self, kind: str) -> float:
-        explicit = getattr(self, f"lr_{kind}", None)
-        if explicit is not None:
-            return explicit
-        return self.lr * self.lr_ratio if kind == "v" else self.lr
+def lr_for_kind(rates: TrainConfig, kind: str) -> float:
+    """η of a matrix kind: its explicit ``lr_<kind>``, else λ·lr for v, else lr."""
+    explicit = getattr(rates, f"lr_{kind}", None)
+    if explicit is not None:
+        return explicit
+    return rates.lr * rates.lr_ratio if kind == "v" else rates.lr
 
 
-def param_groups(model: nn.Module, rates: LearningRates, adapter: str | None = None) -> list[dict]:
+def param_groups(model: nn.Module, rates: TrainConfig, adapter: str | None = None) -> list[dict]:
     """Groups named ``<kind>.<role>`` (e.g. ``v.B``) and ``head``/``head.no_decay``, each with its lr and
-    weight decay. Every trainable parameter of the model must land in exactly one group."""
+    weight decay, from the config's rate keys (lr, lr_ratio, lr_q/k/v/o, lr_head, loraplus_ratio,
+    weight_decay). Every trainable parameter of the model must land in exactly one group."""
     groups: dict[str, dict] = {}
 
     def put(name: str, p: nn.Parameter, lr: float, decay: bool) -> None:
@@ -44,7 +33,7 @@ def param_groups(model: nn.Module, rates: LearningRates, adapter: str | None = N
         g["params"].append(p)
 
     for _, delta in attach.iter_deltas(model, adapter):
-        lr = rates.for_kind(delta.kind)
+        lr = lr_for_kind(rates, delta.kind)
         for role, p, decay in delta.param_roles():
             if p.requires_grad:
                 role_lr = lr * rates.loraplus_ratio if (role == "B" and rates.loraplus_ratio) else lr

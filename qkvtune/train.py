@@ -9,18 +9,19 @@ which hold the adapter (qkvtune + PEFT layout) instead of the whole model.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from . import attach, checkpoints, fastpath, io
-from .errors import QkvtuneError
+from . import attach, checkpoints, io, runs
+from .callbacks import ntk_stopping
 from .config import ConfigError, TrainConfig, save_config
-from .models import default_dtype, load_model, load_tokenizer
-from .optim import LearningRates, param_groups
-from .targets import find_targets
+from .errors import QkvtuneError, check_output_dir
+from .evaluation import evaluate_all, metric_key
+from .models import default_dtype
+from .optim import param_groups
+from .runs import is_main_process
 
 
 class NonFiniteError(QkvtuneError):
@@ -28,7 +29,7 @@ class NonFiniteError(QkvtuneError):
 
 
 class QkvTrainer(Trainer):
-    def __init__(self, *args, rates: LearningRates, settings: dict | None = None, on_nonfinite: str = "stop",
+    def __init__(self, *args, rates, settings: dict | None = None, on_nonfinite: str = "stop",
                  max_nonfinite_skips: int = 10, **kwargs):
         self.rates = rates
         self.settings = settings or {}
@@ -88,12 +89,6 @@ class QkvTrainer(Trainer):
         io.restore_adapter(self.model, self.state.best_model_checkpoint)
 
 
-def learning_rates(cfg: TrainConfig) -> LearningRates:
-    return LearningRates(lr=cfg.lr, lr_ratio=cfg.lr_ratio, lr_q=cfg.lr_q, lr_k=cfg.lr_k, lr_v=cfg.lr_v,
-                         lr_o=cfg.lr_o, lr_head=cfg.lr_head, loraplus_ratio=cfg.loraplus_ratio,
-                         weight_decay=cfg.weight_decay)
-
-
 def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, has_eval: bool) -> TrainingArguments:
     evaluate = cfg.eval_strategy if has_eval else "no"
     dtype = default_dtype(cfg.dtype)
@@ -131,85 +126,6 @@ def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, 
     )
 
 
-def _smt_blocks(cfg: TrainConfig, model, task, resume: str | None):
-    """SMT's targets and hparams: the selection of the checkpoint being resumed (never re-selected), or a
-    fresh warm-up + selection (report written to output_dir), or the user's fixed selection."""
-    from . import smt
-
-    smallest = min(min(t.shape) for t in smt.eligible_targets(model, cfg.smt_targets, layers=cfg.layers))
-    if cfg.block_size > smallest:
-        raise ConfigError(f"block_size: {cfg.block_size} is larger than the smallest eligible matrix side "
-                          f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
-    if resume:
-        selection = io.read_json(os.path.join(resume, io.QKV_CONFIG))["hparams"]["blocks"]
-        smt.check_selection(model, selection, cfg.block_size, where=resume)
-    else:
-        try:
-            selection = smt.prepare_smt(
-                model, task.train, task.collator, batch_size=cfg.batch_size, warmup_steps=cfg.smt_warmup_steps,
-                block_size=cfg.block_size, budget=cfg.smt_budget, score=cfg.smt_score, kinds=cfg.smt_targets,
-                per_matrix=cfg.smt_per_matrix, seed=cfg.seed, selection_path=cfg.smt_selection,
-                out_dir=cfg.output_dir if _is_main() else None, layers=cfg.layers)
-        except smt.SelectionError:
-            raise
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return smt.targets_of(model, selection), {"block_size": cfg.block_size, "blocks": selection}
-
-
-def prepare(cfg: TrainConfig, resume: str | None = None):
-    """Model with the adapter attached, tokenizer and task data, all from the config (no training)."""
-    from .data import load_task
-
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    task = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
-                     max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
-                     seed=cfg.seed, train_on_inputs=cfg.train_on_inputs)
-    model, tokenizer, new_modules = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
-                                               cfg.trust_remote_code, tokenizer, cfg.allow_pickle)
-    if cfg.method == "smt":
-        targets, hparams = _smt_blocks(cfg, model, task, resume)
-    else:
-        targets = find_targets(model, cfg.targets, cfg.layers, cfg.target_modules)
-        hparams = {} if cfg.method == "dense" else {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora,
-                                                     "dropout": cfg.dropout}
-    try:
-        attach.add_adapter(model, targets, cfg.method, heads=attach.find_heads(model, new_modules), **hparams)
-    except ValueError as e:  # e.g. a rank above the matrix size: a config problem, named by its key
-        raise ConfigError(str(e)) from None
-    fast = fastpath.resolve(cfg.fast_path)
-    if fast is not None:  # after the adapter, so its dropout is covered too
-        fastpath.enable(model, **fast)
-    return model, tokenizer, task
-
-
-def _metric_key(task, name: str) -> str:
-    return name if len(task.evals) <= 1 else f"{next(iter(task.evals))}_{name}"
-
-
-def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg: TrainConfig) -> dict:
-    """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …)."""
-    metrics = {}
-    if len(task.evals) == 1:
-        metrics.update(trainer.evaluate(next(iter(task.evals.values()))))
-    elif task.evals:
-        for name, ds in task.evals.items():
-            metrics.update(trainer.evaluate(ds, metric_key_prefix=f"eval_{name}"))
-    if task.kind == "causal_lm" and "eval_loss" in metrics:
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    if task.kind == "qa_generation" and task.generation_records:
-        from .data.commonsense import generation_accuracy
-
-        for name, records in task.generation_records.items():
-            result = generation_accuracy(model, tokenizer, records, batch_size=cfg.eval_batch_size,
-                                         max_new_tokens=cfg.max_new_tokens, choices=task.answer_choices)
-            prefix = "eval" if len(task.generation_records) == 1 else f"eval_{name}"
-            metrics[f"{prefix}_accuracy"] = result["accuracy"]
-            metrics[f"{prefix}_samples"] = result["n"]
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
 def plot_losses(log_history: list[dict], path: str) -> None:
     import matplotlib
 
@@ -235,25 +151,11 @@ def plot_losses(log_history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _ntk_callback(cfg: TrainConfig, model, task):
-    """Predict the stopping step from the empirical NTK at the pretrained weights (before any training)."""
-    from .analysis.stopping import ntk_stopping_callback
-
-    if task.kind not in ("classification", "regression"):
-        raise ConfigError(f"early_stopping: ntk needs a classification or regression task, not {task.kind}")
-    if cfg.method == "smt":
-        raise ConfigError("early_stopping: ntk is not available with method=smt")
-    return ntk_stopping_callback(
-        model, task.train, task.collator, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
-        max_steps=cfg.max_steps, warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler, grad_accum=cfg.grad_accum,
-        kinds=cfg.targets, layers=cfg.layers, record_path=os.path.join(cfg.output_dir, "ntk_stopping.json"))
-
-
 def _resume_arg(cfg: TrainConfig):
     """The checkpoint to continue from: the newest *complete* one for ``resume: true`` (a checkpoint a
     kill interrupted is removed), a checked path, or None for a fresh run."""
     if cfg.resume is True:
-        return checkpoints.last_complete(cfg.output_dir, remove_incomplete=_is_main())
+        return checkpoints.last_complete(cfg.output_dir, remove_incomplete=is_main_process())
     if cfg.resume:
         return checkpoints.check_resumable(cfg.resume)
     if not cfg.overwrite and (checkpoints.checkpoints(cfg.output_dir) or
@@ -263,14 +165,11 @@ def _resume_arg(cfg: TrainConfig):
     return None
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run a whole fine-tuning job; leaves the adapter, metrics.json, config.yaml and loss.png in output_dir.
     Holds a lock on output_dir for the whole run (one writer at a time)."""
-    lock = checkpoints.lock_output_dir(cfg.output_dir) if _is_main() else None
+    check_output_dir(cfg.output_dir)
+    lock = checkpoints.lock_output_dir(cfg.output_dir) if is_main_process() else None
     try:
         return _train(cfg)
     finally:
@@ -280,21 +179,22 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig) -> dict:
     resume = _resume_arg(cfg)
-    model, tokenizer, task = prepare(cfg, resume)
-    metric = task.metric_for_best if task.metric_for_best == "loss" else _metric_key(task, task.metric_for_best)
+    run = runs.build(cfg, resume)
+    model, task = run.model, run.task
+    metric = task.metric_for_best if task.metric_for_best == "loss" else metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []
     if cfg.early_stopping == "ntk":
-        callbacks.append(_ntk_callback(cfg, model, task))
+        callbacks.append(ntk_stopping(run))
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)
-    settings = {"config": cfg.to_dict(), "learning_rates": {g["name"]: g["lr"] for g in
-                                                            param_groups(model, learning_rates(cfg))}}
+    settings = {"config": cfg.to_dict(), "task": runs.task_settings(run),
+                "learning_rates": {g["name"]: g["lr"] for g in param_groups(model, cfg)}}
     trainer = QkvTrainer(model=model, args=args, train_dataset=task.train, eval_dataset=eval_sets,
                          data_collator=task.collator, compute_metrics=task.compute_metrics,
-                         callbacks=callbacks, rates=learning_rates(cfg), settings=settings,
+                         callbacks=callbacks, rates=cfg, settings=settings,
                          on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips)
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = evaluate_all(trainer, model, tokenizer, task, cfg)
+    metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg)
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
     if trainer.is_world_process_zero():
@@ -305,28 +205,13 @@ def _train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def load_run(run_dir: str, overrides: dict | None = None):
-    """(config, model with the run's adapter, tokenizer, task) for evaluating or exporting a finished run."""
-    from .config import build_config, load_config
-    from .data import load_task
-
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    if overrides:
-        cfg = build_config({**cfg.to_dict(), **overrides})
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    task = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
-                     max_train_samples=1, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed)
-    model, tokenizer, _ = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype,
-                                     cfg.trust_remote_code, tokenizer, cfg.allow_pickle)
-    io.load_adapter(model, run_dir)
-    return cfg, model, tokenizer, task
-
-
 def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
-    cfg, model, tokenizer, task = load_run(run_dir, overrides)
-    args = training_arguments(cfg, task.kind, "loss", False, has_eval=False)  # evaluate() only, no loop
-    trainer = Trainer(model=model, args=args, data_collator=task.collator, compute_metrics=task.compute_metrics)
-    return evaluate_all(trainer, model, tokenizer, task, cfg)
+    """Re-evaluate a finished run on its task (``overrides`` may change task, data_dir, max_eval_samples …)."""
+    run = runs.open_run(run_dir, overrides)
+    args = training_arguments(run.cfg, run.task.kind, "loss", False, has_eval=False)  # evaluate() only, no loop
+    trainer = Trainer(model=run.model, args=args, data_collator=run.task.collator,
+                      compute_metrics=run.task.compute_metrics)
+    return evaluate_all(trainer, run.model, run.tokenizer, run.task, run.cfg)
 
 
 def dump_metrics(metrics: dict) -> str:

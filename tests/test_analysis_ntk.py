@@ -57,12 +57,12 @@ def test_weight_kernel_matches_explicit_autograd_and_kinds_add_up():
     ref = _explicit(model, singles, weights, _margin)
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
-    res = empirical_ntk(model, batch, kinds=kinds, chunk_size=4)  # two chunks, padded
+    res = empirical_ntk(model, batch, targets=find_targets(model, kinds), chunk_size=4)  # two chunks, padded
     assert flags == [p.requires_grad for p in model.parameters()] and model.training  # left as found
     assert (res.kernel - ref).abs().max() <= 1e-6 * ref.abs().max()
     assert sorted(res.per_kind) == sorted(kinds)
     assert torch.allclose(sum(res.per_kind.values()), res.kernel, rtol=0, atol=1e-15)
-    v_only = empirical_ntk(model, batch, kinds="v", chunk_size=3)
+    v_only = empirical_ntk(model, batch, targets=find_targets(model, "v"), chunk_size=3)
     assert torch.allclose(v_only.kernel, res.per_kind["v"], rtol=1e-12, atol=0)
     assert res.f0.shape == (len(LENGTHS), 1) and res.labels is None
 
@@ -70,13 +70,13 @@ def test_weight_kernel_matches_explicit_autograd_and_kinds_add_up():
 def test_padding_contributes_nothing():
     model = tiny("bert", 2).double()
     singles, batch = _data()
-    res = empirical_ntk(model, batch, kinds=["q", "v"], chunk_size=6)
+    res = empirical_ntk(model, batch, targets=find_targets(model, ["q", "v"]), chunk_size=6)
     # the same examples padded much further, pad positions filled with ordinary token ids
     wide = {k: torch.nn.functional.pad(v, (0, 9)) for k, v in batch.items()}
     wide["input_ids"][wide["attention_mask"] == 0] = 17
-    res_wide = empirical_ntk(model, wide, kinds=["q", "v"], chunk_size=6)
+    res_wide = empirical_ntk(model, wide, targets=find_targets(model, ["q", "v"]), chunk_size=6)
     assert torch.allclose(res.kernel, res_wide.kernel, rtol=1e-10, atol=0)
-    one_by_one = empirical_ntk(model, [{"input_ids": s[0]} for s in singles], kinds=["q", "v"], chunk_size=1,
+    one_by_one = empirical_ntk(model, [{"input_ids": s[0]} for s in singles], targets=find_targets(model, ["q", "v"]), chunk_size=1,
                                collator=lambda ex: {"input_ids": ex[0]["input_ids"][None]})
     assert torch.allclose(res.kernel, one_by_one.kernel, rtol=1e-10, atol=0)
 
@@ -91,12 +91,12 @@ def test_gpt2_fused_slice_uses_only_its_rows_and_label_word_logits():
         weights = [model.get_submodule(t.module).weight for t in targets]  # Conv1D: (in, 3d), columns = outputs
         ref = _explicit(model, singles, weights, lambda out: out.logits[0, -1, words],
                         take=lambda g: g[:, r.start:r.start + r.width])
-        res = empirical_ntk(model, batch, kinds=[kind], output="logits", label_token_ids=words, chunk_size=4)
+        res = empirical_ntk(model, batch, targets=find_targets(model, [kind]), output="logits", label_token_ids=words, chunk_size=4)
         assert (res.kernel - ref).abs().max() <= 1e-6 * ref.abs().max(), kind
         assert res.per_output.shape == (2, len(LENGTHS), len(LENGTHS))
         assert torch.allclose(res.per_output.sum(0), res.kernel)
     with pytest.raises(AnalysisError, match="label_token_ids"):
-        empirical_ntk(model, batch, kinds=["v"], output="logits")
+        empirical_ntk(model, batch, targets=find_targets(model, ["v"]), output="logits")
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "dense", "smt"])
@@ -115,24 +115,24 @@ def test_adapter_delta_kernel_matches_explicit_autograd(method):
     singles, batch = _data()
     params = [p for _, d in attach.iter_deltas(model) for p in d.parameters()]
     ref = _explicit(model, singles, params, _margin)
-    res = empirical_ntk(model, batch, adapter="default", kinds=None, chunk_size=4)
+    res = empirical_ntk(model, batch, adapter="default", chunk_size=4)
     assert (res.kernel - ref).abs().max() <= 1e-6 * ref.abs().max()
     assert res.meta["parameters"] == sum(p.numel() for p in params)
-    only_v = empirical_ntk(model, batch, adapter="default", kinds="v", chunk_size=4)
+    only_v = empirical_ntk(model, batch, adapter="default", targets=find_targets(model, "v"), chunk_size=4)
     assert torch.allclose(only_v.kernel, res.per_kind["v"])
     # the base-weight kernel still works on the wrapped model (hooks on the frozen projection)
     weights = [model.get_submodule(t.module).base.weight for t in find_targets(model, ["q"])]
     ref_w = _explicit(model, singles, weights, _margin)
-    res_w = empirical_ntk(model, batch, kinds="q", chunk_size=4)
+    res_w = empirical_ntk(model, batch, targets=find_targets(model, "q"), chunk_size=4)
     assert (res_w.kernel - ref_w).abs().max() <= 1e-6 * ref_w.abs().max()
 
 
 def test_sketch_keeps_eigenvalues_within_stated_band():
     model = tiny("bert", 2).double()
     _, batch = _data([6, 5, 7, 4, 6, 7, 3, 5, 6, 7], seed=2)
-    exact = empirical_ntk(model, batch, kinds=["q", "v", "o"], chunk_size=5)
+    exact = empirical_ntk(model, batch, targets=find_targets(model, ["q", "v", "o"]), chunk_size=5)
     for seed in range(3):
-        sk = empirical_ntk(model, batch, kinds=["q", "v", "o"], chunk_size=5, sketch_dim=512, seed=seed)
+        sk = empirical_ntk(model, batch, targets=find_targets(model, ["q", "v", "o"]), chunk_size=5, sketch_dim=512, seed=seed)
         lo, hi = sk.meta["sketch_band"]
         keep = exact.eigenvalues > 1e-9 * exact.eigenvalues[0]
         ratio = sk.eigenvalues[keep] / exact.eigenvalues[keep]
@@ -180,7 +180,7 @@ def test_kernel_predictions_on_a_tiny_model():
     model = tiny("bert", 3).double()
     _, batch = _data([6] * 24, seed=3)
     batch["labels"] = torch.arange(24) % 3
-    res = empirical_ntk(model, batch, kinds=["v", "o"], output="logits", chunk_size=8)
+    res = empirical_ntk(model, batch, targets=find_targets(model, ["v", "o"]), output="logits", chunk_size=8)
     assert res.per_output.shape == (3, 24, 24) and res.labels.tolist() == batch["labels"].tolist()
     part = res.subset(range(5, 12))
     assert torch.equal(part.kernel, res.kernel[5:12, 5:12]) and part.labels.tolist() == res.labels[5:12].tolist()

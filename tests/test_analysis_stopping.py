@@ -10,7 +10,9 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from conftest import data_dir
 from qkvtune.analysis import AnalysisError
-from qkvtune.analysis.stopping import (NTKEarlyStoppingCallback, complexity, critical_radius, ntk_stopping_callback,
+from qkvtune.targets import find_targets
+from qkvtune.callbacks import NTKEarlyStoppingCallback, ntk_stopping_callback
+from qkvtune.analysis.stopping import (complexity, critical_radius,
                                        predict_stopping, step_sizes, stopping_eta, stopping_step)
 
 
@@ -130,8 +132,8 @@ def test_ntk_stopping_callback_from_a_model_and_its_data(tiny_bert_dir):
     task = load_task("glue/sst2", tok, data_dir=data_dir(), max_train_samples=48, max_eval_samples=8)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    cb = ntk_stopping_callback(model, task.train, task.collator, lr=5e-3, batch_size=8, epochs=3, warmup_ratio=0.06,
-                               kinds=("q", "v"), n=32)
+    cb = ntk_stopping_callback(model, task.train, task.collator, find_targets(model, ("q", "v")), lr=5e-3,
+                               batch_size=8, epochs=3, warmup_ratio=0.06, n=32)
     pred = cb.prediction
     assert 0 <= cb.predicted_step <= 18 and pred.steps_per_epoch == 6
     assert pred.sigma > 0 and pred.rkhs_norm > 0 and pred.epoch == cb.predicted_step / 6

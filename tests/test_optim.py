@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny
 from qkvtune import attach
-from qkvtune.optim import LearningRates, param_groups
+from qkvtune.config import TrainConfig
+from qkvtune.optim import param_groups
 from qkvtune.targets import find_targets
 
 
@@ -17,7 +18,7 @@ def _by_param(groups):
 def test_lr_ratio_and_explicit_rates(arch, labels):
     model = tiny(arch, labels)
     attach.add_adapter(model, find_targets(model, ["q", "k", "v", "o"]), "dora", rank=2)
-    rates = LearningRates(lr=1e-4, lr_ratio=4.0, lr_o=3e-5, lr_head=2e-3, weight_decay=0.1)
+    rates = TrainConfig(lr=1e-4, lr_ratio=4.0, lr_o=3e-5, lr_head=2e-3, weight_decay=0.1)
     groups = param_groups(model, rates)
     lookup = _by_param(groups)
     expect = {"q": 1e-4, "k": 1e-4, "v": 4e-4, "o": 3e-5}
@@ -39,7 +40,7 @@ def test_lr_ratio_and_explicit_rates(arch, labels):
 def test_loraplus_and_explicit_v():
     model = tiny("llama")
     attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", rank=2)
-    groups = {g["name"]: g["lr"] for g in param_groups(model, LearningRates(lr=1e-3, lr_ratio=8, lr_v=5e-3,
+    groups = {g["name"]: g["lr"] for g in param_groups(model, TrainConfig(lr=1e-3, lr_ratio=8, lr_v=5e-3,
                                                                            loraplus_ratio=16))}
     assert groups == {"q.A": 1e-3, "q.B": 1.6e-2, "v.A": 5e-3, "v.B": 8e-2}
 
@@ -49,7 +50,7 @@ def test_groups_do_not_depend_on_parameter_names():
     net = torch.nn.Module()
     net.value = torch.nn.Linear(4, 4)
     attach.add_adapter(net, find_targets(net, ["q"], target_modules={"value": "q"}), "lora", rank=2, heads=[])
-    groups = param_groups(net, LearningRates(lr=1e-3, lr_ratio=10))
+    groups = param_groups(net, TrainConfig(lr=1e-3, lr_ratio=10))
     assert {g["name"]: g["lr"] for g in groups} == {"q.A": 1e-3, "q.B": 1e-3}
 
 
@@ -58,14 +59,14 @@ def test_stray_trainable_parameter_is_an_error():
     attach.add_adapter(model, find_targets(model, ["v"]), "lora", rank=2)
     model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="word_embeddings"):
-        param_groups(model, LearningRates())
+        param_groups(model, TrainConfig())
 
 
 def test_adamw_applies_group_rates():
     """One AdamW step moves each parameter by ≈ its group's lr (Adam's first step is lr·sign(g))."""
     model = tiny("bert", 2)
     attach.add_adapter(model, find_targets(model, ["q", "v"]), "dense", heads=[])
-    opt = torch.optim.AdamW(param_groups(model, LearningRates(lr=1e-3, lr_ratio=4)), eps=1e-12, weight_decay=0)
+    opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-3, lr_ratio=4)), eps=1e-12, weight_decay=0)
     before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
     model(torch.randint(2, 64, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
     opt.step()

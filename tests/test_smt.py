@@ -14,7 +14,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from conftest import tiny
 from qkvtune import attach, io, smt
 from qkvtune.deltas import BlockSparse
-from qkvtune.optim import LearningRates, param_groups
+from qkvtune.config import TrainConfig
+from qkvtune.optim import param_groups
 from qkvtune.targets import find_targets
 
 
@@ -117,7 +118,7 @@ def test_full_budget_trains_like_dense_step_for_step(ids):
     a, d = copy.deepcopy(base), copy.deepcopy(base)
     attach.add_adapter(a, smt.targets_of(a, sel), "smt", block_size=12, blocks=sel)
     attach.add_adapter(d, targets, "dense")
-    opts = [torch.optim.AdamW(param_groups(m, LearningRates(lr=1e-2, lr_ratio=2.0, weight_decay=0.1)))
+    opts = [torch.optim.AdamW(param_groups(m, TrainConfig(lr=1e-2, lr_ratio=2.0, weight_decay=0.1)))
             for m in (a, d)]
     labels = torch.tensor([0, 1, 1])
     for _ in range(4):
@@ -133,7 +134,7 @@ def test_full_budget_trains_like_dense_step_for_step(ids):
             assert not ds.values[:, :, 8:][ds.blocks[:, 1] == 2].any()
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, d(ids).logits, atol=1e-12, rtol=1e-10)
-    assert {g["name"]: g["lr"] for g in param_groups(a, LearningRates(lr=1e-2, lr_ratio=2.0))}["v.blocks"] == 2e-2
+    assert {g["name"]: g["lr"] for g in param_groups(a, TrainConfig(lr=1e-2, lr_ratio=2.0))}["v.blocks"] == 2e-2
 
 
 def test_merge_unmerge_exact_and_export(ids):
@@ -307,7 +308,7 @@ def test_prepare_smt_report_and_training(tmp_path, ids):
     assert report["eligible_blocks_by_kind"] == {"q": 32, "k": 32, "v": 32}  # 2 layers × (32/8)²
 
     attach.add_adapter(model, smt.targets_of(model, sel), "smt", block_size=8, blocks=sel)
-    opt = torch.optim.AdamW(param_groups(model, LearningRates(lr=1e-2)))
+    opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-2)))
     batch = _collate(_dataset()[:4])
     losses = []
     model.train()

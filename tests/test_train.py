@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import REPO, data_dir
 from qkvtune import attach, io
 from qkvtune.config import build_config
-from qkvtune.train import evaluate_run, load_run, train
+from qkvtune.runs import open_run
+from qkvtune.train import evaluate_run, train
 
 needs_data = pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
 
@@ -43,7 +44,8 @@ def test_train_eval_export(tmp_path, tiny_bert_dir):
     assert again["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     # merged export = unmerged adapter
-    _, model, tok, task = load_run(str(out))
+    run = open_run(str(out))
+    model, task = run.model, run.task
     batch = task.collator([task.evals["dev"][i] for i in range(8)])
     batch.pop("labels")
     with torch.no_grad():
@@ -54,6 +56,8 @@ def test_train_eval_export(tmp_path, tiny_bert_dir):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert (merged(**batch).logits - y).abs().max() <= 1e-5
+    if task.label_names:  # a merged classifier names its labels
+        assert [merged.config.id2label[i] for i in range(len(task.label_names))] == list(task.label_names)
 
 
 def test_gpt2_fused_qv_training_keeps_k_bit_identical(tmp_path, tiny_gpt2_dir):

@@ -1,25 +1,24 @@
 """``qkvtune analyze ntk|stopping|subspace|amplification|task-vectors|samples`` — thin drivers that load a model,
 data or adapters, call the analysis functions and write JSON + PNG into ``--out``.
 
-Model and task come from a run config (``CONFIG.yaml`` and/or ``key=value`` overrides, as for ``train``) or,
-for adapter analyses, from the runs the adapters were trained in (their ``config.yaml``).
+Model, task and slices come from the run layer: ``runs.pretrained`` for a config (``CONFIG.yaml`` and/or
+``key=value`` overrides, as for ``train``; its resolved targets, or ``--kinds`` among the config's
+``target_modules``/``layers``) and ``runs.open_runs`` for adapters of finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import sys
 
 import torch
 
+from ..errors import check_output_dir
+from ..runs import open_runs, pretrained
 from . import AnalysisError
 
-
-# --- loading ----------------------------------------------------------------------------------------------
 
 def _config(config: str | None, overrides: list[str]):
     from ..config import load_config
@@ -29,95 +28,37 @@ def _config(config: str | None, overrides: list[str]):
     return load_config(config, overrides)
 
 
-def _task(cfg, tok, n_train: int | None, n_eval: int | None = None):
-    from ..data import load_task
-
-    return load_task(cfg.task, tok, data_dir=cfg.data_dir, max_length=cfg.max_length,
-                     max_train_samples=n_train, max_eval_samples=n_eval if n_eval else 1, seed=cfg.seed,
-                     train_on_inputs=cfg.train_on_inputs)
+def _kinds(spec: str | None) -> list[str] | None:
+    return [k.strip() for k in spec.split(",")] if spec else None
 
 
-def _load(cfg, n_train: int | None, n_eval: int | None = None):
-    """(model, tokenizer, task) at the pretrained weights, with ``n_train`` training examples."""
-    from transformers import set_seed
-
-    from ..models import load_model, load_tokenizer
-
-    set_seed(cfg.seed)  # the fresh task head is random: seed it
-    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    task = _task(cfg, tok, n_train, n_eval)
-    model, tok, _ = load_model(cfg.model, task.kind, max(task.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tok)
-    return model, tok, task
-
-
-def _run_config(run_dir: str):
-    from ..config import load_config
-
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise AnalysisError(f"adapter: {run_dir} has no config.yaml (pass a run folder written by qkvtune train)")
-    return load_config(path)
-
-
-def _load_adapters(run_dirs: list[str], n_eval: int | None = None, n_train: int = 1):
-    """Base model of the first run with every run's adapter attached as r0, r1, …; and each run's task."""
-    from ..io import load_adapter
-
-    cfgs = [_run_config(d) for d in run_dirs]
-    model, tok, task = _load(cfgs[0], n_train, n_eval)
-    tasks = [task]
-    for cfg in cfgs[1:]:
-        tasks.append(_task(cfg, tok, n_train, n_eval) if cfg.task != cfgs[0].task else task)
-    names = [f"r{i}" for i in range(len(run_dirs))]
-    for name, d in zip(names, run_dirs):
-        load_adapter(model, d, name, activate=False)
-    return model, tok, cfgs, tasks, names
-
-
-def _kinds(spec, cfg) -> list[str]:
-    return [k.strip() for k in spec.split(",")] if spec else list(cfg.targets)
-
-
-def _output(task, spec: str | None) -> str:
-    if spec:
-        return spec
-    return "margin" if task.kind == "classification" and task.num_labels == 2 else "logits"
-
-
-def _label_ids(tok, task, words: str | None):
-    if task.kind not in ("causal_lm", "qa_generation"):
-        return None
-    if not words:
-        raise AnalysisError("--label-words: a causal LM needs the label words, e.g. --label-words negative,positive")
-    return [tok(" " + w.strip(), add_special_tokens=False)["input_ids"][0] for w in words.split(",")]
-
-
-def _examples(ds, n: int | None):
-    return [ds[i] for i in range(min(len(ds), n or len(ds)))]
+def _out(args) -> str:
+    check_output_dir(args.out, "--out")
+    return args.out
 
 
 # --- subcommands ------------------------------------------------------------------------------------------
 
 def cmd_ntk(args) -> int:
+    from ..io import load_adapter
     from .kernel_regression import kernel_predictions
     from .ntk import empirical_ntk
     from .plots import write_json
 
     cfg = _config(args.config, args.overrides)
-    model, tok, task = _load(cfg, args.n, args.eval_n or None)
-    adapter = None
+    out = _out(args)
+    run = pretrained(cfg, n_train=args.n, n_eval=args.eval_n or 1, kinds=_kinds(args.kinds))
+    targets, adapter = run.targets, None
     if args.adapter:
-        from ..io import load_adapter
-
-        load_adapter(model, args.adapter, "analyzed")
+        targets = run.targets if args.kinds else None  # an adapter without --kinds: all its deltas
         adapter = "analyzed"
-    train = _examples(task.train, args.n)
-    data = train + (_examples(next(iter(task.evals.values())), args.eval_n) if args.eval_n else [])
-    kinds = None if adapter and not args.kinds else _kinds(args.kinds, cfg)  # adapter: all its deltas
-    res = empirical_ntk(model, data, collator=task.collator, kinds=kinds, layers=cfg.layers, adapter=adapter,
-                        output=_output(task, args.output), label_token_ids=_label_ids(tok, task, args.label_words),
+        load_adapter(run.model, args.adapter, adapter)
+    train = run.examples("train", args.n)
+    data = train + (run.examples("eval", args.eval_n) if args.eval_n else [])
+    res = empirical_ntk(run.model, data, targets, collator=run.task.collator, adapter=adapter,
+                        output=args.output or run.kernel_output, label_token_ids=run.label_token_ids(args.label_words),
                         sketch_dim=args.sketch_dim, chunk_size=args.chunk_size, seed=cfg.seed)
-    summary = res.subset(range(len(train))).save(args.out)  # the spectrum of the training examples
+    summary = res.subset(range(len(train))).save(out)  # the spectrum of the training examples
     if args.eval_n and res.labels is not None:
         preds = {}
         for method in ("ridge", "logistic") if not res.labels.is_floating_point() else ("ridge",):
@@ -128,64 +69,46 @@ def cmd_ntk(args) -> int:
     if args.run:
         summary["fine_tuning"] = _run_metrics(args.run)
     summary.update(model=cfg.model, task=cfg.task)
-    write_json(os.path.join(args.out, "ntk.json"), summary)
+    write_json(os.path.join(out, "ntk.json"), summary)
     _print({k: summary[k] for k in ("n", "decay_exponent", "rate_exponent", "effective_dim", "seconds",
                                     "kernel_predictions") if k in summary})
     return 0
 
 
 def _run_metrics(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(path):
-        raise AnalysisError(f"--run: {path} not found")
-    with open(path) as f:
-        return json.load(f)
+    from ..io import read_json
 
-
-def observed_best_step(run_dir: str) -> int | None:
-    """The best evaluation step of a finished Trainer run (from its last checkpoint's trainer_state.json)."""
-    states = sorted((int(d.split("-")[-1]), d) for d in os.listdir(run_dir) if d.startswith("checkpoint-"))
-    for _, d in reversed(states):
-        path = os.path.join(run_dir, d, "trainer_state.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            if state.get("best_global_step"):
-                return int(state["best_global_step"])
-            best = state.get("best_model_checkpoint")
-            return int(best.rstrip("/").split("-")[-1]) if best else None
-    return None
+    return read_json(os.path.join(run_dir, "metrics.json"), AnalysisError)
 
 
 def cmd_stopping(args) -> int:
+    from ..checkpoints import best_step
     from .ntk import empirical_ntk
     from .plots import write_json
     from .stopping import predict_stopping, steps_per_epoch
 
     cfg = _config(args.config, args.overrides)
-    model, tok, task = _load(cfg, cfg.max_train_samples)
-    train = _examples(task.train, args.n)
-    res = empirical_ntk(model, train, collator=task.collator, kinds=_kinds(args.kinds, cfg), layers=cfg.layers,
-                        output=_output(task, args.output), label_token_ids=_label_ids(tok, task, args.label_words),
+    out = _out(args)
+    run = pretrained(cfg, n_eval=1, kinds=_kinds(args.kinds))
+    res = empirical_ntk(run.model, run.examples("train", args.n), run.targets, collator=run.task.collator,
+                        output=args.output or run.kernel_output, label_token_ids=run.label_token_ids(args.label_words),
                         sketch_dim=args.sketch_dim, chunk_size=args.chunk_size, seed=cfg.seed)
     if res.labels is None:
         raise AnalysisError("task: stopping needs per-example labels (a classification or regression task)")
-    y = res.labels.double()[:, None] if res.labels.is_floating_point() else (
-        (2.0 * res.labels.double() - 1.0)[:, None] if res.f0.shape[1] == 1 else
-        torch.nn.functional.one_hot(res.labels.long(), res.f0.shape[1]).double())
-    n_train = len(task.train)
+    n_train = len(run.task.train)
     spe = steps_per_epoch(n_train, cfg.batch_size, cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * spe))
-    pred = predict_stopping(res.kernel, residuals=y - res.f0, sigma=args.sigma, lr=cfg.lr, total_steps=total,
-                            warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler, n_train=n_train,
-                            batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
-    pred.extra.update(model=cfg.model, task=cfg.task, kernel_n=len(train), lr=cfg.lr, optimizer=cfg.optim,
+    pred = predict_stopping(res.kernel, residuals=res.label_targets() - res.f0, sigma=args.sigma, lr=cfg.lr,
+                            total_steps=total, warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler,
+                            n_train=n_train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+    pred.extra.update(model=cfg.model, task=cfg.task, kernel_n=len(res.kernel), lr=cfg.lr, optimizer=cfg.optim,
+                      targets=[t.name for t in run.targets],
                       assumption="SGD-equivalent steps on the square loss (see qkvtune.analysis.stopping)")
     if args.run:
-        pred.extra["observed_best_step"] = observed_best_step(args.run)
-    summary = pred.save(args.out)
-    res.save(args.out, "stopping_ntk")
-    write_json(os.path.join(args.out, "stopping.json"), summary)
+        pred.extra["observed_best_step"] = best_step(args.run)
+    summary = pred.save(out)
+    res.save(out, "stopping_ntk")
+    write_json(os.path.join(out, "stopping.json"), summary)
     _print({k: summary[k] for k in ("predicted_step", "predicted_epoch", "crossed", "eta_hat", "sigma", "rkhs_norm",
                                     "horizon")}
            | ({"observed_best_step": summary["observed_best_step"]} if args.run else {}))
@@ -196,16 +119,16 @@ def cmd_subspace(args) -> int:
     from .plots import plot_heatmap_grid, write_json
     from .subspace import compare_adapters
 
-    model, _, _, _, names = _load_adapters([args.adapter1, args.adapter2])
-    phis = compare_adapters(model, names[0], names[1], args.side)
-    out = {"side": args.side, "adapters": [args.adapter1, args.adapter2],
-           "phi": {k: v.tolist() for k, v in phis.items()},
-           "phi_top1": {k: float(v[0, 0]) for k, v in phis.items()}}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "subspace.json"), out)
-    plot_heatmap_grid(phis, os.path.join(args.out, "subspace.png"), title=f"φ(i, j) on {args.side}",
+    out = _out(args)
+    a, b = open_runs([args.adapter1, args.adapter2])
+    phis = compare_adapters(a.model, a.adapter, b.adapter, args.side)
+    summary = {"side": args.side, "adapters": [args.adapter1, args.adapter2],
+               "phi": {k: v.tolist() for k, v in phis.items()},
+               "phi_top1": {k: float(v[0, 0]) for k, v in phis.items()}}
+    write_json(os.path.join(out, "subspace.json"), summary)
+    plot_heatmap_grid(phis, os.path.join(out, "subspace.png"), title=f"φ(i, j) on {args.side}",
                       xlabel="j (adapter 2)", ylabel="i (adapter 1)")
-    _print({"slices": len(phis), "mean_phi_top1": sum(out["phi_top1"].values()) / len(phis)})
+    _print({"slices": len(phis), "mean_phi_top1": sum(summary["phi_top1"].values()) / len(phis)})
     return 0
 
 
@@ -213,90 +136,65 @@ def cmd_amplification(args) -> int:
     from .plots import plot_bars, plot_lines, write_json
     from .subspace import amplification, delta_weights, spectrum
 
-    model, _, _, _, names = _load_adapters([args.adapter])
+    out = _out(args)
+    (run,) = open_runs([args.adapter])
     rows = {}
     spectra = {}
-    for key, (dw, w) in delta_weights(model, names[0]).items():
+    for key, (dw, w) in delta_weights(run.model, run.adapter).items():
         rows[key] = amplification(dw, w, args.rank)
         spectra[key] = spectrum(dw)
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "amplification.json"),
-               {"adapter": args.adapter, "matrices": rows, "spectra": spectra})
-    plot_bars({k: v["factor"] for k, v in rows.items()}, os.path.join(args.out, "amplification.png"),
+    write_json(os.path.join(out, "amplification.json"), {"adapter": args.adapter, "matrices": rows, "spectra": spectra})
+    plot_bars({k: v["factor"] for k, v in rows.items()}, os.path.join(out, "amplification.png"),
               title="amplification ‖ΔW‖/‖UᵀWV‖", ylabel="factor")
-    plot_bars({}, os.path.join(args.out, "projections.png"), title="‖UᵀWV‖_F by direction set", log=True,
+    plot_bars({}, os.path.join(out, "projections.png"), title="‖UᵀWV‖_F by direction set", log=True,
               groups={g: {k: v[f"proj_{g}"] for k, v in rows.items()} for g in ("delta_dirs", "w_dirs", "random")})
     plot_lines({k: (range(1, len(s["singular_values"]) + 1), s["singular_values"])
-                for k, s in list(spectra.items())[:12]}, os.path.join(args.out, "spectra.png"),
+                for k, s in list(spectra.items())[:12]}, os.path.join(out, "spectra.png"),
                title="singular values of ΔW", xlabel="i", log="y")
     _print({k: round(v["factor"], 3) for k, v in rows.items()})
     return 0
 
 
-@contextlib.contextmanager
-def _heads_only(model, name: str):
-    """Adapter ``name``'s task head on, every delta off: the model is θ₀ (+ applied task vectors) with that head."""
-    from ..attach import DeltaProjection, set_adapter
-
-    set_adapter(model, name)
-    wrappers = [m for m in model.modules() if isinstance(m, DeltaProjection)]
-    saved = [list(m.active) for m in wrappers]
-    for m in wrappers:
-        m.active = []
-    try:
-        yield
-    finally:
-        for m, a in zip(wrappers, saved):
-            m.active = a
-
-
-@torch.no_grad()
-def accuracy(model, examples, collator, batch_size: int = 64) -> float:
-    """Plain argmax accuracy of a sequence classifier on tokenized examples."""
-    model.eval()
-    device = next(model.parameters()).device
-    right = 0
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(examples[s:s + batch_size]).items()}
-        labels = batch.pop("labels")
-        right += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return right / max(1, len(examples))
-
-
 def cmd_task_vectors(args) -> int:
-    from ..attach import set_adapter
+    from ..attach import heads_only, set_adapter
+    from ..evaluation import accuracy
     from .ntk import empirical_ntk
     from .plots import plot_heatmap, plot_lines, write_json
     from .task_vectors import TaskVector, apply, choose_coefficient, combine, similarity_report
 
-    model, tok, cfgs, tasks, names = _load_adapters(args.adapters, args.eval_n, max(1, args.kernel_n))
+    out = _out(args)
+    runs = open_runs(args.adapters, n_train=max(1, args.kernel_n), n_eval=args.eval_n or None)
+    model = runs[0].model
     labels = [os.path.basename(os.path.normpath(d)) for d in args.adapters]
     if len(set(labels)) < len(labels):
         labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
-    vectors = {lab: TaskVector.from_model(model, n) for lab, n in zip(labels, names)}
+    vectors = {lab: TaskVector.from_model(model, r.adapter) for lab, r in zip(labels, runs)}
     kernels = None
     if args.kernel_n:  # each task's kernel on one shared probe set (examples of every task)
-        probe = [ex for t in tasks for ex in _examples(t.train, args.kernel_n)]
-        binary = all(t.kind == "classification" and t.num_labels == 2 for t in tasks)
+        probe = [ex for r in runs for ex in r.examples("train", args.kernel_n)]
+        binary = all(r.kernel_output == "margin" for r in runs)
+        # the first run's slices (or --kinds of them): every task's kernel over the same parameters
+        targets = [t for t in runs[0].targets if args.kinds is None or t.kind in _kinds(args.kinds)]
+        if not targets:
+            raise AnalysisError(f"--kinds: the first run has no slice of kinds {args.kinds}")
         kernels = {}
-        for lab, n, t in zip(labels, names, tasks):
-            set_adapter(model, n)  # task t's fine-tuned weights and head
-            kernels[lab] = empirical_ntk(model, probe, collator=t.collator, kinds=_kinds(args.kinds, cfgs[0]),
+        for lab, r in zip(labels, runs):
+            set_adapter(model, r.adapter)  # task r's fine-tuned weights and head
+            kernels[lab] = empirical_ntk(model, probe, targets, collator=r.task.collator,
                                          output="margin" if binary else "logits", chunk_size=args.chunk_size).kernel
     report = similarity_report(vectors, kernels)
-    os.makedirs(args.out, exist_ok=True)
-    plot_heatmap(torch.tensor(report["cosine"]), os.path.join(args.out, "task_vector_cosine.png"),
+    plot_heatmap(torch.tensor(report["cosine"]), os.path.join(out, "task_vector_cosine.png"),
                  title="cos(τ_s, τ_t)", labels=labels)
     if kernels:
-        plot_heatmap(torch.tensor(report["kernel_alignment"]), os.path.join(args.out, "kernel_alignment.png"),
+        plot_heatmap(torch.tensor(report["kernel_alignment"]), os.path.join(out, "kernel_alignment.png"),
                      title="NTK alignment", labels=labels)
-    classify = [i for i, t in enumerate(tasks) if t.kind == "classification" and t.evals]
+    classify = [i for i, r in enumerate(runs) if r.info.kind == "classification" and r.task.evals]
     if args.eval_n and classify:
-        evals = {i: _examples(next(iter(tasks[i].evals.values())), args.eval_n) for i in classify}
+        evals = {i: runs[i].examples("eval", args.eval_n) for i in classify}
 
         def task_accuracy(m, i):  # θ₀ (+ applied task vectors) with task i's head
-            with _heads_only(m, names[i]):
-                return accuracy(m, evals[i], tasks[i].collator)
+            with heads_only(m, runs[i].adapter):
+                return accuracy(m, evals[i], runs[i].task.collator)
 
         total = combine(list(vectors.values()))
         search = choose_coefficient(model, total, lambda m: sum(task_accuracy(m, i) for i in classify) / len(classify),
@@ -308,33 +206,15 @@ def cmd_task_vectors(args) -> int:
             accs[labels[i]]["sum_at_coef"] = task_accuracy(model, i)
         apply(model, total, -search["coef"])
         for i in classify:
-            set_adapter(model, names[i])
-            accs[labels[i]]["fine_tuned"] = accuracy(model, evals[i], tasks[i].collator)
+            set_adapter(model, runs[i].adapter)
+            accs[labels[i]]["fine_tuned"] = accuracy(model, evals[i], runs[i].task.collator)
         report["accuracy"] = accs
         plot_lines({"mean accuracy": (list(search["scores"]), list(search["scores"].values()))},
-                   os.path.join(args.out, "coefficient.png"), title="θ₀ + λ Σ τ_t on validation", xlabel="λ")
-    write_json(os.path.join(args.out, "task_vectors.json"), report)
+                   os.path.join(out, "coefficient.png"), title="θ₀ + λ Σ τ_t on validation", xlabel="λ")
+    write_json(os.path.join(out, "task_vectors.json"), report)
     _print({k: report[k] for k in ("names", "cosine")} | (
         {"coef": report["coefficient_search"]["coef"]} if "coefficient_search" in report else {}))
     return 0
-
-
-def geometric_grid(n_min: int, n_max: int, points: int) -> list[int]:
-    if not 0 < n_min <= n_max or points < 2:
-        raise AnalysisError(f"--grid: need 0 < n_min <= n_max and >= 2 points, got {n_min}:{n_max}:{points}")
-    r = (n_max / n_min) ** (1 / (points - 1))
-    return sorted({int(round(n_min * r ** i)) for i in range(points)})
-
-
-def fit_slope(ns, errors) -> float:
-    """Least-squares slope of log(error) on log(n) (errors ≤ 0 are skipped)."""
-    pts = [(math.log(n), math.log(e)) for n, e in zip(ns, errors) if e > 0]
-    if len(pts) < 2:
-        return math.nan
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    den = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / den if den > 0 else math.nan
 
 
 def cmd_samples(args) -> int:
@@ -342,46 +222,47 @@ def cmd_samples(args) -> int:
     from ..train import train  # the one analysis that trains
     from .ntk import empirical_ntk, rate_from_decay
     from .plots import plot_lines, write_json
+    from .samples import fit_slope, geometric_grid
 
     cfg = _config(args.config, args.overrides)
+    out = _out(args)
     ns = [int(n) for n in args.ns.split(",")] if args.ns else geometric_grid(*[int(v) for v in args.grid.split(":")])
     runs = []
     for n in ns:
-        run_cfg = build_config({**cfg.to_dict(), "max_train_samples": n,
-                                "output_dir": os.path.join(args.out, f"n{n}")})
+        run_cfg = build_config({**cfg.to_dict(), "max_train_samples": n, "output_dir": os.path.join(out, f"n{n}")})
         metrics = train(run_cfg)
         key = next((k for k in ("eval_accuracy", "eval_pearson", "eval_matthews_correlation") if k in metrics), None)
         err = 1.0 - metrics[key] if key else metrics.get("eval_loss", math.nan)
         runs.append({"n": n, "error": err, "metric": key or "eval_loss", "metrics": metrics})
     slope = fit_slope(ns, [r["error"] for r in runs])
-    model, tok, task = _load(cfg, args.kernel_n or max(ns))
-    res = empirical_ntk(model, _examples(task.train, args.kernel_n or max(ns)), collator=task.collator,
-                        kinds=_kinds(args.kinds, cfg), layers=cfg.layers, output=_output(task, None),
-                        label_token_ids=_label_ids(tok, task, args.label_words), chunk_size=args.chunk_size)
-    out = {"ns": ns, "runs": runs, "error_slope": slope, "kernel_decay_exponent": res.decay_exponent,
-           "kernel_rate": -rate_from_decay(res.decay_exponent), "kernel_n": len(res.kernel),
-           "note": "kernel_rate is the excess-risk exponent n^(-p/(p+1)) from λ_i ~ i^(-p); error_slope fits the raw "
-                   "error, which also holds the irreducible part"}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "samples.json"), out)
+    kernel_n = args.kernel_n or max(ns)
+    run = pretrained(cfg, n_train=kernel_n, n_eval=1, kinds=_kinds(args.kinds))
+    res = empirical_ntk(run.model, run.examples("train", kernel_n), run.targets, collator=run.task.collator,
+                        output=run.kernel_output, label_token_ids=run.label_token_ids(args.label_words),
+                        chunk_size=args.chunk_size)
+    summary = {"ns": ns, "runs": runs, "error_slope": slope, "kernel_decay_exponent": res.decay_exponent,
+               "kernel_rate": -rate_from_decay(res.decay_exponent), "kernel_n": len(res.kernel),
+               "note": "kernel_rate is the excess-risk exponent n^(-p/(p+1)) from λ_i ~ i^(-p); error_slope fits the "
+                       "raw error, which also holds the irreducible part"}
+    write_json(os.path.join(out, "samples.json"), summary)
     e0 = runs[0]["error"]
     series = {"error": (ns, [r["error"] for r in runs])}
     if slope == slope:
         series[f"fit slope {slope:.2f}"] = (ns, [e0 * (n / ns[0]) ** slope for n in ns])
-    if out["kernel_rate"] == out["kernel_rate"]:
-        series[f"kernel rate {out['kernel_rate']:.2f}"] = (ns, [e0 * (n / ns[0]) ** out["kernel_rate"] for n in ns])
-    plot_lines(series, os.path.join(args.out, "samples.png"), title="error vs training examples", xlabel="n",
+    if summary["kernel_rate"] == summary["kernel_rate"]:
+        series[f"kernel rate {summary['kernel_rate']:.2f}"] = (ns, [e0 * (n / ns[0]) ** summary["kernel_rate"] for n in ns])
+    plot_lines(series, os.path.join(out, "samples.png"), title="error vs training examples", xlabel="n",
                ylabel="error", log="xy")
-    _print({k: out[k] for k in ("ns", "error_slope", "kernel_rate")})
+    _print({k: summary[k] for k in ("ns", "error_slope", "kernel_rate")})
     return 0
 
 
 # --- parser -----------------------------------------------------------------------------------------------
 
 def _print(obj) -> None:
-    from .plots import _jsonable
+    from .plots import jsonable
 
-    print(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+    print(json.dumps(jsonable(obj), indent=2, sort_keys=True))
 
 
 def _with_config(p):
@@ -407,9 +288,9 @@ def _check(args) -> None:
                                 f"got {value}")
 
 
-def _guard(func):
+def _checked(func):
     def run(args):
-        _check(args)  # errors reach cli.main, which prints them in one line
+        _check(args)  # before any loading; errors reach cli.main, which prints them in one line
         return func(args)
     return run
 
@@ -426,25 +307,25 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=0, help="also score kernel regression on this many eval examples")
     p.add_argument("--adapter", help="adapter folder: the kernel of its delta parameters instead of the weights")
     p.add_argument("--run", help="fine-tuning run folder whose metrics.json is reported alongside")
-    p.set_defaults(func=_guard(cmd_ntk))
+    p.set_defaults(func=_checked(cmd_ntk))
 
     p = sub.add_parser("stopping", help="predicted early-stopping step/epoch before training (RWY 2014)")
     _with_config(p)
     _with_kernel(p)
     p.add_argument("--sigma", type=float, help="noise level (default: estimated by kernel ridge + leave-one-out)")
     p.add_argument("--run", help="finished run folder: report its observed best step next to the prediction")
-    p.set_defaults(func=_guard(cmd_stopping))
+    p.set_defaults(func=_checked(cmd_stopping))
 
     p = sub.add_parser("subspace", help="φ(i, j) subspace similarity between two adapters (LoRA §7.2)")
     p.add_argument("adapter1")
     p.add_argument("adapter2")
     p.add_argument("--side", choices=["A", "B"], default="A")
-    p.set_defaults(func=_guard(cmd_subspace))
+    p.set_defaults(func=_checked(cmd_subspace))
 
     p = sub.add_parser("amplification", help="amplification factor and ΔW spectra of an adapter (LoRA §7.3)")
     p.add_argument("adapter")
     p.add_argument("--rank", type=int, help="r of the projection (default: the numerical rank of ΔW)")
-    p.set_defaults(func=_guard(cmd_amplification))
+    p.set_defaults(func=_checked(cmd_amplification))
 
     p = sub.add_parser("task-vectors", help="cosines, kernel alignment and a coefficient search for task vectors")
     p.add_argument("adapters", nargs="+", help="run folders of fine-tuned adapters (one base model)")
@@ -453,7 +334,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=0, help="validation examples per task for the coefficient search")
     p.add_argument("--coefs", default="0,0.2,0.4,0.6,0.8,1.0,1.2", help="comma-separated λ values")
-    p.set_defaults(func=_guard(cmd_task_vectors))
+    p.set_defaults(func=_checked(cmd_task_vectors))
 
     p = sub.add_parser("samples", help="fine-tune on a geometric grid of n and fit the error-vs-n slope")
     _with_config(p)
@@ -463,7 +344,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kinds")
     p.add_argument("--label-words")
     p.add_argument("--chunk-size", type=int, default=16)
-    p.set_defaults(func=_guard(cmd_samples))
+    p.set_defaults(func=_checked(cmd_samples))
 
     for action in sub.choices.values():
         action.add_argument("--out", required=True, help="folder for the JSON and PNG files")

@@ -159,12 +159,7 @@ def kernel_predictions(result, n_train: int, *, method: str = "ridge", ridge: fl
     f0 = result.f0 if residual else torch.zeros_like(result.f0)
     y = result.labels
     regression = y.is_floating_point()
-    if regression:
-        targets = _as_2d(y.double())
-    elif f0.shape[1] == 1:
-        targets = (2.0 * y.double() - 1.0)[:, None] * target_scale
-    else:
-        targets = torch.nn.functional.one_hot(y.long(), f0.shape[1]).double() * target_scale
+    targets = result.label_targets(target_scale)
     chosen = None
     if ridge is None:
         k_sel = k_tr if k_tr.dim() == 2 else k_tr.sum(0)

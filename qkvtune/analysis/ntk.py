@@ -33,7 +33,7 @@ from torch import nn
 
 from . import AnalysisError
 from ..attach import DeltaProjection, iter_deltas
-from ..targets import ATTENTION_KINDS, Rows, find_targets, parse_layers
+from ..targets import Target
 
 
 # --- spectrum summaries -------------------------------------------------------------------------------
@@ -134,27 +134,17 @@ class _Probe:
     name: str                      # "module[kind]"
     kind: str
     module: nn.Module              # hooked: the projection (weights) or its DeltaProjection (deltas)
-    rows: Rows
+    target: Target
     size: int                      # number of parameters
     delta: nn.Module | None = None
     wrapper: DeltaProjection | None = None
-    index: torch.Tensor | None = None
-
-    def cotangent(self, d: torch.Tensor) -> torch.Tensor:
-        if self.rows.covers(d.shape[-1]):
-            return d
-        if self.rows.count == 1:
-            return d[..., self.rows.start:self.rows.start + self.rows.width]
-        if self.index is None or self.index.device != d.device:
-            self.index = self.rows.index(d.device)
-        return d.index_select(-1, self.index)
 
     def gradients(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Per-example gradients (B, size) from the layer input x (B,T,in) and output gradient d (B,T,out)."""
-        d = self.cotangent(d)
+        d = self.target.outputs(d)
         if self.delta is None:
             return torch.einsum("bto,bti->boi", d, x.to(d.dtype)).reshape(len(x), -1)
-        return _delta_vjp(self.delta, self.wrapper.slice_weight(self.rows).detach(), x, d)
+        return _delta_vjp(self.delta, self.wrapper.slice_weight(self.target.rows).detach(), x, d)
 
 
 def _delta_vjp(delta: nn.Module, w: torch.Tensor, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -185,36 +175,23 @@ def _delta_vjp(delta: nn.Module, w: torch.Tensor, x: torch.Tensor, d: torch.Tens
     return torch.stack(rows)
 
 
-def _kinds(kinds) -> list[str] | None:
-    if kinds is None:
-        return None
-    return [kinds] if isinstance(kinds, str) else list(kinds)
-
-
-def probes(model: nn.Module, kinds=("v",), layers=None, adapter: str | None = None) -> list[_Probe]:
-    """The parameter blocks θ is made of. ``adapter=None``: the weights of the attention slices of
-    ``kinds`` (None: q, k, v, o) in ``layers``; else the delta parameters of that adapter."""
-    kinds = _kinds(kinds)
+def probes(model: nn.Module, targets: list[Target] | None = None, adapter: str | None = None) -> list[_Probe]:
+    """The parameter blocks θ is made of. ``adapter=None``: the base weights of ``targets`` (the run's
+    resolved slices); else the delta parameters of that adapter (only those on ``targets`` when given)."""
     if adapter is None:
-        out = []
-        for t in find_targets(model, kinds or list(ATTENTION_KINDS), layers):
-            m = model.get_submodule(t.module)
-            out.append(_Probe(f"{t.module}[{t.kind}]", t.kind, m.base if isinstance(m, DeltaProjection) else m,
-                              t.rows, t.rows.size * t.in_features))
-        return out
+        if not targets:
+            raise AnalysisError("targets: the kernel needs at least one slice")
+        return [_Probe(t.name, t.kind, t.projection(model), t, t.rows.size * t.in_features) for t in targets]
     pairs = list(iter_deltas(model, adapter))
     if not pairs:
         raise AnalysisError(f"adapter: the model has no adapter named {adapter!r}")
-    if kinds is not None:
-        pairs = [(w, d) for w, d in pairs if d.kind in kinds]
-    ids = sorted({d.target.layer for _, d in pairs if d.target.layer is not None})
-    if layers not in (None, "all") and ids:
-        keep = {ids[i] for i in parse_layers(layers, len(ids))}
-        pairs = [(w, d) for w, d in pairs if d.target.layer in keep]
+    if targets is not None:
+        wanted = {(t.module, t.kind) for t in targets}
+        pairs = [(w, d) for w, d in pairs if (d.target.module, d.kind) in wanted]
     if not pairs:
-        raise AnalysisError(f"kinds/layers: adapter {adapter!r} has no delta of kinds {kinds} in layers {layers!r}")
-    return [_Probe(f"{d.target.module}[{d.kind}]", d.kind, w, d.target.rows,
-                   sum(p.numel() for p in d.parameters()), delta=d, wrapper=w) for w, d in pairs]
+        raise AnalysisError(f"targets: adapter {adapter!r} has no delta on {[t.name for t in targets]}")
+    return [_Probe(d.target.name, d.kind, w, d.target, sum(p.numel() for p in d.parameters()), delta=d, wrapper=w)
+            for w, d in pairs]
 
 
 class _Capture:
@@ -312,6 +289,12 @@ class NTKResult:
     labels: torch.Tensor | None
     meta: dict = field(default_factory=dict)
 
+    def label_targets(self, scale: float = 1.0) -> torch.Tensor:
+        """The regression targets of these examples' labels for outputs shaped like ``f0``."""
+        if self.labels is None:
+            raise AnalysisError("labels: the kernel was computed without per-example labels")
+        return label_targets(self.labels, self.f0.shape[1], scale)
+
     def summary(self) -> dict:
         return {"n": len(self.kernel), "eigenvalues": self.eigenvalues.tolist(),
                 "decay_exponent": self.decay_exponent, "decay_range": list(self.decay_range),
@@ -357,17 +340,29 @@ class NTKResult:
         return summary
 
 
+def label_targets(labels: torch.Tensor, n_outputs: int, scale: float = 1.0) -> torch.Tensor:
+    """The one label → regression-target mapping of the kernel tools, (n, n_outputs) float64: float labels
+    (regression) as they are; class labels as ±``scale`` for a single margin output, else ``scale``·one-hot."""
+    if labels.is_floating_point():
+        return labels.double().reshape(len(labels), -1)
+    if n_outputs == 1:
+        return (2.0 * labels.double() - 1.0)[:, None] * scale
+    return torch.nn.functional.one_hot(labels.long(), n_outputs).double() * scale
+
+
 def rate_from_decay(p: float) -> float:
     """λ_i ≍ i^(−2α) (p = 2α) gives excess risk ≍ n^(−2α/(2α+1)) (RWY 2014): returns p/(p+1)."""
     return p / (p + 1) if p == p and p > 0 else math.nan
 
 
-def empirical_ntk(model: nn.Module, data, *, collator=None, kinds=("v",), layers=None, adapter: str | None = None,
+def empirical_ntk(model: nn.Module, data, targets: list[Target] | None = None, *, collator=None,
+                  adapter: str | None = None,
                   output: str | Callable = "margin", label_token_ids=None, sketch_dim: int | None = None,
                   chunk_size: int = 16, dtype=torch.float64, seed: int = 0, sort_by_length: bool = True,
                   fit_range: tuple[int, int | None] = (2, None)) -> NTKResult:
     """The eNTK of ``model`` on ``data`` (a dict of (n, …) tensors, or a list/Dataset of examples with a
-    ``collator``), over θ chosen by ``kinds``/``layers`` (weights) or ``adapter`` (its delta parameters).
+    ``collator``), over θ = the base weights of ``targets`` (a run's resolved slices, ``Run.targets``) or the
+    delta parameters of ``adapter``.
 
     ``output``: "margin" | "logits" | callable(model_output, batch) -> (B,) or (B, C). ``sketch_dim``: keep k
     SRHT coordinates per target instead of the whole gradient (see ``sketch_band`` for the eigenvalue
@@ -377,7 +372,7 @@ def empirical_ntk(model: nn.Module, data, *, collator=None, kinds=("v",), layers
         raise AnalysisError(f"chunk_size: must be >= 1, got {chunk_size}")
     if sketch_dim is not None and sketch_dim < 1:
         raise AnalysisError(f"sketch_dim: must be >= 1, got {sketch_dim}")
-    blocks = probes(model, kinds, layers, adapter)
+    blocks = probes(model, targets, adapter)
     device = next(model.parameters()).device
     sketches = {p.name: SRHT(p.size, sketch_dim, seed + i, device) for i, p in enumerate(blocks)
                 if sketch_dim is not None and sketch_dim < p.size}

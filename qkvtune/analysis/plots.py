@@ -9,27 +9,28 @@ import re
 import torch
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # JSON has no NaN/inf
     if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
 def write_json(path: str, obj) -> None:
     from ..io import write_json as atomic_write_json  # atomic: a reader never sees half a file
 
-    atomic_write_json(path, _jsonable(obj))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # folders appear only with results
+    atomic_write_json(path, jsonable(obj))
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,17 +39,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_spectrum(eigs, decay: float, fit_range, path: str, per_kind: dict | None = None,
                   title: str = "eNTK spectrum") -> None:
     """log-log eigenvalues (largest first) with the fitted power law over ``fit_range``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     e = torch.as_tensor(eigs).double()
     i = torch.arange(1, len(e) + 1, dtype=torch.float64)
@@ -68,12 +69,12 @@ def plot_spectrum(eigs, decay: float, fit_range, path: str, per_kind: dict | Non
     ax.set_ylabel("eigenvalue")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_heatmap(matrix, path: str, title: str = "", xlabel: str = "", ylabel: str = "",
                  labels: list[str] | None = None, vmin=None, vmax=None, one_based: bool = False) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     m = torch.as_tensor(matrix).double().numpy()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     extent = (0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5) if one_based else None
@@ -89,7 +90,7 @@ def plot_heatmap(matrix, path: str, title: str = "", xlabel: str = "", ylabel: s
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def short_name(name: str) -> str:
@@ -101,7 +102,7 @@ def short_name(name: str) -> str:
 def plot_heatmap_grid(matrices: dict, path: str, title: str = "", xlabel: str = "", ylabel: str = "",
                       max_panels: int = 12) -> None:
     """Several small heatmaps on one figure (one per matrix), shared colour scale [0, 1]."""
-    plt = _pyplot()
+    plt = pyplot()
     items = list(matrices.items())[:max_panels]
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
@@ -125,7 +126,7 @@ def plot_heatmap_grid(matrices: dict, path: str, title: str = "", xlabel: str = 
 def plot_bars(values: dict, path: str, title: str = "", ylabel: str = "", groups: dict | None = None,
               log: bool = False) -> None:
     """Bars per key; with ``groups`` {series: {key: value}} grouped bars per key."""
-    plt = _pyplot()
+    plt = pyplot()
     series = groups or {"": values}
     keys = list(next(iter(series.values())))
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(keys) * len(series)), 4))
@@ -140,13 +141,13 @@ def plot_bars(values: dict, path: str, title: str = "", ylabel: str = "", groups
     ax.set_title(title, fontsize=9)
     if groups:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_lines(series: dict, path: str, title: str = "", xlabel: str = "", ylabel: str = "", log: str = "",
                vlines: dict | None = None) -> None:
     """{label: (xs, ys)} as lines; ``log`` is "", "x", "y" or "xy"; ``vlines`` {label: x} marks positions."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
         xs, ys = list(xs), list(ys)
@@ -161,4 +162,4 @@ def plot_lines(series: dict, path: str, title: str = "", xlabel: str = "", ylabe
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -18,7 +18,7 @@ from . import AnalysisError
 from .ntk import few_threads
 
 
-def _basis(m: torch.Tensor, side: str) -> torch.Tensor:
+def basis(m: torch.Tensor, side: str) -> torch.Tensor:
     """Orthonormal columns spanning the row space (side A) or column space (side B) of m, by singular value."""
     with few_threads(max(m.shape)):
         u, _, vh = torch.linalg.svd(m.detach().double(), full_matrices=False)
@@ -33,7 +33,7 @@ def subspace_similarity(m1: torch.Tensor, m2: torch.Tensor, side: str = "A") -> 
     """
     if side not in ("A", "B"):
         raise AnalysisError(f"side: {side!r} is not A or B")
-    u1, u2 = _basis(m1, side), _basis(m2, side)
+    u1, u2 = basis(m1, side), basis(m2, side)
     if u1.shape[0] != u2.shape[0]:
         raise AnalysisError(f"adapters: the matrices live in different spaces ({u1.shape[0]} vs {u2.shape[0]} dims)")
     cum = ((u1.T @ u2) ** 2).cumsum(0).cumsum(1)  # ‖U₁[:, :i]ᵀU₂[:, :j]‖²_F for all i, j
@@ -48,16 +48,25 @@ def random_similarity(dim: int, i: int, j: int) -> float:
     return max(i, j) / dim
 
 
+def direction_shares(m1: torch.Tensor, m2: torch.Tensor, side: str = "A") -> torch.Tensor:
+    """‖U₂ᵀ u₁ₖ‖² for each singular direction k of m1 (by singular value): the share of m1's k-th direction
+    that lies in m2's whole subspace (φ(1, r₂) for k = 1). A random direction has r₂/d in expectation."""
+    u1, u2 = basis(m1, side), basis(m2, side)
+    r1 = min(m1.shape) if side == "A" else m1.shape[1]
+    r2 = min(m2.shape) if side == "A" else m2.shape[1]
+    return ((u2[:, :r2].T @ u1[:, :r1]) ** 2).sum(0)
+
+
 def adapter_factors(model, name: str | None = None, side: str = "A") -> dict[str, torch.Tensor]:
     """"module[kind]" -> the matrix φ compares for each delta of adapter ``name``: LoRA/DoRA's A (side A)
     or B (side B); otherwise ΔW itself."""
     out = {}
     for wrapper, delta in _deltas(model, name):
-        key = f"{delta.target.module}[{delta.kind}]"
-        if hasattr(delta, "lora_A"):
-            out[key] = (delta.lora_A if side == "A" else delta.lora_B).detach()
+        factors = delta.factors()
+        if factors is not None:
+            out[delta.target.name] = factors[0 if side == "A" else 1].detach()
         else:
-            out[key] = delta.delta_weight(wrapper.slice_weight(delta.target.rows)).detach()
+            out[delta.target.name] = delta.delta_weight(wrapper.slice_weight(delta.target.rows)).detach()
     return out
 
 
@@ -75,7 +84,7 @@ def delta_weights(model, name: str | None = None) -> dict[str, tuple[torch.Tenso
     out = {}
     for wrapper, delta in _deltas(model, name):
         w = wrapper.slice_weight(delta.target.rows).detach()
-        out[f"{delta.target.module}[{delta.kind}]"] = (delta.delta_weight(w).detach(), w)
+        out[delta.target.name] = (delta.delta_weight(w).detach(), w)
     return out
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from . import AnalysisError
-from ..attach import DeltaProjection, delete_adapter, iter_deltas
-from ..targets import Rows
+from ..attach import delete_adapter, iter_deltas
+from ..targets import Rows, weight_rows, write_slice
 
 Key = tuple[str, str, Rows]  # (module path, kind, rows)
 _LEDGER = "qkvtune_task_arithmetic"
@@ -40,8 +40,8 @@ class TaskVector:
         if not pairs:
             raise AnalysisError(f"adapter: the model has no adapter named {name!r}")
         with torch.no_grad():
-            return cls({(d.target.module, d.kind, d.target.rows): d.delta_weight(w.slice_weight(d.target.rows)).clone()
-                        for w, d in pairs})
+            return cls({(d.target.module, d.kind, d.target.rows): d.delta_weight(d.target.weight(model)).clone()
+                        for _, d in pairs})
 
     @classmethod
     def from_adapter(cls, model, path: str, name: str = "_task_vector") -> "TaskVector":
@@ -111,14 +111,6 @@ def combine(vectors: list[TaskVector], coefs: list[float] | None = None) -> Task
 
 # --- writing θ₀ + Σλτ into a model ------------------------------------------------------------------------
 
-def _weight_rows(model, module: str) -> torch.Tensor:
-    """The (out, in) view of a projection's weight, wrapped or not (GPT-2 Conv1D stores it transposed)."""
-    m = model.get_submodule(module)
-    if isinstance(m, DeltaProjection):
-        return m.weight_rows()
-    return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
-
-
 def _ledger(model) -> dict:
     if not hasattr(model, _LEDGER):
         object.__setattr__(model, _LEDGER, {"originals": {}, "terms": []})
@@ -136,12 +128,12 @@ def apply(model, tv: TaskVector, coef: float = 1.0) -> None:
     """Add λτ to the model's base weights (θ ← θ₀ + Σ applied λτ); exact undo by applying the negation."""
     ledger = _ledger(model)
     for key in tv.deltas:
-        w = _weight_rows(model, key[0])
+        w = weight_rows(model.get_submodule(key[0]))
         if tuple(tv.deltas[key].shape) != (key[2].size, w.shape[1]):
             raise AnalysisError(f"task vector: {key_name(key)} has shape {tuple(tv.deltas[key].shape)}, "
                                 f"the model's slice is {(key[2].size, w.shape[1])}")
         if key not in ledger["originals"]:
-            ledger["originals"][key] = w.index_select(0, key[2].index(w.device)).clone()
+            ledger["originals"][key] = key[2].take(w, 0).clone()
     terms = ledger["terms"]
     for i, (other, c) in enumerate(terms):
         if _cancels(tv, coef, other, c):
@@ -155,11 +147,8 @@ def apply(model, tv: TaskVector, coef: float = 1.0) -> None:
 def _rewrite(model, keys) -> None:
     ledger = _ledger(model)
     for key in keys:
-        original = ledger["originals"][key]
         parts = [c * tv.deltas[key] for tv, c in ledger["terms"] if key in tv.deltas]
-        new = original if not parts else (original.double() + sum(parts).to(original.device)).to(original.dtype)
-        w = _weight_rows(model, key[0])
-        w.index_copy_(0, key[2].index(w.device), new)
+        write_slice(model.get_submodule(key[0]), key[2], ledger["originals"][key], sum(parts) if parts else None)
 
 
 @torch.no_grad()

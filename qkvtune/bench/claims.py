@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from ..checkpoints import log_history
 from ..config import ConfigError
+from ..runs import open_runs, pretrained
+from .scores import score_key, score_of
 
 FAMILIES = ("glue", "commonsense")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "stsb", "qnli", "rte", "mnli", "qqp", "wnli")
@@ -177,23 +180,6 @@ class Run:
     seconds: float
 
 
-def score_key(task: str) -> str:
-    from ..data.metrics import glue_metrics
-
-    family, _, name = task.partition("/")
-    return f"eval_{glue_metrics(name)[1]}" if family == "glue" else "eval_accuracy"
-
-
-def score_of(record: dict, task: str):
-    """The task's dev score in a metrics / log record; with several dev sets (MNLI's matched and mismatched)
-    Trainer names them eval_<set>_<metric>, and the first set's counts."""
-    key = score_key(task)
-    if key in record:
-        return record[key]
-    metric = key[len("eval_"):]
-    return next((v for k, v in record.items() if k.startswith("eval_") and k.endswith("_" + metric)), None)
-
-
 def run_settings(suite: dict, claim: Claim, task: str, arm: str, seed: int, data_dir: str | None) -> dict:
     family = task.split("/")[0]
     arm_settings = {k: v for k, v in (claim.arms[arm] or {}).items() if k != "only_tasks"}
@@ -215,15 +201,6 @@ def run_dir(out: str, settings: dict, label: str) -> str:
     return os.path.join(out, "runs", f"{label}-{key}")
 
 
-def _history(out_dir: str) -> list[dict]:
-    states = sorted(glob.glob(os.path.join(out_dir, "checkpoint-*", "trainer_state.json")),
-                    key=lambda p: int(p.split("checkpoint-")[-1].split(os.sep)[0]))
-    if not states:
-        return []
-    with open(states[-1]) as f:
-        return json.load(f).get("log_history", [])
-
-
 def ensure_run(settings: dict, out_dir: str, arm: str, log) -> Run:
     """Train the run unless ``out_dir`` already holds its finished result (then just read it)."""
     from ..config import build_config
@@ -241,7 +218,7 @@ def ensure_run(settings: dict, out_dir: str, arm: str, log) -> Run:
     t0 = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - t0
-    history = _history(out_dir)
+    history = log_history(out_dir)
     score = score_of(metrics, settings["task"])
     score = math.nan if score is None else float(score)
     rec = {"settings": settings, "task": settings["task"], "arm": arm, "seed": settings["seed"], "metrics": metrics,
@@ -279,34 +256,23 @@ def steps_to_target(runs: dict, arms: list[str], reference: str, fraction: float
     return out
 
 
-def _attached(run_dirs: list[str], n_eval: int | None = 1):
-    """The base model with each run's adapter attached (r0, r1, …), and each run's task with n_eval dev examples."""
-    from ..analysis.cli import _load_adapters
-
-    model, _, _, tasks, names = _load_adapters(run_dirs, n_eval=n_eval)
-    return model, tasks, names
-
-
 def subspace(runs: dict, a: str, b: str, side: str = "A") -> dict:
     """LoRA §7.2 between the adapters of arms a (rank r_a) and b (rank r_b), averaged over matrices and tasks:
     φ(1, 1); ψ_top and ψ_bottom, the share of a's top and bottom singular direction inside b's whole subspace;
     ``random`` = r_b/d, what ψ is for a random direction."""
-    from ..analysis.subspace import _basis, adapter_factors
+    from ..analysis.subspace import adapter_factors, direction_shares, subspace_similarity
 
     vals = {"phi_top1": [], "psi_top": [], "psi_bottom": [], "random": []}
     for task, by_arm in runs.items():
-        model, _, names = _attached([by_arm[a].dir, by_arm[b].dir])
-        fa, fb = adapter_factors(model, names[0], side), adapter_factors(model, names[1], side)
+        ra, rb = open_runs([by_arm[a].dir, by_arm[b].dir])
+        fa, fb = adapter_factors(ra.model, ra.adapter, side), adapter_factors(ra.model, rb.adapter, side)
         for key in fa:
-            ua, ub = _basis(fa[key], side), _basis(fb[key], side)
-            r_a = min(fa[key].shape) if side == "A" else fa[key].shape[1]
+            share = direction_shares(fa[key], fb[key], side)  # ‖U_bᵀ u_k‖² for each direction k of a
             r_b = min(fb[key].shape) if side == "A" else fb[key].shape[1]
-            ua, ub = ua[:, :r_a], ub[:, :r_b]
-            share = ((ub.T @ ua) ** 2).sum(0)  # ‖U_bᵀ u_k‖² for each direction k of a
-            vals["phi_top1"].append(float((ua[:, 0] @ ub[:, 0]) ** 2))
+            vals["phi_top1"].append(float(subspace_similarity(fa[key], fb[key], side)[0, 0]))
             vals["psi_top"].append(float(share[0]))
             vals["psi_bottom"].append(float(share[-1]))
-            vals["random"].append(r_b / ua.shape[0])
+            vals["random"].append(r_b / fa[key].shape[1 if side == "A" else 0])
     out = {k: _mean(v) for k, v in vals.items()}
     out["psi_bottom_over_random"] = out["psi_bottom"] / out["random"]
     return out
@@ -324,8 +290,8 @@ def amplification(runs: dict, arms: list[str]) -> dict:
     for arm in arms:
         factors, over_random, over_w = [], [], []
         for task, by_arm in runs.items():
-            model, _, names = _attached([by_arm[arm].dir])
-            for key, (dw, w) in delta_weights(model, names[0]).items():
+            (run,) = open_runs([by_arm[arm].dir])
+            for key, (dw, w) in delta_weights(run.model, run.adapter).items():
                 row = amp(dw, w)
                 factors.append(row["factor"])
                 over_random.append(row["proj_delta_dirs"] / row["proj_random"])
@@ -351,25 +317,21 @@ def allocation(runs: dict, arm: str) -> dict:
     return out
 
 
-def pretrained_kernel(settings: dict, n: int, kinds=None):
-    """The empirical NTK of matrix ``kinds`` (default: the run's targets) at the pretrained weights on a run's
-    first ``n`` training examples."""
-    from ..analysis.cli import _load, _output
+def pretrained_kernel(settings: dict, n: int):
+    """The empirical NTK of a run's slices at the pretrained weights on its first ``n`` training examples."""
     from ..analysis.ntk import empirical_ntk
     from ..config import build_config
 
-    cfg = build_config({**settings, "output_dir": "unused"})
-    model, _, data = _load(cfg, n)
-    train = [data.train[i] for i in range(min(n, len(data.train)))]
-    return empirical_ntk(model, train, collator=data.collator, kinds=list(kinds or cfg.targets),
-                        output=_output(data, None))
+    run = pretrained(build_config({**settings, "output_dir": "unused"}), n_train=n, n_eval=1)
+    return empirical_ntk(run.model, run.examples("train", n), run.targets, collator=run.task.collator,
+                         output=run.kernel_output)
 
 
-def sample_slope(runs: dict, arms: dict, kernel_n: int = 256, kinds=("q", "v")) -> dict:
+def sample_slope(runs: dict, arms: dict, kernel_n: int = 256) -> dict:
     """Slope of log(1 − score) on log n over the arms (arm -> n), against the excess-risk exponent −p/(p+1)
     that the decay λ_i ~ i^(−p) of the empirical NTK at the pretrained weights predicts."""
-    from ..analysis.cli import fit_slope
     from ..analysis.ntk import rate_from_decay
+    from ..analysis.samples import fit_slope
 
     slopes, rates = [], []
     for task, by_arm in runs.items():
@@ -378,7 +340,7 @@ def sample_slope(runs: dict, arms: dict, kernel_n: int = 256, kinds=("q", "v")) 
         slopes.append(fit_slope(ns, errors))
         with open(os.path.join(by_arm[next(iter(arms))].dir, "claims_run.json")) as f:
             settings = json.load(f)["settings"]
-        res = pretrained_kernel(settings, kernel_n, kinds)
+        res = pretrained_kernel(settings, kernel_n)
         rates.append(-rate_from_decay(res.decay_exponent))
     out = {"error_slope": _mean(slopes), "kernel_rate": _mean(rates)}
     out["slope_minus_rate"] = out["error_slope"] - out["kernel_rate"]
@@ -389,9 +351,8 @@ def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
     """Task arithmetic on two tasks' adapters (same seed, same base): the share of each task's gain over the
     base (task head alone, ΔW = 0) that survives θ₀ + τ₁ + τ₂ (addition) and θ₀ + τ₂ − τ₁ (negation of task 1:
     the target, whose gain should vanish, and task 2, the control, whose gain should stay)."""
-    from ..analysis.cli import _heads_only
     from ..analysis.task_vectors import TaskVector, apply, restore
-    from ..attach import set_adapter
+    from ..attach import heads_only, set_adapter
 
     tasks = list(runs)
     if len(tasks) < 2:
@@ -399,24 +360,25 @@ def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
     dirs = [runs[t][arm].dir for t in tasks[:2]]
     with open(os.path.join(dirs[0], "claims_run.json")) as f:
         n_eval = json.load(f)["settings"].get("max_eval_samples")
-    model, datas, names = _attached(dirs, n_eval)
-    vecs = [TaskVector.from_model(model, n) for n in names]
+    opened = open_runs(dirs, n_eval=n_eval)
+    model = opened[0].model
+    vecs = [TaskVector.from_model(model, r.adapter) for r in opened]
 
     def score(i):
-        return task_metric(model, datas[i], tasks[i])
+        return task_metric(model, opened[i], tasks[i])
 
     base, tuned = [], []
     for i in range(2):
-        with _heads_only(model, names[i]):
+        with heads_only(model, opened[i].adapter):
             base.append(score(i))
-        set_adapter(model, names[i])
+        set_adapter(model, opened[i].adapter)
         tuned.append(score(i))
 
     def retained(i, coefs):
         for v, c in zip(vecs, coefs):
             if c:
                 apply(model, v, c)
-        with _heads_only(model, names[i]):
+        with heads_only(model, opened[i].adapter):
             s = score(i)
         restore(model)
         gain = tuned[i] - base[i]
@@ -427,22 +389,11 @@ def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
             "base_score": _mean(base), "tuned_score": _mean(tuned)}
 
 
-@torch.no_grad()
-def task_metric(model, data, task: str, n: int | None = None) -> float:
+def task_metric(model, run, task: str, n: int | None = None) -> float:
     """The task's own dev metric (accuracy, Matthews, Pearson …) of a sequence classifier."""
-    from transformers import EvalPrediction
+    from ..evaluation import task_metrics
 
-    model.eval()
-    ds = next(iter(data.evals.values()))
-    examples = [ds[i] for i in range(min(len(ds), n or len(ds)))]
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for s in range(0, len(examples), 64):
-        batch = {k: v.to(device) for k, v in data.collator(examples[s:s + 64]).items()}
-        labels.append(batch.pop("labels"))
-        logits.append(model(**batch).logits.float())
-    pred = EvalPrediction(predictions=torch.cat(logits).cpu().numpy(), label_ids=torch.cat(labels).cpu().numpy())
-    return float(data.compute_metrics(pred)[score_key(task)[len("eval_"):]])
+    return float(task_metrics(model, run.task, run.examples("eval", n))[score_key(task)[len("eval_"):]])
 
 
 def ntk_stopping(runs: dict, suite: dict, claim: Claim, seed: int, data_dir, out: str, log, arm: str,
@@ -464,8 +415,7 @@ def ntk_stopping(runs: dict, suite: dict, claim: Claim, seed: int, data_dir, out
         # HF regression uses mean (f − y)², twice the rule's (1/2n)Σ(f − y)²: one step of lr is a kernel step of 2·lr
         loss_scale = 2.0 if res.labels.is_floating_point() else 1.0
         lr = float(f"{lr_scale / (loss_scale * lam_max):.3g}")  # rounded: a rerun finds the same run folder
-        y = res.labels.double()[:, None] if res.labels.is_floating_point() else (2.0 * res.labels.double() - 1.0)[:, None]
-        probe = predict_stopping(kernel, residuals=y - res.f0, lr=loss_scale * lr, total_steps=max_steps,
+        probe = predict_stopping(kernel, residuals=res.label_targets() - res.f0, lr=loss_scale * lr, total_steps=max_steps,
                                  scheduler="constant")
         t_hat = probe.step
         horizon = int(min(max_steps, max(32, math.ceil(horizon_factor * max(t_hat, 1)))))

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from ..analysis.plots import _pyplot, _save
+from ..analysis.plots import pyplot, save_figure
 from . import verdicts
+from .scores import score_key
 
 
 def _fmt(values) -> str:
@@ -34,7 +35,7 @@ def machine() -> str:
 
 
 def _plot_scores(result, path: str) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
 
     arms = [a for a in result.claim.arms if any(f"score:{a}@{t}" in result.quantities for t in result.tasks)]
     if not arms:
@@ -55,15 +56,14 @@ def _plot_scores(result, path: str) -> bool:
         ax.set_ylim(max(min(lo - pad, 1.0), -1.0), hi + pad)
     axes[0][0].set_ylabel("dev score (mean ± sd over seeds)")
     fig.suptitle(f"{result.claim.id}: {result.claim.title}", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
 def _plot_curves(result, path: str) -> bool:
     """Dev score against step for every arm with an evaluation history (mean over seeds), one panel per task."""
-    plt = _pyplot()
+    plt = pyplot()
 
-    from .claims import score_key
 
     series = {}
     for seed_runs in result.runs.values():
@@ -88,13 +88,13 @@ def _plot_curves(result, path: str) -> bool:
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{result.claim.id}: dev score during training (mean over seeds)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
 def _plot_loss_curves(result, path: str) -> bool:
     """C7-style: dev loss against step per seed, with the predicted stopping step marked."""
-    plt = _pyplot()
+    plt = pyplot()
 
     preds = result.quantities.get("predicted_step")
     if not preds:
@@ -112,7 +112,7 @@ def _plot_loss_curves(result, path: str) -> bool:
     ax.set_ylabel("dev loss")
     ax.set_title(f"{result.claim.id}: dev loss; dashed: the rule's T̂", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

@@ -1,0 +1,63 @@
+"""Scoring a model on its task: the final metrics of a run (through Trainer's evaluation loop, GLUE names),
+and the same task metrics computed directly for analyses that change the weights between scores
+(task vectors, the claims suite)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import EvalPrediction, Trainer
+
+
+def metric_key(task, name: str) -> str:
+    """The key Trainer reports ``name`` under: eval_<name>, or eval_<set>_<name> with several dev sets."""
+    return name if len(task.evals) <= 1 else f"{next(iter(task.evals))}_{name}"
+
+
+def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg) -> dict:
+    """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …)."""
+    metrics = {}
+    if len(task.evals) == 1:
+        metrics.update(trainer.evaluate(next(iter(task.evals.values()))))
+    elif task.evals:
+        for name, ds in task.evals.items():
+            metrics.update(trainer.evaluate(ds, metric_key_prefix=f"eval_{name}"))
+    if task.kind == "causal_lm" and "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if task.kind == "qa_generation" and task.generation_records:
+        from .data.commonsense import generation_accuracy
+
+        for name, records in task.generation_records.items():
+            result = generation_accuracy(model, tokenizer, records, batch_size=cfg.eval_batch_size,
+                                         max_new_tokens=cfg.max_new_tokens, choices=task.answer_choices)
+            prefix = "eval" if len(task.generation_records) == 1 else f"eval_{name}"
+            metrics[f"{prefix}_accuracy"] = result["accuracy"]
+            metrics[f"{prefix}_samples"] = result["n"]
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+@torch.no_grad()
+def predict(model, examples: list[dict], collator, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a sequence classifier on tokenized examples, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[s:s + batch_size]).items()}
+        labels.append(batch.pop("labels").cpu())
+        logits.append(model(**batch).logits.float().cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(model, examples: list[dict], collator, batch_size: int = 64) -> float:
+    """Plain argmax accuracy of a sequence classifier."""
+    logits, labels = predict(model, examples, collator, batch_size)
+    return float((logits.argmax(-1) == labels).double().mean()) if len(labels) else 0.0
+
+
+def task_metrics(model, task, examples: list[dict], batch_size: int = 64) -> dict:
+    """The task's own metrics (accuracy, Matthews, Pearson …, without the eval_ prefix) of a sequence
+    classifier on ``examples``, computed by the task's ``compute_metrics``."""
+    logits, labels = predict(model, examples, task.collator, batch_size)
+    return task.compute_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))

@@ -1,0 +1,253 @@
+"""The run layer: a config becomes a ``Run`` — model, tokenizer, task data and the *resolved* targets — in
+one place, for training, evaluation, analysis and benchmarks; a finished run folder is opened the same way.
+
+Everything above this layer (``train``, ``analysis``, ``bench``, the CLI) takes a ``Run`` and uses its
+``targets`` (``Target`` objects: module, kind, rows) and its adapter; nothing above looks targets up again
+from kind strings.
+
+* ``pretrained(cfg)``: the model at its pretrained weights with the slices the config names (no adapter);
+  the NTK, the stopping rule and the planner measure there.
+* ``build(cfg)``: ``pretrained`` + the method's adapter on those slices (SMT first selects its blocks).
+* ``open_run(dir)``: a finished run: its config, base model and saved adapter. The model class and labels
+  come from the adapter's metadata, so evaluation data is loaded only when asked for.
+* ``open_runs(dirs)``: several finished runs' adapters on one shared base model (``r0``, ``r1``, …).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+from transformers import set_seed
+
+from . import attach, fastpath, io
+from .config import ConfigError, TrainConfig, build_config, load_config
+from .deltas import Delta, delta_class
+from .errors import QkvtuneError
+from .models import load_model, load_tokenizer
+from .targets import Target, find_targets
+
+
+class RunError(QkvtuneError):
+    """A run folder that cannot be opened."""
+
+
+@dataclass
+class TaskInfo:
+    """What a model needs to know about its task, saved with the adapter so a run opens without its data."""
+
+    kind: str                      # classification | regression | causal_lm | qa_generation
+    num_labels: int
+    label_names: list[str] | None = None
+
+    @classmethod
+    def of(cls, task) -> "TaskInfo":
+        return cls(task.kind, task.num_labels, list(task.label_names) if task.label_names else None)
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    task: object | None            # data.TaskData, or None for a run opened without its data
+    info: TaskInfo
+    targets: list[Target]          # the resolved slices: what is trained, measured and saved
+    heads: list[str] = field(default_factory=list)  # task-head modules created at load (trained with the adapter)
+    adapter: str | None = None     # this run's adapter on ``model`` (None: pretrained weights only)
+    dir: str | None = None         # the run folder, for finished runs
+
+    @property
+    def method(self) -> type[Delta]:
+        return delta_class(self.cfg.method)
+
+    def examples(self, split: str = "train", n: int | None = None) -> list[dict]:
+        """The first ``n`` tokenized examples of the training set (``"train"``) or of the first dev set."""
+        if self.task is None:
+            raise RunError(f"{self.dir or 'run'}: opened without its task data")
+        ds = self.task.train if split == "train" else next(iter(self.task.evals.values()), None)
+        if ds is None:
+            raise RunError(f"task {self.cfg.task}: has no {split} set")
+        return [ds[i] for i in range(min(len(ds), n or len(ds)))]
+
+    @property
+    def kernel_output(self) -> str:
+        """The scalar(s) the NTK differentiates: the margin of a binary classifier, else every logit."""
+        return "margin" if self.info.kind == "classification" and self.info.num_labels == 2 else "logits"
+
+    def label_token_ids(self, words: str | None) -> list[int] | None:
+        """Causal LMs: the first token of each comma-separated label word (the logits the NTK reads)."""
+        if self.info.kind not in ("causal_lm", "qa_generation"):
+            return None
+        if not words:
+            raise ConfigError("--label-words: a causal LM needs the label words, e.g. --label-words negative,positive")
+        return [self.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"][0] for w in words.split(",")]
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None = None) -> list[Target]:
+    """The slices a config names on ``model``: ``targets`` (or ``kinds`` instead), restricted to ``layers``,
+    among ``target_modules`` when given; for a method that selects its slices (SMT), those eligible."""
+    if kinds is None and delta_class(cfg.method).needs_selection:
+        from .smt import eligible_targets
+
+        return eligible_targets(model, cfg.smt_targets, layers=cfg.layers)
+    return find_targets(model, kinds or cfg.targets, cfg.layers, cfg.target_modules)
+
+
+def _load_task(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
+    from .data import load_task
+
+    return load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
+                     max_train_samples=n_train, max_eval_samples=n_eval, seed=cfg.seed,
+                     train_on_inputs=cfg.train_on_inputs)
+
+
+def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):
+    return load_model(cfg.model, info.kind, max(info.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tokenizer,
+                      cfg.allow_pickle)
+
+
+def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | None = None,
+               kinds: list[str] | None = None) -> Run:
+    """The model at its pretrained weights (fresh task head, seeded) with the config's slices resolved.
+    ``n_train``/``n_eval`` cap the examples (default: the config's max_train_samples / max_eval_samples);
+    ``kinds`` replaces the config's ``targets`` (analyses of other matrices)."""
+    set_seed(cfg.seed)  # the fresh task head is random: seed it
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    task = _load_task(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
+    info = TaskInfo.of(task)
+    model, tokenizer, new_modules = _model(cfg, tokenizer, info)
+    return Run(cfg, model, tokenizer, task, info, resolve_targets(cfg, model, kinds),
+               heads=attach.find_heads(model, new_modules))
+
+
+def _smt_selection(run: Run, resume: str | None) -> list[dict]:
+    """SMT's blocks: the selection of the checkpoint being resumed (never re-selected), or a fresh warm-up
+    and selection (report written to output_dir by the main process), or the user's fixed selection."""
+    from . import smt
+
+    cfg = run.cfg
+    smallest = min(min(t.shape) for t in run.targets)
+    if cfg.block_size > smallest:
+        raise ConfigError(f"block_size: {cfg.block_size} is larger than the smallest eligible matrix side "
+                          f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
+    if resume:
+        selection = io.read_json(os.path.join(resume, io.QKV_CONFIG))["hparams"].get("blocks")
+        smt.check_selection(run.model, selection if isinstance(selection, list) else [None], cfg.block_size, resume)
+        return selection
+    try:
+        return smt.prepare_smt(
+            run.model, run.task.train, run.task.collator, batch_size=cfg.batch_size,
+            warmup_steps=cfg.smt_warmup_steps, block_size=cfg.block_size, budget=cfg.smt_budget,
+            score=cfg.smt_score, kinds=cfg.smt_targets, per_matrix=cfg.smt_per_matrix, seed=cfg.seed,
+            selection_path=cfg.smt_selection, out_dir=cfg.output_dir if is_main_process() else None,
+            layers=cfg.layers)
+    except QkvtuneError:
+        raise
+    except ValueError as e:  # e.g. the data ran out before the warm-up's steps: a config problem
+        raise ConfigError(str(e)) from None
+
+
+def build(cfg: TrainConfig, resume: str | None = None) -> Run:
+    """``pretrained(cfg)`` with the method's adapter attached (``"default"``, active and trainable) on the
+    run's slices, and the fast path enabled when the config asks for it. No training."""
+    run = pretrained(cfg)
+    method = run.method
+    hparams = method.hparams_from_config(cfg)
+    if method.needs_selection:
+        from .smt import targets_of
+
+        hparams["blocks"] = _smt_selection(run, resume)
+        run.targets = targets_of(run.model, hparams["blocks"])
+    try:
+        attach.add_adapter(run.model, run.targets, cfg.method, heads=run.heads, **hparams)
+    except QkvtuneError:
+        raise
+    except ValueError as e:  # e.g. a rank above the matrix size: a config problem, named by its key
+        raise ConfigError(str(e)) from None
+    run.adapter = "default"
+    fast = fastpath.resolve(cfg.fast_path)
+    if fast is not None:  # after the adapter, so its dropout is covered too
+        fastpath.enable(run.model, **fast)
+    return run
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# --- opening finished runs -----------------------------------------------------------------------------
+
+def run_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
+    """A finished run's resolved config (``config.yaml``), with ``overrides`` applied and checked."""
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: run folder not found")
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise RunError(f"{run_dir}: no config.yaml (pass a run folder written by qkvtune train)")
+    cfg = load_config(path)
+    return build_config({**cfg.to_dict(), **overrides}) if overrides else cfg
+
+
+def _saved_task_info(run_dir: str) -> TaskInfo | None:
+    meta = io.read_json(os.path.join(run_dir, io.QKV_CONFIG))
+    saved = (meta.get("settings") or {}).get("task")
+    if not isinstance(saved, dict):
+        return None  # written before the task was saved with the adapter: the task data decides
+    try:
+        info = TaskInfo(**saved)
+    except TypeError:
+        raise RunError(f"{os.path.join(run_dir, io.QKV_CONFIG)}: malformed settings.task {saved!r}") from None
+    if not isinstance(info.num_labels, int) or isinstance(info.num_labels, bool) or info.num_labels < 0:
+        raise RunError(f"{os.path.join(run_dir, io.QKV_CONFIG)}: settings.task.num_labels must be an integer >= 0")
+    return info
+
+
+def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = True, n_train: int = 1,
+             n_eval: int | None = None, name: str = "default", model: nn.Module | None = None,
+             tokenizer=None) -> Run:
+    """A finished run: its config (+ ``overrides``), base model and saved adapter (attached as ``name``,
+    active). ``with_task=False`` loads no data (export, predict). Given ``model`` (a base another run opened),
+    the adapter is attached there instead, inactive."""
+    cfg = run_config(run_dir, overrides)
+    tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
+    info = _saved_task_info(run_dir)
+    task = None
+    if with_task or info is None:
+        task = _load_task(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
+        info = info or TaskInfo.of(task)
+    shared = model is not None
+    if not shared:
+        set_seed(cfg.seed)
+        model, tokenizer, _ = _model(cfg, tokenizer, info)
+    meta = io.load_adapter(model, run_dir, name, activate=not shared)
+    targets = attach.AdapterInfo.from_dict(meta).targets
+    return Run(cfg, model, tokenizer, task, info, targets, heads=list(meta.get("heads") or []), adapter=name,
+               dir=run_dir)
+
+
+def open_runs(run_dirs: list[str], *, n_train: int = 1, n_eval: int | None = None) -> list[Run]:
+    """Finished runs on one shared base model (the first run's): each run's adapter attached as r0, r1, …,
+    none active; each ``Run`` has its own config, task and targets."""
+    if not run_dirs:
+        raise RunError("runs: none given")
+    first = open_run(run_dirs[0], n_train=n_train, n_eval=n_eval, name="r0")
+    attach.set_adapter(first.model, [], trainable=False)
+    runs = [first]
+    for i, d in enumerate(run_dirs[1:], 1):
+        cfg = run_config(d)
+        same_task = cfg.task == first.cfg.task and cfg.data_dir == first.cfg.data_dir
+        run = open_run(d, with_task=not same_task, n_train=n_train, n_eval=n_eval, name=f"r{i}",
+                       model=first.model, tokenizer=first.tokenizer)
+        runs.append(replace(run, task=first.task) if same_task else run)
+    return runs
+
+
+def task_settings(run: Run) -> dict:
+    """What ``open_run`` needs to rebuild the model without data; saved in the adapter's settings."""
+    from dataclasses import asdict
+
+    return asdict(run.info)
