@@ -217,6 +217,11 @@ def _hyperparameters(deltas: list[Delta]) -> dict:
     return out
 
 
+def adapter_info(model: nn.Module, name: str | None = None) -> AdapterInfo:
+    """What adapter ``name`` (default: the first active one) is: method, hyperparameters, slices, heads."""
+    return _registry(model)[resolve_name(model, name)]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(_registry(model))
 
@@ -281,15 +286,16 @@ def head_modules(model: nn.Module, name: str | None = None) -> dict[str, nn.Modu
 def merge_adapter(model: nn.Module, name: str | None = None) -> None:
     """Fold ΔW into the base weights: inference then costs exactly the base model's matmuls."""
     for wrapper, _ in _wrappers_of(model, name):
-        wrapper.merge(_name(model, name))
+        wrapper.merge(resolve_name(model, name))
 
 
 def unmerge_adapter(model: nn.Module, name: str | None = None) -> None:
     for wrapper, _ in _wrappers_of(model, name):
-        wrapper.unmerge(_name(model, name))
+        wrapper.unmerge(resolve_name(model, name))
 
 
-def _name(model, name):
+def resolve_name(model: nn.Module, name: str | None) -> str:
+    """``name``, or the first active adapter's; KeyError when there is no such adapter."""
     name = name or (active_adapters(model) or [None])[0]
     if name not in _registry(model):
         raise KeyError(f"no adapter named {name!r}; have {adapter_names(model)}")
@@ -297,7 +303,7 @@ def _name(model, name):
 
 
 def _wrappers_of(model, name):
-    name = _name(model, name)
+    name = resolve_name(model, name)
     return [(m, name) for m in model.modules() if isinstance(m, DeltaProjection) and name in m.adapters]
 
 

@@ -134,8 +134,8 @@ def adapter_state(model, name: str | None = None) -> dict[str, torch.Tensor]:
 
 def save_adapter(model, path: str, name: str | None = None, extra: dict | None = None, peft: bool = True) -> None:
     """Write adapter ``name`` (default: the active one) to folder ``path``."""
-    name = attach._name(model, name)
-    info = attach._registry(model)[name]
+    name = attach.resolve_name(model, name)
+    info = attach.adapter_info(model, name)
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, QKV_WEIGHTS)
     _save_tensors(weights, adapter_state(model, name))
@@ -174,22 +174,70 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
         raise AdapterError(f"{weights}: file not found")
     if sha256_file(weights) != meta["tensors_sha256"]:
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
-    try:
-        info = attach.AdapterInfo.from_dict(meta)
-    except (KeyError, TypeError) as e:
-        raise AdapterError(f"{cfg_path}: malformed target or head entry ({e})") from None
+    info = _adapter_info(meta, cfg_path)
     _check_targets(model, info.targets, cfg_path)
+    for h in info.heads:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise AdapterError(f"{cfg_path}: heads: the model has no module {h!r}") from None
     if check_base and meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(model, info.targets):
         raise AdapterError(f"{cfg_path}: trained on different base weights ({meta.get('base_model')}); "
                            "pass check_base=False to load anyway")
     tensors = _read_tensors(weights)
-    attach.add_adapter(model, info.targets, info.method, name, heads=info.heads, activate=activate, **info.hparams)
+    try:
+        attach.add_adapter(model, info.targets, info.method, name, heads=info.heads, activate=activate, **info.hparams)
+    except (ValueError, TypeError) as e:  # hyperparameters the method refuses (an edited rank, blocks …)
+        if name in attach.adapter_names(model):
+            attach.delete_adapter(model, name)
+        raise AdapterError(f"{cfg_path}: hparams do not build a {info.method} adapter ({e})") from None
     try:
         _load_state(model, name, tensors, weights)
     except AdapterError:
         attach.delete_adapter(model, name)
         raise
     return meta
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _adapter_info(meta: dict, where: str) -> "attach.AdapterInfo":
+    """The adapter's method, hyperparameters, slices and heads from its JSON, each field checked."""
+    method = meta["method"]
+    try:
+        delta_class(method if isinstance(method, str) else repr(method))
+    except ValueError as e:
+        raise AdapterError(f"{where}: {e}") from None
+    if not isinstance(meta["hparams"], dict) or not all(isinstance(k, str) for k in meta["hparams"]):
+        raise AdapterError(f"{where}: field 'hparams' must be an object")
+    if not isinstance(meta["heads"], list) or not all(isinstance(h, str) and h for h in meta["heads"]):
+        raise AdapterError(f"{where}: field 'heads' must be a list of module names")
+    if not isinstance(meta["targets"], list) or not meta["targets"]:
+        raise AdapterError(f"{where}: field 'targets' must be a non-empty list")
+    if meta.get("settings") is not None and not isinstance(meta["settings"], dict):
+        raise AdapterError(f"{where}: field 'settings' must be an object")
+    targets = []
+    for i, t in enumerate(meta["targets"]):
+        at = f"{where}: targets[{i}]"
+        r = t.get("rows") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or not isinstance(r, dict):
+            raise AdapterError(f"{at}: expected an object with 'rows'")
+        if not (isinstance(t.get("module"), str) and t["module"] and isinstance(t.get("kind"), str) and t["kind"]):
+            raise AdapterError(f"{at}: 'module' and 'kind' must be non-empty strings")
+        if not (t.get("layer") is None or _is_int(t["layer"])) or not isinstance(t.get("transposed"), bool):
+            raise AdapterError(f"{at}: 'layer' must be an integer or null and 'transposed' true or false")
+        if not (_is_int(t.get("in_features"), 1) and _is_int(t.get("out_features"), 1)):
+            raise AdapterError(f"{at}: 'in_features' and 'out_features' must be positive integers")
+        if not (_is_int(r.get("start")) and _is_int(r.get("width"), 1) and _is_int(r.get("stride"), 1)
+                and _is_int(r.get("count", 1), 1) and (r.get("count", 1) == 1 or r["stride"] >= r["width"])):
+            raise AdapterError(f"{at}: 'rows' must have start >= 0, width >= 1, count >= 1 and stride >= width")
+        try:
+            targets.append(Target.from_dict(t))
+        except TypeError as e:
+            raise AdapterError(f"{at}: {e}") from None
+    return attach.AdapterInfo(method, dict(meta["hparams"]), targets, list(meta["heads"]))
 
 
 def _check_targets(model, targets: list[Target], where: str) -> None:
@@ -234,8 +282,8 @@ def _load_state(model, name: str, tensors: dict, where: str) -> None:
 def save_peft(model, path: str, name: str | None = None) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout; each delta class
     converts its own tensors (``Delta.to_peft``)."""
-    name = attach._name(model, name)
-    info = attach._registry(model)[name]
+    name = attach.resolve_name(model, name)
+    info = attach.adapter_info(model, name)
     by_module: dict[str, list] = defaultdict(list)
     wrappers = {}
     for wrapper, delta in attach.iter_deltas(model, name):
@@ -287,6 +335,8 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
         cls = peft_class(cfg)
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: {e}") from None
+    if not isinstance(cfg.get("lora_dropout") or 0, (int, float)) or isinstance(cfg.get("lora_dropout"), bool):
+        raise AdapterError(f"{cfg_path}: field 'lora_dropout' must be a number")
     for key in ("r", "lora_alpha"):
         if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), (int, float)) or not 0 < cfg[key] < math.inf:
             raise AdapterError(f"{cfg_path}: field {key!r} must be a positive number")
@@ -386,4 +436,4 @@ def restore_adapter(model, path: str, name: str | None = None) -> None:
     meta = read_json(cfg_path)
     if sha256_file(weights) != meta.get("tensors_sha256"):
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
-    _load_state(model, attach._name(model, name), _read_tensors(weights), weights)
+    _load_state(model, attach.resolve_name(model, name), _read_tensors(weights), weights)

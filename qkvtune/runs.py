@@ -135,8 +135,11 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
         raise ConfigError(f"block_size: {cfg.block_size} is larger than the smallest eligible matrix side "
                           f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
     if resume:
-        selection = io.read_json(os.path.join(resume, io.QKV_CONFIG))["hparams"].get("blocks")
-        smt.check_selection(run.model, selection if isinstance(selection, list) else [None], cfg.block_size, resume)
+        path = os.path.join(resume, io.QKV_CONFIG)
+        selection = (io.read_json(path).get("hparams") or {}).get("blocks")
+        if not isinstance(selection, list) or not selection:
+            raise smt.SelectionError(f"{path}: hparams.blocks must be the non-empty list of selected blocks")
+        smt.check_selection(run.model, selection, cfg.block_size, path)
         return selection
     try:
         return smt.prepare_smt(
@@ -194,7 +197,8 @@ def run_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
 
 def _saved_task_info(run_dir: str) -> TaskInfo | None:
     meta = io.read_json(os.path.join(run_dir, io.QKV_CONFIG))
-    saved = (meta.get("settings") or {}).get("task")
+    settings = meta.get("settings")
+    saved = settings.get("task") if isinstance(settings, dict) else None
     if not isinstance(saved, dict):
         return None  # written before the task was saved with the adapter: the task data decides
     try:
@@ -224,7 +228,7 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
         set_seed(cfg.seed)
         model, tokenizer, _ = _model(cfg, tokenizer, info)
     meta = io.load_adapter(model, run_dir, name, activate=not shared)
-    targets = attach.AdapterInfo.from_dict(meta).targets
+    targets = attach.adapter_info(model, name).targets
     return Run(cfg, model, tokenizer, task, info, targets, heads=list(meta.get("heads") or []), adapter=name,
                dir=run_dir)
 
