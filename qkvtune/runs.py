@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass, field, replace
 
 from torch import nn
-from transformers import set_seed
 
 from . import attach, fastpath, io
 from .config import ConfigError, TrainConfig, build_config, load_config
@@ -115,6 +114,8 @@ def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | No
     """The model at its pretrained weights (fresh task head, seeded) with the config's slices resolved.
     ``n_train``/``n_eval`` cap the examples (default: the config's max_train_samples / max_eval_samples);
     ``kinds`` replaces the config's ``targets`` (analyses of other matrices)."""
+    from transformers import set_seed
+
     set_seed(cfg.seed)  # the fresh task head is random: seed it
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     task = _load_task(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
@@ -225,6 +226,8 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
         info = info or TaskInfo.of(task)
     shared = model is not None
     if not shared:
+        from transformers import set_seed
+
         set_seed(cfg.seed)
         model, tokenizer, _ = _model(cfg, tokenizer, info)
     meta = io.load_adapter(model, run_dir, name, activate=not shared)

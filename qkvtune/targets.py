@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .errors import QkvtuneError
 
@@ -156,10 +156,17 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, Wrapped) else module
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (weight stored in × out). Any Conv1D instance means its module is loaded, so this
+    never imports transformers itself (a cheap import of qkvtune)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
 def weight_rows(module: nn.Module) -> torch.Tensor:
     """The base weight of a (possibly wrapped) projection as (out, in), a view (Conv1D stores it transposed)."""
     module = unwrapped(module)
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return module.weight.t() if _is_conv1d(module) else module.weight
 
 
 @torch.no_grad()
@@ -204,13 +211,14 @@ def _match(pattern: str, name: str) -> re.Match | None:
 
 
 def is_projection(module: nn.Module) -> bool:
-    return isinstance(unwrapped(module), (nn.Linear, Conv1D))
+    module = unwrapped(module)
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, transposed) of a (possibly wrapped) Linear or GPT-2 Conv1D."""
     w = weight_rows(module)
-    return w.shape[1], w.shape[0], isinstance(unwrapped(module), Conv1D)
+    return w.shape[1], w.shape[0], _is_conv1d(unwrapped(module))
 
 
 def layer_index(name: str) -> int | None:

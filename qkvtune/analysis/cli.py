@@ -16,7 +16,6 @@ import os
 import torch
 
 from ..errors import check_output_dir
-from ..runs import open_runs, pretrained
 from . import AnalysisError
 
 
@@ -40,6 +39,7 @@ def _out(args) -> str:
 # --- subcommands ------------------------------------------------------------------------------------------
 
 def cmd_ntk(args) -> int:
+    from ..runs import pretrained
     from ..io import load_adapter
     from .kernel_regression import kernel_predictions
     from .ntk import empirical_ntk
@@ -82,6 +82,7 @@ def _run_metrics(run_dir: str) -> dict:
 
 
 def cmd_stopping(args) -> int:
+    from ..runs import pretrained
     from ..checkpoints import best_step
     from .ntk import empirical_ntk
     from .plots import write_json
@@ -116,6 +117,7 @@ def cmd_stopping(args) -> int:
 
 
 def cmd_subspace(args) -> int:
+    from ..runs import open_runs
     from .plots import plot_heatmap_grid, write_json
     from .subspace import compare_adapters
 
@@ -133,6 +135,7 @@ def cmd_subspace(args) -> int:
 
 
 def cmd_amplification(args) -> int:
+    from ..runs import open_runs
     from .plots import plot_bars, plot_lines, write_json
     from .subspace import amplification, delta_weights, spectrum
 
@@ -156,6 +159,7 @@ def cmd_amplification(args) -> int:
 
 
 def cmd_task_vectors(args) -> int:
+    from ..runs import open_runs
     from ..attach import heads_only, set_adapter
     from ..evaluation import accuracy
     from .ntk import empirical_ntk
@@ -218,6 +222,7 @@ def cmd_task_vectors(args) -> int:
 
 
 def cmd_samples(args) -> int:
+    from ..runs import pretrained
     from ..config import build_config
     from ..train import train  # the one analysis that trains
     from .ntk import empirical_ntk, rate_from_decay

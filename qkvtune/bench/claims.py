@@ -37,7 +37,7 @@ import yaml
 
 from ..checkpoints import log_history
 from ..config import ConfigError
-from ..runs import open_runs, pretrained
+from ..errors import check_output_dir, check_output_file
 from .scores import score_key, score_of
 
 FAMILIES = ("glue", "commonsense")
@@ -260,6 +260,7 @@ def subspace(runs: dict, a: str, b: str, side: str = "A") -> dict:
     """LoRA §7.2 between the adapters of arms a (rank r_a) and b (rank r_b), averaged over matrices and tasks:
     φ(1, 1); ψ_top and ψ_bottom, the share of a's top and bottom singular direction inside b's whole subspace;
     ``random`` = r_b/d, what ψ is for a random direction."""
+    from ..runs import open_runs
     from ..analysis.subspace import adapter_factors, direction_shares, subspace_similarity
 
     vals = {"phi_top1": [], "psi_top": [], "psi_bottom": [], "random": []}
@@ -282,6 +283,7 @@ def amplification(runs: dict, arms: list[str]) -> dict:
     """LoRA §7.3 for each arm's adapter, median over matrices: factor ‖ΔW‖/‖UᵀWV‖, and ‖UᵀWV‖ along ΔW's
     directions relative to random directions (> 1: W has them) and to W's own top directions (< 1: W does
     not emphasize them)."""
+    from ..runs import open_runs
     import statistics
 
     from ..analysis.subspace import amplification as amp, delta_weights
@@ -319,6 +321,7 @@ def allocation(runs: dict, arm: str) -> dict:
 
 def pretrained_kernel(settings: dict, n: int):
     """The empirical NTK of a run's slices at the pretrained weights on its first ``n`` training examples."""
+    from ..runs import pretrained
     from ..analysis.ntk import empirical_ntk
     from ..config import build_config
 
@@ -351,6 +354,7 @@ def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
     """Task arithmetic on two tasks' adapters (same seed, same base): the share of each task's gain over the
     base (task head alone, ΔW = 0) that survives θ₀ + τ₁ + τ₂ (addition) and θ₀ + τ₂ − τ₁ (negation of task 1:
     the target, whose gain should vanish, and task 2, the control, whose gain should stay)."""
+    from ..runs import open_runs
     from ..analysis.task_vectors import TaskVector, apply, restore
     from ..attach import heads_only, set_adapter
 
@@ -543,6 +547,15 @@ def cmd_claims(args) -> int:
     from ..config import parse_override
     from .report import write_report
 
+    check_output_dir(args.out, "--out")
+    report = args.report or os.path.join(args.out, "REPORT.md")
+    check_output_file(report, "--report")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    only = [c.strip() for c in args.claims.split(",")] if args.claims else None
+    overrides = dict(parse_override(o) for o in args.overrides)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "claims.log")
 
@@ -553,11 +566,7 @@ def cmd_claims(args) -> int:
             f.write(line + "\n")
 
     t0 = time.time()
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    only = [c.strip() for c in args.claims.split(",")] if args.claims else None
-    overrides = dict(parse_override(o) for o in args.overrides)
     results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log)
-    report = args.report or os.path.join(args.out, "REPORT.md")
     command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else "qkvtune bench claims …"
     write_report(results, report, command=command, seconds=time.time() - t0, speed_dir=args.speed_results)
     for r in results:
