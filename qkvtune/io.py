@@ -80,23 +80,31 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def require_file(path: str, error: type[Exception] = AdapterError) -> None:
+    """``error`` naming ``path`` unless it is an existing regular file."""
+    if not os.path.exists(path):
+        raise error(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise error(f"{path}: is not a file")
+
+
 def read_json(path: str, error: type[Exception] = AdapterError, expect: type | tuple = dict):
     """JSON from ``path``, or ``error`` with a one-line message naming the file."""
+    require_file(path, error)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(obj, expect):
         raise error(f"{path}: expected a JSON {'object' if expect is dict else 'object or list'}")
     return obj
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.exists(path):
-        raise AdapterError(f"{path}: file not found")
+    require_file(path)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -157,8 +165,8 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
     """Attach the adapter saved in ``path`` (qkvtune format, else PEFT's) as ``name``; return its metadata."""
     if not os.path.isdir(path):
         raise AdapterError(f"{path}: adapter folder not found")
-    if not os.path.exists(os.path.join(path, QKV_CONFIG)):
-        if os.path.exists(os.path.join(path, PEFT_CONFIG)):
+    if not os.path.lexists(os.path.join(path, QKV_CONFIG)):
+        if os.path.lexists(os.path.join(path, PEFT_CONFIG)):
             return load_peft(model, path, name, activate)
         if any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in os.listdir(path)):
             raise AdapterError(f"{path}: only pickle weights found; qkvtune loads safetensors only")
@@ -170,8 +178,7 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
             raise AdapterError(f"{cfg_path}: missing field {key!r}")
     if meta["format"] != "qkvtune-adapter" or meta.get("version") != FORMAT_VERSION:
         raise AdapterError(f"{cfg_path}: format {meta['format']!r} version {meta.get('version')!r} is not supported")
-    if not os.path.exists(weights):
-        raise AdapterError(f"{weights}: file not found")
+    require_file(weights)
     if sha256_file(weights) != meta["tensors_sha256"]:
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
     info = _adapter_info(meta, cfg_path)
@@ -434,6 +441,7 @@ def restore_adapter(model, path: str, name: str | None = None) -> None:
     """Load a saved adapter's tensors into the model's existing adapter ``name`` (checkpoints, best model)."""
     cfg_path, weights = os.path.join(path, QKV_CONFIG), os.path.join(path, QKV_WEIGHTS)
     meta = read_json(cfg_path)
+    require_file(weights)
     if sha256_file(weights) != meta.get("tensors_sha256"):
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
     _load_state(model, attach.resolve_name(model, name), _read_tensors(weights), weights)

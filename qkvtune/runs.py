@@ -218,18 +218,21 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
     active). ``with_task=False`` loads no data (export, predict). Given ``model`` (a base another run opened),
     the adapter is attached there instead, inactive."""
     cfg = run_config(run_dir, overrides)
-    tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
     info = _saved_task_info(run_dir)
     task = None
-    if with_task or info is None:
-        task = _load_task(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
-        info = info or TaskInfo.of(task)
     shared = model is not None
-    if not shared:
-        from transformers import set_seed
+    try:  # model and data are named by the run's config.yaml: say so when they cannot be loaded
+        tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
+        if with_task or info is None:
+            task = _load_task(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
+            info = info or TaskInfo.of(task)
+        if not shared:
+            from transformers import set_seed
 
-        set_seed(cfg.seed)
-        model, tokenizer, _ = _model(cfg, tokenizer, info)
+            set_seed(cfg.seed)
+            model, tokenizer, _ = _model(cfg, tokenizer, info)
+    except QkvtuneError as e:
+        raise type(e)(f"{os.path.join(run_dir, 'config.yaml')}: {e}") from None
     meta = io.load_adapter(model, run_dir, name, activate=not shared)
     targets = attach.adapter_info(model, name).targets
     return Run(cfg, model, tokenizer, task, info, targets, heads=list(meta.get("heads") or []), adapter=name,

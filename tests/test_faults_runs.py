@@ -1,0 +1,138 @@
+"""Malformed run folders and output paths, across commands: every case ends in success or in one line naming
+the file, field or path (exit 2), never a traceback, and a failed command leaves nothing behind.
+
+The run folder's files are mutated byte by byte (truncation, flipped bytes, invalid UTF-8, a folder in the
+file's place, the file gone): the adapter's JSON and safetensors (qkvtune and PEFT layout), config.yaml,
+metrics.json and trainer_state.json; then `export`, `eval` and `analyze` run on the folder in process."""
+
+import os
+import random
+import shutil
+
+import pytest
+
+from qkvtune import io
+from qkvtune.cli import main
+from qkvtune.config import build_config
+from qkvtune.train import train
+
+FILES = [io.QKV_CONFIG, io.QKV_WEIGHTS, "config.yaml", "metrics.json"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_bert_dir):
+    out = tmp_path_factory.mktemp("faults-runs") / "run"
+    train(build_config(dict(model=tiny_bert_dir, task="builtin/vader", max_train_samples=16, max_eval_samples=8,
+                            batch_size=8, max_steps=2, eval_strategy="steps", eval_steps=2, output_dir=str(out))))
+    return str(out)
+
+
+def _mutations(data: bytes, rng: random.Random):
+    n = len(data)
+    yield "empty", b""
+    for cut in sorted({1, n // 3, n // 2, n - 1}):
+        yield f"truncated at {cut}", data[:cut]
+    for i in range(4):
+        pos = rng.randrange(n)
+        yield f"byte {pos} flipped", data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:]
+    mid = n // 2
+    yield "invalid UTF-8", data[:mid] + b"\xff\xfe\xc3" + data[mid:]
+    yield "folder", None
+    yield "missing", ...
+
+
+def _apply(path: str, mutation) -> None:
+    os.remove(path)
+    if mutation is None:
+        os.mkdir(path)
+    elif mutation is not ...:
+        with open(path, "wb") as f:
+            f.write(mutation)
+
+
+def _check(rc: int, err: str, what: str, out: str | None = None) -> None:
+    lines = [line for line in err.strip().splitlines() if line.startswith("qkvtune: ") or "Traceback" in line]
+    assert "Traceback" not in err, what
+    assert rc in (0, 2), (what, rc)
+    if rc == 2:
+        assert len(lines) == 1 and lines[0].startswith("qkvtune: error: ") and len(lines[0]) > 20, (what, err[-500:])
+        if out is not None:
+            assert not os.path.exists(out) and not os.path.exists(out + ".partial"), what
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_mutated_run_files_across_commands(run_dir, tmp_path, capsys, name, tiny_bert_dir):
+    with open(os.path.join(run_dir, name), "rb") as f:
+        original = f.read()
+    rng = random.Random(name)
+    refused = 0
+    for i, (label, mutation) in enumerate(_mutations(original, rng)):
+        case = str(tmp_path / f"case{i}")
+        shutil.copytree(run_dir, case)
+        _apply(os.path.join(case, name), mutation)
+        what = f"{name} {label}"
+        commands = [["export", case, str(tmp_path / f"merged{i}")], ["analyze", "amplification", case, "--out",
+                                                                   str(tmp_path / f"amp{i}")]]
+        if name in ("config.yaml", io.QKV_CONFIG):
+            commands.append(["eval", case])
+        if name == "metrics.json":
+            commands = [["analyze", "ntk", "--n", "4", f"model={tiny_bert_dir}", "--run", case, "--out",
+                         str(tmp_path / f"ntk{i}")]]
+        for argv in commands:
+            capsys.readouterr()
+            rc = main(argv)
+            err = capsys.readouterr().err
+            out = argv[2] if argv[0] == "export" else None
+            _check(rc, err, f"{' '.join(argv[:2])}: {what}", out)
+            refused += rc == 2
+            if rc == 2 and name in err:
+                continue
+            if rc == 2:  # the message names the run folder or the file (a missing file: the folder)
+                assert case in err or name in err, (what, err)
+    assert refused >= 6  # most mutations are refused, not silently accepted
+
+
+@pytest.mark.parametrize("name", [io.PEFT_CONFIG, io.PEFT_WEIGHTS])
+def test_mutated_peft_adapter_files(run_dir, tmp_path, name):
+    """A PEFT-layout folder (no qkvtune files) loads through io.load_adapter or is refused naming its file."""
+    from qkvtune import attach, runs
+
+    base = runs.pretrained(runs.run_config(run_dir), n_train=1, n_eval=1).model
+    with open(os.path.join(run_dir, name), "rb") as f:
+        original = f.read()
+    refused = 0
+    for i, (label, mutation) in enumerate(_mutations(original, random.Random(name))):
+        case = str(tmp_path / f"case{i}")
+        shutil.copytree(run_dir, case)
+        for own in (io.QKV_CONFIG, io.QKV_WEIGHTS):
+            os.remove(os.path.join(case, own))
+        _apply(os.path.join(case, name), mutation)
+        try:
+            io.load_adapter(base, case, f"a{i}")
+            attach.delete_adapter(base, f"a{i}")
+        except io.AdapterError as e:
+            refused += 1
+            assert "\n" not in str(e) and (name in str(e) or case in str(e)), (label, str(e))
+            assert f"a{i}" not in attach.adapter_names(base)
+    assert refused >= 6
+
+
+def test_output_paths_that_cannot_be_written(run_dir, tmp_path, capsys, tiny_bert_dir):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["train", f"model={tiny_bert_dir}", f"output_dir={a_file}"], "output_dir"),
+        (["train", f"model={tiny_bert_dir}", f"output_dir={a_file}/run"], "output_dir"),
+        (["export", run_dir, str(a_file)], "OUT_DIR"),
+        (["analyze", "amplification", run_dir, "--out", str(a_file)], "--out"),
+        (["analyze", "subspace", run_dir, run_dir, "--out", str(a_file / "x")], "--out"),
+        (["bench", "claims", "--out", str(a_file)], "--out"),
+        (["bench", "claims", "--out", str(tmp_path / "claims"), "--report", str(tmp_path)], "--report"),
+        (["bench", "speed", "--model", "minilm", "--out", str(a_file)], "--out"),
+    ]
+    for argv, key in cases:
+        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and key in err and "Traceback" not in err, (argv, err)
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "claims").exists()
