@@ -71,8 +71,10 @@ class Claim:
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -106,6 +108,12 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
                 raise ConfigError(f"{cpath}: tasks: {slot!r} is not a slot like glue.0 or commonsense.1")
         if not isinstance(claim.arms, dict) or not all(isinstance(v, dict) or v is None for v in claim.arms.values()):
             raise ConfigError(f"{cpath}: arms: expected a mapping of arm name -> settings")
+        for key in ("measures", "checks", "derived"):
+            value = getattr(claim, key)
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{cpath}: {key}: expected a list of mappings")
+        if not isinstance(claim.base, dict) or not isinstance(claim.tasks, list):
+            raise ConfigError(f"{cpath}: base must be a mapping and tasks a list")
         for m in claim.measures:
             if m.get("name") not in MEASURES and m.get("name") not in TRAINING_MEASURES:
                 raise ConfigError(f"{cpath}: measures: unknown measure {m.get('name')!r} "
