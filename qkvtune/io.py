@@ -103,7 +103,7 @@ def read_json(path: str, error: type[Exception] = AdapterError, expect: type | t
     return obj
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
     require_file(path)
     try:
         return load_file(path)
@@ -191,7 +191,7 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
     if check_base and meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(model, info.targets):
         raise AdapterError(f"{cfg_path}: trained on different base weights ({meta.get('base_model')}); "
                            "pass check_base=False to load anyway")
-    tensors = _read_tensors(weights)
+    tensors = read_tensors(weights)
     try:
         attach.add_adapter(model, info.targets, info.method, name, heads=info.heads, activate=activate, **info.hparams)
     except (ValueError, TypeError) as e:  # hyperparameters the method refuses (an edited rank, blocks …)
@@ -350,7 +350,7 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
     for key in ("alpha_pattern", "rank_pattern"):
         if not isinstance(cfg.get(key) or {}, dict):
             raise AdapterError(f"{cfg_path}: field {key!r} must be an object")
-    tensors = _read_tensors(weights)
+    tensors = read_tensors(weights)
     prefix = "base_model.model."
     modules = sorted({k[len(prefix):].rsplit(".lora_A.weight", 1)[0] for k in tensors if k.endswith(".lora_A.weight")})
     if not modules:
@@ -444,4 +444,4 @@ def restore_adapter(model, path: str, name: str | None = None) -> None:
     require_file(weights)
     if sha256_file(weights) != meta.get("tensors_sha256"):
         raise AdapterError(f"{weights}: checksum does not match {QKV_CONFIG} (corrupted or replaced file)")
-    _load_state(model, attach.resolve_name(model, name), _read_tensors(weights), weights)
+    _load_state(model, attach.resolve_name(model, name), read_tensors(weights), weights)

@@ -196,6 +196,31 @@ def run_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
     return build_config({**cfg.to_dict(), **overrides}) if overrides else cfg
 
 
+def _peft_folder(run_dir: str, overrides: dict | None) -> tuple[TrainConfig, TaskInfo]:
+    """A plain PEFT adapter folder (no qkvtune config.yaml): the base model is ``model=…`` when given, else
+    adapter_config.json's base_model_name_or_path; the model class is its task_type (SEQ_CLS, CAUSAL_LM) and
+    a classifier's label count is read off its saved head."""
+    path = os.path.join(run_dir, io.PEFT_CONFIG)
+    peft_cfg = io.read_json(path)
+    overrides = dict(overrides or {})
+    model = overrides.pop("model", None) or peft_cfg.get("base_model_name_or_path")
+    if not isinstance(model, str) or not model:
+        raise RunError(f"{path}: no base_model_name_or_path; name the base model with model=…")
+    task_type = peft_cfg.get("task_type")
+    if task_type == "CAUSAL_LM":
+        info = TaskInfo("causal_lm", 0)
+    elif task_type == "SEQ_CLS":
+        weights = os.path.join(run_dir, io.PEFT_WEIGHTS)
+        heads = [h for h in peft_cfg.get("modules_to_save") or [] if isinstance(h, str)]
+        shapes = [t.shape for k, t in io.read_tensors(weights).items()
+                  if any(f".{h}." in k for h in heads) and k.endswith("weight") and t.dim() == 2]
+        info = TaskInfo("classification", min(s[0] for s in shapes) if shapes else 2)
+    else:
+        raise RunError(f"{path}: task_type {task_type!r}: only SEQ_CLS and CAUSAL_LM adapters can be opened")
+    cfg = build_config({"model": model, **overrides, "output_dir": run_dir})
+    return cfg, info
+
+
 def _saved_task_info(run_dir: str) -> TaskInfo | None:
     meta = io.read_json(os.path.join(run_dir, io.QKV_CONFIG))
     settings = meta.get("settings")
@@ -217,8 +242,14 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
     """A finished run: its config (+ ``overrides``), base model and saved adapter (attached as ``name``,
     active). ``with_task=False`` loads no data (export, predict). Given ``model`` (a base another run opened),
     the adapter is attached there instead, inactive."""
-    cfg = run_config(run_dir, overrides)
-    info = _saved_task_info(run_dir)
+    plain_peft = os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, "config.yaml")) and \
+        os.path.exists(os.path.join(run_dir, io.PEFT_CONFIG)) and not os.path.exists(os.path.join(run_dir, io.QKV_CONFIG))
+    if plain_peft:  # an adapter trained elsewhere: data only when a task is named
+        cfg, info = _peft_folder(run_dir, overrides)
+        with_task = with_task and "task" in (overrides or {})
+    else:
+        cfg = run_config(run_dir, overrides)
+        info = _saved_task_info(run_dir)
     task = None
     shared = model is not None
     try:  # model and data are named by the run's config.yaml: say so when they cannot be loaded
@@ -232,27 +263,32 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
             set_seed(cfg.seed)
             model, tokenizer, _ = _model(cfg, tokenizer, info)
     except QkvtuneError as e:
-        raise type(e)(f"{os.path.join(run_dir, 'config.yaml')}: {e}") from None
+        source = io.PEFT_CONFIG if plain_peft else "config.yaml"
+        raise type(e)(f"{os.path.join(run_dir, source)}: {e}") from None
     meta = io.load_adapter(model, run_dir, name, activate=not shared)
     targets = attach.adapter_info(model, name).targets
     return Run(cfg, model, tokenizer, task, info, targets, heads=list(meta.get("heads") or []), adapter=name,
                dir=run_dir)
 
 
-def open_runs(run_dirs: list[str], *, n_train: int = 1, n_eval: int | None = None) -> list[Run]:
-    """Finished runs on one shared base model (the first run's): each run's adapter attached as r0, r1, …,
-    none active; each ``Run`` has its own config, task and targets."""
+def open_runs(run_dirs: list[str], overrides: dict | None = None, *, n_train: int = 1,
+              n_eval: int | None = None) -> list[Run]:
+    """Finished runs (or plain PEFT adapter folders) on one shared base model, the first one's: each adapter
+    attached as r0, r1, …, none active; each ``Run`` has its own config, task and targets. ``overrides``
+    (``model=…``) apply to every folder."""
     if not run_dirs:
         raise RunError("runs: none given")
-    first = open_run(run_dirs[0], n_train=n_train, n_eval=n_eval, name="r0")
+    first = open_run(run_dirs[0], overrides, n_train=n_train, n_eval=n_eval, name="r0")
     attach.set_adapter(first.model, [], trainable=False)
     runs = [first]
     for i, d in enumerate(run_dirs[1:], 1):
-        cfg = run_config(d)
-        same_task = cfg.task == first.cfg.task and cfg.data_dir == first.cfg.data_dir
-        run = open_run(d, with_task=not same_task, n_train=n_train, n_eval=n_eval, name=f"r{i}",
+        run = open_run(d, overrides, with_task=False, n_train=n_train, n_eval=n_eval, name=f"r{i}",
                        model=first.model, tokenizer=first.tokenizer)
-        runs.append(replace(run, task=first.task) if same_task else run)
+        if run.cfg.task == first.cfg.task and run.cfg.data_dir == first.cfg.data_dir:
+            run = replace(run, task=first.task)
+        elif first.task is not None:  # another task: its own data
+            run = replace(run, task=_load_task(run.cfg, first.tokenizer, n_train, n_eval or run.cfg.max_eval_samples))
+        runs.append(run)
     return runs
 
 

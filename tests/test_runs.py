@@ -111,3 +111,47 @@ def test_output_paths(tmp_path):
         check_output_file(str(tmp_path), "--report")
     check_output_dir(str(tmp_path / "new" / "deeper"))  # creatable: fine, and nothing is created
     assert not (tmp_path / "new").exists()
+
+
+def _peft_adapter(base_dir, out, seed, rank, task_type="SEQ_CLS"):
+    """An adapter trained outside qkvtune: PEFT's own LoRA on query/value with random B, saved by PEFT."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    model = peft.get_peft_model(model, peft.LoraConfig(task_type=task_type, r=rank, lora_alpha=2 * rank,
+                                                       target_modules=["query", "value"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return model
+
+
+def test_analyze_plain_peft_adapters(tmp_path, tiny_bert_dir, capsys):
+    """PEFT folders with no qkvtune files go through analyze subspace/amplification: the base model comes from
+    base_model_name_or_path (or model=…), the label count from the saved head; ΔW equals PEFT's own."""
+    from qkvtune.analysis.subspace import delta_weights
+    from qkvtune.cli import main
+
+    a = _peft_adapter(tiny_bert_dir, str(tmp_path / "a"), 0, 4)
+    _peft_adapter(tiny_bert_dir, str(tmp_path / "b"), 1, 8)
+    assert main(["analyze", "subspace", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "s")]) == 0
+    phi = json.load(open(tmp_path / "s" / "subspace.json"))["phi"]
+    assert len(phi) == 4 and len(next(iter(phi.values()))) == 4 and len(next(iter(phi.values()))[0]) == 8
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.load(open(cfg_path))
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["analyze", "amplification", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
+    assert "model=" in capsys.readouterr().err
+    assert main(["analyze", "amplification", str(tmp_path / "a"), f"model={tiny_bert_dir}", "--out",
+                 str(tmp_path / "amp")]) == 0
+    run, = runs.open_runs([str(tmp_path / "a")], {"model": tiny_bert_dir})
+    assert run.info.num_labels == 3 and {t.kind for t in run.targets} == {"q", "v"}
+    for name, (dw, _) in delta_weights(run.model, run.adapter).items():
+        module = name.split("[")[0]
+        layer = a.base_model.model.get_submodule(module)
+        torch.testing.assert_close(dw, layer.get_delta_weight("default"), atol=1e-6, rtol=1e-5)

@@ -31,6 +31,14 @@ def _kinds(spec: str | None) -> list[str] | None:
     return [k.strip() for k in spec.split(",")] if spec else None
 
 
+def _overrides(args) -> dict:
+    """key=value words after the adapter folders (model=… for PEFT adapters that do not name their base)."""
+    from ..config import parse_override
+
+    words = list(getattr(args, "overrides", None) or []) + [a for a in getattr(args, "adapters", None) or [] if "=" in a]
+    return dict(parse_override(w) for w in words)
+
+
 def _out(args) -> str:
     check_output_dir(args.out, "--out")
     return args.out
@@ -122,7 +130,7 @@ def cmd_subspace(args) -> int:
     from .subspace import compare_adapters
 
     out = _out(args)
-    a, b = open_runs([args.adapter1, args.adapter2])
+    a, b = open_runs([args.adapter1, args.adapter2], _overrides(args))
     phis = compare_adapters(a.model, a.adapter, b.adapter, args.side)
     summary = {"side": args.side, "adapters": [args.adapter1, args.adapter2],
                "phi": {k: v.tolist() for k, v in phis.items()},
@@ -140,7 +148,7 @@ def cmd_amplification(args) -> int:
     from .subspace import amplification, delta_weights, spectrum
 
     out = _out(args)
-    (run,) = open_runs([args.adapter])
+    (run,) = open_runs([args.adapter], _overrides(args))
     rows = {}
     spectra = {}
     for key, (dw, w) in delta_weights(run.model, run.adapter).items():
@@ -167,9 +175,10 @@ def cmd_task_vectors(args) -> int:
     from .task_vectors import TaskVector, apply, choose_coefficient, combine, similarity_report
 
     out = _out(args)
-    runs = open_runs(args.adapters, n_train=max(1, args.kernel_n), n_eval=args.eval_n or None)
+    dirs = [a for a in args.adapters if "=" not in a]
+    runs = open_runs(dirs, _overrides(args), n_train=max(1, args.kernel_n), n_eval=args.eval_n or None)
     model = runs[0].model
-    labels = [os.path.basename(os.path.normpath(d)) for d in args.adapters]
+    labels = [os.path.basename(os.path.normpath(d)) for d in dirs]
     if len(set(labels)) < len(labels):
         labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
     vectors = {lab: TaskVector.from_model(model, r.adapter) for lab, r in zip(labels, runs)}
@@ -322,18 +331,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=_checked(cmd_stopping))
 
     p = sub.add_parser("subspace", help="φ(i, j) subspace similarity between two adapters (LoRA §7.2)")
-    p.add_argument("adapter1")
+    p.add_argument("adapter1", help="a qkvtune run folder or a PEFT adapter folder")
     p.add_argument("adapter2")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model=… when a PEFT adapter does not name its base")
     p.add_argument("--side", choices=["A", "B"], default="A")
     p.set_defaults(func=_checked(cmd_subspace))
 
     p = sub.add_parser("amplification", help="amplification factor and ΔW spectra of an adapter (LoRA §7.3)")
-    p.add_argument("adapter")
+    p.add_argument("adapter", help="a qkvtune run folder or a PEFT adapter folder")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model=… when a PEFT adapter does not name its base")
     p.add_argument("--rank", type=int, help="r of the projection (default: the numerical rank of ΔW)")
     p.set_defaults(func=_checked(cmd_amplification))
 
     p = sub.add_parser("task-vectors", help="cosines, kernel alignment and a coefficient search for task vectors")
-    p.add_argument("adapters", nargs="+", help="run folders of fine-tuned adapters (one base model)")
+    p.add_argument("adapters", nargs="+", help="run folders or PEFT adapter folders (one base model), then key=value")
     p.add_argument("--kernel-n", type=int, default=0, help="examples per task in the shared kernel probe set")
     p.add_argument("--kinds", help="matrix kinds of the kernels (default: the first run's targets)")
     p.add_argument("--chunk-size", type=int, default=16)
