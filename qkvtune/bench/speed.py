@@ -147,7 +147,7 @@ def build(config: str, base, kind: str, device: str):
         attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", heads=[], **LORA)
         with torch.no_grad():
             for _, d in attach.iter_deltas(model):
-                d.lora_B.normal_(0, 0.02)  # a trained-looking adapter (B = 0 would add nothing)
+                d.factors()[1].normal_(0, 0.02)  # a trained-looking adapter (B = 0 would add nothing)
         if name == "merged-wrapped-forward":
             attach.merge_adapter(model)
         elif name == "merged-forward":
