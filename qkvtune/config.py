@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
+from .deltas import METHODS
 from .errors import QkvtuneError
 
 
@@ -93,7 +95,7 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"method": ("lora", "dora", "dense", "smt"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
+_CHOICES = {"method": tuple(METHODS), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
             "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
@@ -199,15 +201,28 @@ def parse_override(item: str) -> tuple[str, typing.Any]:
     return key.strip(), value
 
 
+def _finite(key: str, value):
+    """No NaN or infinity anywhere in a setting (a lr of .inf would train to NaN, a .nan budget compares false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for v in value.values():
+            _finite(key, v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _finite(key, v)
+    return value
+
+
 def build_config(values: dict) -> TrainConfig:
     """Validate a dict of settings into a TrainConfig (unknown keys get a did-you-mean)."""
     kwargs = {}
     for key, value in values.items():
-        if key not in _FIELDS:
-            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        if not isinstance(key, str) or key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1) if isinstance(key, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
-        kwargs[key] = _check_type(key, value)
+        kwargs[key] = _finite(key, _check_type(key, value))
     cfg = TrainConfig(**kwargs)
     _validate(cfg)
     return cfg
@@ -216,11 +231,17 @@ def build_config(values: dict) -> TrainConfig:
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     values = {}
     if path:
+        if os.path.isdir(path):
+            raise ConfigError(f"{path}: is a folder, not a config file")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -237,10 +258,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
 
 
 def save_config(cfg: TrainConfig, path: str) -> None:
-    from .io import _atomic_write
+    from .io import atomic_write
 
     def write(tmp):
         with open(tmp, "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 

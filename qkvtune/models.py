@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import QkvtuneError
 
@@ -28,6 +29,10 @@ ALIASES = {
 
 class ModelError(QkvtuneError):
     """A model that cannot be found or loaded."""
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def cache_dir() -> str:
@@ -94,7 +99,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # not found offline, no tokenizer files, unknown model type
-        raise ModelError(f"model: cannot load a tokenizer for {name!r} ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"model: cannot load a tokenizer for {name!r} ({_first_line(e)})") from None
     if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -122,7 +127,9 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
             raise ModelError(f"task kind {kind!r} has no model class")
     except OSError as e:
         hint = "" if allow_pickle else "; pickle weights (.bin) are refused unless allow_pickle=true"
-        raise ModelError(f"model: cannot load {name!r} ({str(e).splitlines()[0]}){hint}") from None
+        raise ModelError(f"model: cannot load {name!r} ({_first_line(e)}){hint}") from None
+    except (ValueError, SafetensorError) as e:  # a corrupt config.json or weights file, an unknown model type
+        raise ModelError(f"model: cannot load {name!r} ({_first_line(e)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})

@@ -74,6 +74,24 @@ def no_pad_message(tokenizer) -> str:
             "e.g. tokenizer.pad_token = tokenizer.eos_token")
 
 
+def read_text(path: str, encoding: str = "utf-8") -> str:
+    """The whole text of a data file, or a DataError naming it (missing, a folder, unreadable, not UTF-8)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is not a file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} row {line}: not UTF-8 text (byte {e.start})") from None
+
+
 def resolve_data_dir(data_dir: str | None) -> str | None:
     """The argument, else $QKVTUNE_DATA, else None (meaning: the Hugging Face hub)."""
     data_dir = data_dir or os.environ.get("QKVTUNE_DATA") or None

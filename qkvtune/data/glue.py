@@ -1,12 +1,13 @@
 """GLUE from the original TSV download (<data_dir>/glue/<FOLDER>/) or from the hub (nyu-mll/glue)."""
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, find_dir, subsample
+from . import DataError, PadCollator, TaskData, find_dir, read_text, subsample
 from .metrics import glue_metrics
 
 
@@ -42,9 +43,17 @@ COLA_COLUMNS = 4  # source, label, original label, sentence
 
 def read_tsv(path: str, spec: Spec) -> dict[str, list]:
     """Columns text_a, (text_b), label of one GLUE TSV file, validated row by row."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a BOM
+    text = read_text(path, "utf-8-sig")  # utf-8-sig: MRPC starts with a BOM
+    if "\0" in text:
+        raise DataError(f"{path} row {text[:text.index(chr(0))].count(chr(10)) + 1}: NUL byte in a text file")
+    try:
+        return _read_rows(text, path, spec)
+    except csv.Error as e:  # e.g. a field beyond the csv module's size limit
+        raise DataError(f"{path}: not a readable TSV file ({e})") from None
+
+
+def _read_rows(text: str, path: str, spec: Spec) -> dict[str, list]:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         rows = ((reader.line_num, row) for row in reader if row)  # skip blank lines
         first = next(rows, None)

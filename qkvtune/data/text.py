@@ -5,7 +5,7 @@ import os
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, subsample
+from . import DataError, PadCollator, TaskData, read_text, subsample
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,7 @@ def causal_task(name, train, evals, tokenizer, kind="causal_lm") -> TaskData:
 
 def read_json_records(path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
     """A JSON list (or JSON lines) of objects with string fields; errors name file and record/line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: empty file")
     if path.endswith(".jsonl"):
@@ -145,11 +142,7 @@ def load_text(file: str, tokenizer, data_dir: str, *, max_length: int, max_train
     path = os.path.join(data_dir, "text", file)
     name = f"text/{file}"
     if file.endswith(".txt"):
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        blocks = text_blocks(text, tokenizer, max_length, path)
+        blocks = text_blocks(read_text(path), tokenizer, max_length, path)
         return blocks_task(name, blocks, tokenizer, max_train_samples, max_eval_samples, seed)
     if not file.endswith((".json", ".jsonl")):
         raise DataError(f"{path}: unsupported file type (expected .txt, .json or .jsonl)")
