@@ -1,0 +1,123 @@
+"""Raw-byte mutations of every input file a run reads before training — the config YAML, each data format
+(GLUE TSV, LLM-Adapters JSON, text .txt/.jsonl) and the files of a model folder: each mutation is accepted or
+refused with one line naming the file (and the row where there is one), never a traceback."""
+
+import os
+import random
+import shutil
+
+import pytest
+import transformers
+
+from conftest import minilm_folder
+from qkvtune.cli import main
+from qkvtune.data import DataError, load_task
+from qkvtune.models import ModelError, load_model, load_tokenizer
+
+
+def _mutations(data: bytes, seed: str):
+    rng = random.Random(seed)
+    n = len(data)
+    yield "empty", b""
+    for cut in sorted({1, n // 3, n // 2, n - 1}):
+        yield f"truncated at {cut}", data[:cut]
+    for _ in range(5):
+        pos = rng.randrange(n)
+        yield f"byte {pos} flipped", data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:]
+    yield "invalid UTF-8", data[: n // 2] + b"\xff\xfe\xc3" + data[n // 2:]
+    yield "NUL byte", data[: n // 2] + b"\x00" + data[n // 2:]
+    yield "folder", None
+    yield "missing", ...
+
+
+def _apply(path: str, mutation) -> None:
+    os.remove(path)
+    if mutation is None:
+        os.mkdir(path)
+    elif mutation is not ...:
+        with open(path, "wb") as f:
+            f.write(mutation)
+
+
+_TOK = {}
+
+
+def _tok():
+    return _TOK.setdefault("t", transformers.AutoTokenizer.from_pretrained(minilm_folder()))
+
+
+DATA = {
+    "glue/sst2": ("glue/SST-2/train.tsv",
+                  "sentence\tlabel\n" + "".join(f"a {w} film\t{i % 2}\n" for i, w in enumerate(["good", "bad"] * 6))),
+    "commonsense/toy": ("commonsense/toy/train.json",
+                        '[' + ",".join('{"instruction": "Q%d?", "input": "", "output": "the answer is %s", '
+                                       '"answer": "%s"}' % (i, a, a) for i, a in enumerate(["yes", "no"] * 3)) + ']'),
+    "text/notes.jsonl": ("text/notes.jsonl",
+                         "".join('{"instruction": "say %d", "output": "%d"}\n' % (i, i) for i in range(6))),
+    "text/story.txt": ("text/story.txt", "Once upon a time there was a small model. " * 40),
+}
+SIDE = {"glue/SST-2/dev.tsv": "sentence\tlabel\nok\t1\nno\t0\n",
+        "commonsense/toy/test.json": '[{"instruction": "Q?", "input": "", "output": "yes", "answer": "yes"}]'}
+
+
+@pytest.mark.parametrize("task", list(DATA))
+def test_mutated_data_files(tmp_path, task):
+    rel, text = DATA[task]
+    refused = 0
+    for i, (label, mutation) in enumerate(_mutations(text.encode(), task)):
+        root = tmp_path / f"case{i}"
+        for r, t in [(rel, text), *SIDE.items()]:
+            (root / r).parent.mkdir(parents=True, exist_ok=True)
+            (root / r).write_text(t)
+        _apply(str(root / rel), mutation)
+        try:
+            load_task(task, _tok(), data_dir=str(root), max_length=32)
+        except DataError as e:
+            refused += 1
+            msg = str(e)
+            assert "\n" not in msg and os.path.basename(rel) in msg, (label, msg)
+    assert refused >= 5, task
+
+
+CONFIG = "model: {model}\ntask: builtin/vader\nmax_train_samples: 8\nmax_eval_samples: 4\nmax_steps: 1\n" \
+         "batch_size: 4\neval_strategy: 'no'\nlr: 1.0e-3\ntargets: [q, v]\noutput_dir: {out}\n"
+
+
+def test_mutated_config_yaml(tmp_path, tiny_bert_dir, capsys):
+    refused = 0
+    out = tmp_path / "out"
+    text = CONFIG.format(model=tiny_bert_dir, out=out).encode()
+    for i, (label, mutation) in enumerate(_mutations(text, "config")):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_bytes(text)
+        _apply(str(path), mutation)
+        shutil.rmtree(out, ignore_errors=True)
+        capsys.readouterr()
+        rc = main(["train", str(path)])
+        err = capsys.readouterr().err
+        assert rc in (0, 2) and "Traceback" not in err, (label, err[-300:])
+        if rc == 2:
+            refused += 1
+            lines = [x for x in err.splitlines() if x.startswith("qkvtune:")]
+            assert len(lines) == 1 and lines[0].startswith("qkvtune: error: "), (label, err[-300:])
+            assert not out.exists(), label
+    assert refused >= 6
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+def test_mutated_model_folder(tmp_path, tiny_bert_dir, name):
+    with open(os.path.join(tiny_bert_dir, name), "rb") as f:
+        original = f.read()
+    refused = 0
+    muts = list(_mutations(original, name))
+    for i, (label, mutation) in enumerate(muts[:1] + muts[2:4] + muts[-4:]):  # a model loads slowly: fewer cases
+        folder = str(tmp_path / f"m{i}")
+        shutil.copytree(tiny_bert_dir, folder)
+        _apply(os.path.join(folder, name), mutation)
+        try:
+            tok = load_tokenizer(folder)
+            load_model(folder, "classification", 2, tokenizer=tok)
+        except ModelError as e:
+            refused += 1
+            assert "\n" not in str(e) and folder in str(e), (label, str(e))
+    assert refused >= 3
