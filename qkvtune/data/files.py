@@ -1,0 +1,264 @@
+"""Your own data: ``task: classification`` and ``task: regression`` from CSV, TSV, JSON, JSONL or Parquet files
+(``train_file``/``validation_file``, chosen by extension) or from a dataset (``dataset``: a hub id or a local
+folder), read through ``datasets``, with the text and label columns named in the config (``text_columns``,
+``label_column``), as in transformers' ``run_glue.py``.
+
+Labels: strings map to ids in sorted order unless ``labels`` gives the order; integers the same way (so
+0..K-1 stay themselves); regression labels are floats. Without a validation file or split, a seeded
+``validation_fraction`` of the training rows is held out. Every bad row is named by file and row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+from . import DataError, PadCollator, TaskData, subsample
+from .glue import tokenize_texts
+
+FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
+           ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
+
+
+@dataclass
+class FileSpec:
+    """The config keys that describe a generic data set (see ``TrainConfig``)."""
+
+    train_file: str | list | None = None
+    validation_file: str | list | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    text_columns: str | list | None = None
+    label_column: str = "label"
+    labels: list | None = None
+    validation_fraction: float = 0.1
+
+    @classmethod
+    def of(cls, cfg) -> "FileSpec":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+class Table:
+    """Rows of one split with where each came from: (file, 1-based data row) for messages."""
+
+    def __init__(self, columns: dict[str, list], where: list[tuple[str, int]]):
+        self.columns, self.where = columns, where
+
+    def at(self, i: int) -> str:
+        path, row = self.where[i]
+        return f"{path} row {row}"
+
+
+def _files(spec, key: str) -> list[str]:
+    files = [spec] if isinstance(spec, str) else list(spec)
+    if not files or not all(isinstance(f, str) and f for f in files):
+        raise DataError(f"{key}: expected a file path or a list of them")
+    for f in files:
+        ext = os.path.splitext(f)[1].lower()
+        if ext not in FORMATS:
+            raise DataError(f"{f}: unsupported file type {ext or '(none)'} (expected {', '.join(FORMATS)})")
+        if not os.path.exists(f):
+            raise DataError(f"{f}: file not found")
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: is not a file")
+    return files
+
+
+def read_file(path: str) -> dict[str, list]:
+    """All columns of one data file, through ``datasets``' csv/json/parquet builders."""
+    builder, kwargs = FORMATS[os.path.splitext(path)[1].lower()]
+    try:
+        ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
+    except Exception as e:  # a third-party parser's many error types: a file it cannot read is a bad input
+        cause = e.__cause__ or e.__context__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DataError(f"{path}: cannot be read as {builder} ({first[:200]})") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no data rows")
+    return ds.to_dict()
+
+
+def read_table(files, key: str) -> Table:
+    columns: dict[str, list] | None = None
+    where: list[tuple[str, int]] = []
+    for path in _files(files, key):
+        cols = read_file(path)
+        if columns is not None and set(cols) != set(columns):
+            raise DataError(f"{path}: columns {sorted(cols)} differ from the first file's {sorted(columns)}")
+        columns = {k: (columns or {}).get(k, []) + v for k, v in cols.items()}
+        where += [(path, i + 1) for i in range(len(next(iter(cols.values()))))]
+    return Table(columns, where)
+
+
+def read_dataset(name: str, config: str | None, split: str) -> Table:
+    """A split of a hub dataset or a local dataset folder (``save_to_disk`` layout or data files)."""
+    try:
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+            ds = datasets.load_from_disk(name)[split]
+        elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except KeyError:
+        raise DataError(f"dataset {name}: has no split {split!r}") from None
+    except Exception as e:  # not found offline, no such config or split, …
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"dataset {name}: cannot load split {split!r} ({first[:200]})") from None
+    where = [(f"dataset {name} [{split}]", i + 1) for i in range(len(ds))]
+    return Table(ds.to_dict(), where)
+
+
+# --- columns and labels ---------------------------------------------------------------------------------
+
+def _text_columns(spec: FileSpec) -> list[str]:
+    cols = spec.text_columns
+    cols = [c.strip() for c in cols.split(",")] if isinstance(cols, str) else list(cols or [])
+    if not 1 <= len(cols) <= 2 or not all(isinstance(c, str) and c for c in cols):
+        raise DataError(f"text_columns: give one column name, or two for sentence pairs; got {spec.text_columns!r}")
+    return cols
+
+
+def _check_columns(table: Table, needed: list[str], source: str) -> None:
+    for c in needed:
+        if c not in table.columns:
+            raise DataError(f"{source}: no column {c!r}; the columns are {', '.join(map(str, table.columns))}")
+
+
+def _texts(table: Table, column: str) -> list[str]:
+    out = []
+    for i, v in enumerate(table.columns[column]):
+        if not isinstance(v, str) or not v.strip():
+            raise DataError(f"{table.at(i)}: empty or missing text in column {column!r}")
+        out.append(v)
+    return out
+
+
+def _number(v, where: str, column: str) -> float:
+    try:
+        x = float(v) if not isinstance(v, bool) and v is not None else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise DataError(f"{where}: {column} {v!r} is not a number")
+    return x
+
+
+def label_names(tables: list[Table], column: str, given: list | None) -> list[str]:
+    """The class names in id order: ``given``, else the sorted distinct values (numbers numerically)."""
+    if given is not None:
+        names = [str(v) for v in given]
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise DataError(f"labels: expected at least two distinct names, got {given!r}")
+        return names
+    values = {v for t in tables for v in t.columns[column] if v is not None}
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def _class_ids(table: Table, column: str, names: list[str]) -> list[int]:
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, v in enumerate(table.columns[column]):
+        key = str(v) if v is not None else None
+        if key not in index:
+            raise DataError(f"{table.at(i)}: label {v!r} is not one of {', '.join(names)}")
+        out.append(index[key])
+    return out
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+def classification_metrics(num_labels: int):
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from .metrics import _classes
+
+    def compute(p) -> dict:
+        preds, labels = _classes(p)
+        out = {"accuracy": float((preds == labels).mean()),
+               "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0))}
+        if num_labels == 2:
+            out["matthews_correlation"] = float(matthews_corrcoef(labels, preds))
+        return out
+
+    return compute
+
+
+def regression_metrics(p) -> dict:
+    from .metrics import _arrays, correlations
+
+    preds, labels = _arrays(p)
+    preds, labels = preds.reshape(len(labels), -1)[:, 0], labels.reshape(-1)
+    return {**correlations(p), "mse": float(((preds - labels) ** 2).mean())}
+
+
+# --- the task -------------------------------------------------------------------------------------------
+
+def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples,
+                    seed: int) -> TaskData:
+    """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read."""
+    text_cols = _text_columns(spec)
+    if spec.train_file and spec.dataset:
+        raise DataError("train_file and dataset: give one source of training data, not both")
+    if spec.train_file:
+        train = read_table(spec.train_file, "train_file")
+        source = "train_file"
+        dev = read_table(spec.validation_file, "validation_file") if spec.validation_file else None
+    elif spec.dataset:
+        train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
+        source = f"dataset {spec.dataset}"
+        dev = read_dataset(spec.dataset, spec.dataset_config, spec.validation_split) if spec.validation_split else \
+            (read_table(spec.validation_file, "validation_file") if spec.validation_file else None)
+    else:
+        raise DataError(f"task: {kind} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+    needed = text_cols + [spec.label_column]
+    _check_columns(train, needed, source if not spec.train_file else train.where[0][0])
+    if dev is None:  # hold out a seeded fraction of the training rows
+        if not 0 < spec.validation_fraction < 1:
+            raise DataError(f"validation_fraction: must be in (0, 1), got {spec.validation_fraction!r}")
+        n = len(train.where)
+        k = max(1, round(n * spec.validation_fraction))
+        if n - k < 1:
+            raise DataError(f"{train.where[0][0]}: {n} rows are too few to hold out a validation set")
+        held = set(random.Random(seed).sample(range(n), k))
+        keep = [i for i in range(n) if i not in held]
+        pick = lambda t, idx: Table({c: [v[i] for i in idx] for c, v in t.columns.items()}, [t.where[i] for i in idx])  # noqa: E731
+        train, dev = pick(train, keep), pick(train, sorted(held))
+    else:
+        _check_columns(dev, needed, dev.where[0][0] if dev.where else "validation")
+    if kind == "classification":
+        names = label_names([train, dev], spec.label_column, spec.labels)
+        labels = {"train": _class_ids(train, spec.label_column, names), "dev": _class_ids(dev, spec.label_column, names)}
+        if len(names) < 2:
+            raise DataError(f"{spec.label_column}: the training data has a single class {names}")
+    else:
+        names = None
+        labels = {s: [_number(v, t.at(i), spec.label_column) for i, v in enumerate(t.columns[spec.label_column])]
+                  for s, t in (("train", train), ("dev", dev))}
+
+    def columns(t: Table, split: str) -> dict[str, list]:
+        out = {"text_a": _texts(t, text_cols[0]), "label": labels[split]}
+        if len(text_cols) == 2:
+            out["text_b"] = _texts(t, text_cols[1])
+        return out
+
+    tr = subsample(columns(train, "train"), max_train_samples, seed)
+    dv = subsample(columns(dev, "dev"), max_eval_samples, None)
+    name = kind
+    return TaskData(
+        name=name, kind=kind, num_labels=len(names) if names else 1, label_names=names,
+        train=tokenize_texts(tr, tokenizer, max_length, f"{name} train"),
+        evals={"dev": tokenize_texts(dv, tokenizer, max_length, f"{name} dev")},
+        collator=PadCollator(tokenizer),
+        compute_metrics=classification_metrics(len(names)) if names else regression_metrics,
+        metric_for_best="accuracy" if names else "pearson", greater_is_better=True)
