@@ -27,12 +27,24 @@ class ConfigError(QkvtuneError):
 class TrainConfig:
     # what to tune
     model: str = "minilm"                  # hub id, local folder, or alias: minilm, smollm2-135m
-    task: str = "builtin/vader"            # glue/<task>, commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
+    task: str = "builtin/vader"            # classification | regression (your own files or dataset), glue/<task>,
+                                           # commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
     data_dir: str | None = None            # folder laid out like shared/datasets; else $QKVTUNE_DATA; else the hub
+    # your own data (task: classification | regression), as in transformers' run_glue.py
+    train_file: typing.Any = None          # CSV, TSV, JSON, JSONL or Parquet (by extension), or a list of files
+    validation_file: typing.Any = None     # same; without it (and without validation_split) a fraction is held out
+    dataset: str | None = None             # a hub dataset id or a local dataset folder, instead of train_file
+    dataset_config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    text_columns: typing.Any = None        # one column, or two for sentence pairs: [premise, hypothesis]
+    label_column: str = "label"
+    labels: list | None = None             # class names in id order (default: the sorted distinct labels)
+    validation_fraction: float = 0.1      # held out of the training rows (seeded) when no validation data is given
     method: str = "lora"                   # lora | dora | dense | smt
-    targets: list = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o
+    targets: list | None = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o (None: all of target_modules)
     layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
-    target_modules: dict | None = None     # explicit {module_suffix: kind | {kind: "a:b"}} for unknown models
+    target_modules: typing.Any = None      # PEFT's list of module names, or {module_suffix: kind | {kind: "a:b"}}
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
@@ -95,10 +107,33 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# The names users know from transformers' Trainer / TrainingArguments, PEFT's LoraConfig, TRL and LLaMA-Factory.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler", "evaluation_strategy": "eval_strategy", "max_seq_length": "max_length",
+    "cutoff_len": "max_length", "r": "rank", "lora_r": "rank", "lora_rank": "rank", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "method", "model_name_or_path": "model",
+    "dataset_name": "dataset", "dataset_config_name": "dataset_config",
+}
+# Settings of those tools that qkvtune does not take (yet): say so instead of suggesting a lookalike key.
+FOREIGN = {
+    "deepspeed": "DeepSpeed is not supported; multi-process training uses torchrun / accelerate launch",
+    "fsdp": "FSDP is not supported yet", "gradient_checkpointing": "gradient checkpointing is not supported yet",
+    "load_in_4bit": "quantized bases are not supported yet", "load_in_8bit": "quantized bases are not supported yet",
+    "bf16": "use dtype: bfloat16", "fp16": "use dtype: float16", "do_train": "qkvtune train always trains",
+    "do_eval": "evaluation follows eval_strategy", "bias": "qkvtune adapters have no bias terms",
+    "modules_to_save": "task heads are found and trained with the adapter automatically",
+    "task_type": "the task kind follows from task", "lora_target": "use target_modules (or targets: [q, v])",
+    "save_steps": "checkpoints are saved at each evaluation (eval_steps)", "save_strategy": "follows eval_strategy",
+}
 _CHOICES = {"method": tuple(METHODS), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
-            "report_to": ("none", "tensorboard"), "on_nonfinite": ("stop", "skip"),
+            "on_nonfinite": ("stop", "skip"),
             "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
-            "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
+            "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                          "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
+            "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
 
 
 def _check_type(key: str, value):
@@ -134,14 +169,21 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(choices)}")
     if isinstance(cfg.targets, str):
         cfg.targets = [t.strip() for t in cfg.targets.split(",")]
-    if not cfg.targets or not all(isinstance(t, str) for t in cfg.targets):
+    tm = cfg.target_modules
+    if tm is not None and not (isinstance(tm, dict) and tm) and not (
+            isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm)):
+        raise ConfigError(f"target_modules: expected a list of module names or a mapping {{module: kind}}, got {tm!r}")
+    if cfg.targets is None and not isinstance(tm, list):
+        raise ConfigError("targets: may be left out only with a list of target_modules")
+    if cfg.targets is not None and (not cfg.targets or not all(isinstance(t, str) for t in cfg.targets)):
         raise ConfigError(f"targets: expected a non-empty list such as [q, v], got {cfg.targets!r}")
     if not cfg.target_modules:
         bad = [t for t in cfg.targets if t not in ("q", "k", "v", "o")]
         if bad:
             raise ConfigError(f"targets: {bad} are not attention matrices (q, k, v, o)")
-    if len(set(cfg.targets)) != len(cfg.targets):
+    if cfg.targets is not None and len(set(cfg.targets)) != len(cfg.targets):
         raise ConfigError(f"targets: {cfg.targets} names a matrix twice")
+    _validate_data(cfg)
     positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
                 "max_length": cfg.max_length, "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
@@ -183,8 +225,59 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"resume: expected true, false or a checkpoint path, got {cfg.resume!r}")
     if not cfg.output_dir:
         raise ConfigError("output_dir: must not be empty")
-    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("report_to: tensorboard is not installed (pip install 'qkvtune[tensorboard]')")
+    _validate_integrations(cfg)
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if cfg.optim not in known:
+        close = [k for k in known if k.startswith(cfg.optim)] or difflib.get_close_matches(cfg.optim, known, n=1, cutoff=0.8)
+        raise ConfigError(f"optim: {cfg.optim!r} is not an optimizer transformers knows"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+# report_to: any integration Trainer supports; the package each needs (checked before any work)
+INTEGRATIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "codecarbon": "codecarbon",
+                "swanlab": "swanlab", "trackio": "trackio", "azure_ml": "azureml", "dagshub": "dagshub",
+                "flyte": "flytekit", "kubeflow": "kubeflow"}
+
+
+def _validate_integrations(cfg: TrainConfig) -> None:
+    names = [n.strip() for n in cfg.report_to.split(",") if n.strip()] if isinstance(cfg.report_to, str) else []
+    if not names:
+        raise ConfigError(f"report_to: expected none or an integration name, got {cfg.report_to!r}")
+    for name in names:
+        if name == "none" and len(names) == 1:
+            continue
+        if name not in INTEGRATIONS:
+            raise ConfigError(f"report_to: {name!r} is not one of none, {', '.join(INTEGRATIONS)}")
+        if importlib.util.find_spec(INTEGRATIONS[name]) is None:
+            hint = " (pip install 'qkvtune[tensorboard]')" if name == "tensorboard" else f" (pip install {INTEGRATIONS[name]})"
+            raise ConfigError(f"report_to: {name} is not installed{hint}")
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    """Your own data: the keys a classification/regression task needs, checked before any work."""
+    if cfg.task in ("classification", "regression"):
+        if not cfg.train_file and not cfg.dataset:
+            raise ConfigError(f"task: {cfg.task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+        if cfg.text_columns is None:
+            raise ConfigError(f"text_columns: task {cfg.task} needs the text column(s), e.g. text_columns: [sentence]")
+    for key in ("train_file", "validation_file"):
+        value = getattr(cfg, key)
+        if value is not None and not (isinstance(value, str) and value) and not (
+                isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"{key}: expected a file path or a list of paths, got {value!r}")
+    tc = cfg.text_columns
+    if tc is not None:
+        cols = [c.strip() for c in tc.split(",")] if isinstance(tc, str) else tc
+        if not isinstance(cols, list) or not 1 <= len(cols) <= 2 or not all(isinstance(c, str) and c for c in cols):
+            raise ConfigError(f"text_columns: one column name, or two for sentence pairs; got {tc!r}")
+        cfg.text_columns = cols
+    if cfg.labels is not None and (len(cfg.labels) < 2 or len({str(v) for v in cfg.labels}) != len(cfg.labels)):
+        raise ConfigError(f"labels: expected at least two distinct class names, got {cfg.labels!r}")
+    if not 0 < cfg.validation_fraction < 1:
+        raise ConfigError(f"validation_fraction: must be in (0, 1), got {cfg.validation_fraction!r}")
 
 
 def parse_override(item: str) -> tuple[str, typing.Any]:
@@ -214,14 +307,54 @@ def _finite(key: str, value):
     return value
 
 
+def _unknown(key) -> ConfigError:
+    if not isinstance(key, str):
+        return ConfigError(f"unknown config key {key!r}")
+    if key in FOREIGN:
+        return ConfigError(f"{key}: not a qkvtune setting ({FOREIGN[key]})")
+    names = {**{k: k for k in _FIELDS}, **{a: k for a, k in ALIASES.items()}}
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)
+    if not close:
+        return ConfigError(f"unknown config key {key!r}")
+    meant = names[close[0]]
+    alias = f" ({close[0]!r} is qkvtune's {meant!r})" if close[0] != meant else ""
+    return ConfigError(f"unknown config key {key!r} (did you mean {meant!r}?{alias})")
+
+
+def canonical(values: dict) -> dict:
+    """Trainer's and PEFT's key names replaced by qkvtune's (``learning_rate`` → ``lr``, ``r`` → ``rank`` …);
+    an alias given together with its own key, or twice, is refused."""
+    out: dict = {}
+    given: dict = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key) if isinstance(key, str) else key
+        if key == "use_dora":  # PEFT's flag is a method choice here
+            if value is not True and value is not False:
+                raise ConfigError(f"use_dora: expected true or false, got {value!r}")
+            if not value:
+                continue
+            value = "dora"
+        if name in out:
+            raise ConfigError(f"{given[name]} and {key}: both set {name!r}; give one")
+        out[name], given[name] = value, key
+    if isinstance(out.get("target_modules"), str):  # PEFT accepts one module name as a string
+        out["target_modules"] = [out["target_modules"]]
+    for key in ("targets", "smt_targets", "text_columns"):  # targets=q,v as well as targets=[q,v]
+        if isinstance(out.get(key), str):
+            out[key] = [t.strip() for t in out[key].split(",") if t.strip()]
+    return out
+
+
 def build_config(values: dict) -> TrainConfig:
-    """Validate a dict of settings into a TrainConfig (unknown keys get a did-you-mean)."""
+    """Validate a dict of settings into a TrainConfig (aliases resolved; unknown keys get a did-you-mean that
+    knows the aliases, and Trainer/PEFT settings qkvtune does not take are named as such)."""
     kwargs = {}
+    values = canonical(values)
+    if isinstance(values.get("target_modules"), list) and "targets" not in values:
+        values["targets"] = None  # PEFT's list of module names: tune whatever slices those modules hold
     for key, value in values.items():
         if not isinstance(key, str) or key not in _FIELDS:
-            close = difflib.get_close_matches(key, list(_FIELDS), n=1) if isinstance(key, str) else []
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise _unknown(key)
         kwargs[key] = _finite(key, _check_type(key, value))
     cfg = TrainConfig(**kwargs)
     _validate(cfg)

@@ -98,10 +98,11 @@ def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None 
 
 def _load_task(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
     from .data import load_task
+    from .data.files import FileSpec
 
     return load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
                      max_train_samples=n_train, max_eval_samples=n_eval, seed=cfg.seed,
-                     train_on_inputs=cfg.train_on_inputs)
+                     train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg))
 
 
 def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):

@@ -350,12 +350,40 @@ def _explicit(model: nn.Module, spec: dict) -> list[Target]:
     return found
 
 
-def find_targets(model: nn.Module, kinds=("q", "v"), layers=None, target_modules: dict | None = None,
+def _named(model: nn.Module, names: list[str]) -> list[Target]:
+    """PEFT's ``target_modules`` list: every slice of the modules ending with one of ``names`` — a recognised
+    projection's q/k/v/o slices (all three of a fused one), else the whole module under its own name."""
+    recognised: dict[str, list[Target]] = {}
+    for t in all_projections(model) + mlp_projections(model):
+        recognised.setdefault(t.module, []).append(t)
+    found = []
+    for key in names:
+        hits = [(n, m) for n, m in model.named_modules() if (n == key or n.endswith("." + key)) and is_projection(m)]
+        if not hits:
+            raise TargetError(f"target_modules: no Linear/Conv1D module ends with {key!r}; found {_summary(model)}")
+        for name, module in hits:
+            fin, fout, transposed = projection_shape(module)
+            found += recognised.get(name) or [Target(name, name.rsplit(".", 1)[-1], layer_index(name),
+                                                     Rows.range(0, fout), fin, fout, transposed)]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted({(t.module, t.kind): t for t in found}.values(), key=lambda t: order[t.module])  # model order
+
+
+def find_targets(model: nn.Module, kinds=("q", "v"), layers=None, target_modules: dict | list | None = None,
                  mlp: bool = False) -> list[Target]:
-    """The slices to tune: ``kinds`` of the recognised attention projections (or ``target_modules``),
-    restricted to ``layers``. Raises TargetError naming what was found when nothing fits."""
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    if target_modules:
+    """The slices to tune: ``kinds`` of the recognised attention projections (or of ``target_modules``: PEFT's
+    list of module names or an explicit mapping), restricted to ``layers``; ``kinds=None`` keeps every slice of
+    ``target_modules``. Raises TargetError naming what was found when nothing fits."""
+    if kinds is None:
+        if not isinstance(target_modules, list):
+            raise TargetError("targets: needed unless target_modules lists module names")
+        found = _named(model, target_modules)
+        kinds = list(dict.fromkeys(t.kind for t in found))
+    else:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if isinstance(target_modules, list):
+        found = _named(model, target_modules)
+    elif target_modules:
         found = _explicit(model, target_modules)
     else:
         found = all_projections(model)

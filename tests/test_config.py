@@ -16,7 +16,19 @@ def test_overrides_are_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"learning_rate": 1e-4}, "unknown config key 'learning_rate'"),
+    ({"learning_rat": 1e-4}, "did you mean 'lr'"),  # the alias's meaning, not a lookalike spelling
+    ({"deepspeed": "ds.json"}, "deepspeed: not a qkvtune setting"),
+    ({"r": 4, "rank": 8}, "r and rank: both set 'rank'"),
+    ({"lr": float("nan")}, "lr: must be a finite number"),
+    ({"alpha": float("-inf")}, "alpha: must be a finite number"),
+    ({"optim": "adamw"}, "did you mean 'adamw_torch"),
+    ({"report_to": "nonsense"}, "report_to: 'nonsense' is not one of"),
+    ({"dtype": "fp8"}, "dtype: 'fp8' is not one of"),
+    ({"scheduler": "cosine_wrong"}, "scheduler:"),
+    ({"task": "classification"}, "needs train_file"),
+    ({"task": "regression", "train_file": "x.csv"}, "text_columns: task regression needs"),
+    ({"text_columns": ["a", "b", "c"]}, "text_columns: one column name, or two"),
+    ({"targets": None}, "targets: may be left out only with a list of target_modules"),
     ({"lr_ration": 2}, "did you mean 'lr_ratio'"),
     ({"rank": 0}, "rank: must be > 0"),
     ({"rank": 2.5}, "rank: expected int"),
@@ -65,3 +77,14 @@ def test_shipped_recipes_validate():
     for p in paths:
         cfg = load_config(p)
         assert cfg.targets and cfg.output_dir.startswith("runs/"), p
+
+
+def test_trainer_and_peft_names_are_aliases():
+    cfg = build_config({"learning_rate": 1e-3, "num_train_epochs": 2, "per_device_train_batch_size": 4,
+                        "gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine", "r": 4, "lora_alpha": 8,
+                        "lora_dropout": 0.05, "use_rslora": True, "use_dora": True,
+                        "target_modules": ["query", "value"]})
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_accum, cfg.scheduler) == (1e-3, 2.0, 4, 2, "cosine")
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.method) == (4, 8.0, 0.05, True, "dora")
+    assert cfg.target_modules == ["query", "value"] and cfg.targets is None  # every slice of those modules
+    assert build_config({"targets": "q,v"}).targets == ["q", "v"] == load_config(None, ["targets=q,v"]).targets

@@ -1,8 +1,9 @@
 """Data layer: `load_task` turns a task id into tokenized train/eval sets, a padding collator
 and Trainer metrics.
 
-Task ids: glue/<task> (nine GLUE tasks), commonsense/<name> (LLM-Adapters JSON),
-text/<file> (.txt, .json, .jsonl) and builtin/vader, builtin/pydoc (offline data).
+Task ids: classification and regression (your own CSV/TSV/JSON/JSONL/Parquet files or dataset, files.py),
+glue/<task> (nine GLUE tasks), commonsense/<name> (LLM-Adapters JSON), text/<file> (.txt, .json, .jsonl)
+and builtin/vader, builtin/pydoc (offline data).
 """
 import os
 import random
@@ -124,8 +125,9 @@ def subsample(columns: dict[str, list], n: int | None, seed: int | None) -> dict
 
 def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: int = 128,
               max_train_samples: int | None = None, max_eval_samples: int | None = None,
-              seed: int = 0, train_on_inputs: bool = False) -> TaskData:
-    """Load, subsample and tokenize a task. See the module docstring for task ids."""
+              seed: int = 0, train_on_inputs: bool = False, files=None) -> TaskData:
+    """Load, subsample and tokenize a task. See the module docstring for task ids; ``classification`` and
+    ``regression`` read the user's own files or dataset as ``files`` (a ``files.FileSpec``) describes."""
     if tokenizer.pad_token_id is None:
         raise DataError(no_pad_message(tokenizer))
     if max_length < 1:
@@ -135,6 +137,9 @@ def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: 
     opts = dict(max_length=max_length, max_train_samples=max_train_samples,
                 max_eval_samples=max_eval_samples, seed=seed)
     # Submodules are imported here, not at the top, because they import from this module.
+    if family in ("classification", "regression") and not rest:
+        from .files import FileSpec, load_files_task
+        return load_files_task(family, files or FileSpec(), tokenizer, **opts)
     if family == "glue" and rest:
         from .glue import load_glue
         return load_glue(rest, tokenizer, resolve_data_dir(data_dir), **opts)
@@ -148,8 +153,8 @@ def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: 
     if family == "builtin" and rest:
         from .builtin import load_builtin
         return load_builtin(rest, tokenizer, **opts)
-    raise DataError(f"unknown task {task!r}: expected glue/<task>, commonsense/<name>, text/<file> "
-                    "or builtin/vader, builtin/pydoc")
+    raise DataError(f"task: unknown task {task!r}: expected classification, regression, glue/<task>, "
+                    "commonsense/<name>, text/<file> or builtin/vader, builtin/pydoc")
 
 
 def _local_dir(task: str, data_dir: str | None) -> str:
