@@ -1,4 +1,4 @@
-"""``qkvtune train|eval|export|analyze|bench`` — argument parsing and one-line errors; the work happens elsewhere."""
+"""``qkvtune train|eval|export|predict|analyze|bench`` — argument parsing and one-line errors; the work happens elsewhere."""
 
 from __future__ import annotations
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import register as register_bench
 
     register_bench(sub)  # qkvtune bench speed|claims
+    from .predict import register as register_predict
+
+    register_predict(sub)  # qkvtune predict RUN_OR_MODEL INPUT --output OUT
     args = parser.parse_args(argv)
     if args.command == "train" and args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # `qkvtune train key=value ...` with no file
