@@ -388,13 +388,3 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         return build_config(values)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-def save_config(cfg: TrainConfig, path: str) -> None:
-    from .io import atomic_write
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    atomic_write(path, write)
-

@@ -59,6 +59,16 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
+def save_config(cfg, path: str) -> None:
+    """A run's resolved config as YAML (``config.yaml``), atomically."""
+    import yaml
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    atomic_write(path, write)
+
+
 def write_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:

@@ -16,7 +16,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from . import attach, checkpoints, io, runs
 from .callbacks import ntk_stopping
-from .config import ConfigError, TrainConfig, save_config
+from .config import ConfigError, TrainConfig
 from .errors import QkvtuneError, check_output_dir
 from .evaluation import evaluate_all, metric_key
 from .models import default_dtype
@@ -199,7 +199,7 @@ def _train(cfg: TrainConfig) -> dict:
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
     if trainer.is_world_process_zero():
         io.save_adapter(model, cfg.output_dir, extra=settings)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        io.save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         io.write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
         plot_losses(trainer.state.log_history, os.path.join(cfg.output_dir, "loss.png"))
     return metrics
