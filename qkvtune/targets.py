@@ -7,6 +7,10 @@ one slice covering every row; fused projections hold several slices side by side
 * GPT-2 ``c_attn`` (a ``Conv1D``, weight stored in×out): q, k, v are the column ranges [0,d), [d,2d), [2d,3d).
 * GPT-NeoX ``query_key_value``: outputs laid out per head as (n_heads, 3, head_dim), so q is a strided set.
 * Phi-3 ``qkv_proj``: [q | k | v] contiguous, k and v narrower under grouped-query attention.
+* ModernBERT and MPT ``attn.Wqkv``: [q | k | v] thirds. Bloom ``self_attention.query_key_value``: per head,
+  as GPT-NeoX. Falcon's: grouped, per head or multi-query, by its config (``_falcon_rows``).
+* Separate projections also cover DeBERTa-v2/v3 (``query_proj``…), Phi-2 (``dense`` as o), ModernBERT's
+  ``attn.Wo``, Falcon/Bloom's ``self_attention.dense``.
 
 Rows are kept as a compact, JSON-friendly ``Rows(start, width, stride, count)``: the index set
 ``{start + p*stride + j : p < count, j < width}``; a contiguous range has ``count == 1``.
@@ -187,6 +191,11 @@ _SEPARATE = [
     (r"(self_attn|attn|attention)\.q_proj", "q"), (r"(self_attn|attn|attention)\.k_proj", "k"),
     (r"(self_attn|attn|attention)\.v_proj", "v"),
     (r"(self_attn|attn|attention)\.(o_proj|out_proj)", "o"),             # Llama, Mistral, Qwen2, OPT, GPT-J
+    (r"attention\.self\.query_proj", "q"), (r"attention\.self\.key_proj", "k"),
+    (r"attention\.self\.value_proj", "v"),                             # DeBERTa-v2/v3 (o: attention.output.dense)
+    (r"attn\.Wo", "o"),                                                  # ModernBERT (its mlp.Wo is not attention)
+    (r"self_attn\.dense", "o"),                                          # Phi-1/2
+    (r"self_attention\.dense", "o"),                                     # Falcon, Bloom
     (r"attention\.q_lin", "q"), (r"attention\.k_lin", "k"), (r"attention\.v_lin", "v"),
     (r"attention\.out_lin", "o"),                                         # DistilBERT
     (r"(SelfAttention|EncDecAttention)\.q", "q"), (r"(SelfAttention|EncDecAttention)\.k", "k"),
@@ -198,6 +207,8 @@ _FUSED = [
     (r"attn\.c_attn", "thirds"),                # GPT-2
     (r"attention\.query_key_value", "per_head"),  # GPT-NeoX, Pythia
     (r"self_attn\.qkv_proj", "gqa_concat"),     # Phi-3
+    (r"attn\.Wqkv", "thirds"),                  # ModernBERT, MPT: [q | k | v]
+    (r"self_attention\.query_key_value", "by_model"),  # Falcon (three layouts) and Bloom (per head)
 ]
 _MLP = [
     (r"mlp\.(gate_proj|up_proj|down_proj)", None), (r"intermediate\.dense", "up"), (r"output\.dense", "down"),
@@ -240,7 +251,35 @@ def _heads(model: nn.Module) -> tuple[int, int, int | None]:
     return n, kv, hd
 
 
+def _falcon_rows(out: int, model: nn.Module) -> dict[str, Rows]:
+    """Falcon's query_key_value, as modeling_falcon's ``_split_heads`` reads it: grouped (new decoder
+    architecture: per kv group, its query heads then one key and one value head), per head (q, k, v of each
+    head side by side), or multi-query ([all query heads | one key | one value])."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = cfg.num_attention_heads
+    hd = cfg.hidden_size // n
+    if getattr(cfg, "new_decoder_architecture", False):
+        kv = cfg.num_kv_heads
+        g = n // kv
+        stride = (g + 2) * hd
+        if kv * stride != out:
+            raise TargetError(f"falcon query_key_value: {out} outputs do not fit {kv} groups of {g}+2 heads of {hd}")
+        return {"q": Rows(0, g * hd, stride, kv), "k": Rows(g * hd, hd, stride, kv), "v": Rows((g + 1) * hd, hd, stride, kv)}
+    if getattr(cfg, "multi_query", False):
+        return {"q": Rows.range(0, n * hd), "k": Rows.range(n * hd, (n + 1) * hd), "v": Rows.range((n + 1) * hd, (n + 2) * hd)}
+    return {kind: Rows(i * hd, hd, 3 * hd, n) for i, kind in enumerate("qkv")}
+
+
 def _fused_rows(layout: str, out: int, model: nn.Module) -> dict[str, Rows]:
+    if layout == "by_model":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type == "falcon":
+            return _falcon_rows(out, model)
+        if model_type == "bloom":
+            layout = "per_head"
+        else:
+            raise TargetError(f"self_attention.query_key_value of a {model_type!r} model: its q/k/v layout is unknown; "
+                              "name the rows with target_modules={'query_key_value': {q: 'a:b', …}}")
     if layout == "thirds":
         d = out // 3
         return {"q": Rows.range(0, d), "k": Rows.range(d, 2 * d), "v": Rows.range(2 * d, 3 * d)}

@@ -1,0 +1,130 @@
+"""q/k/v/o in more architectures: DeBERTa-v2, ModernBERT, MPT, Falcon (three fused layouts), Bloom, Phi-2, and
+Gemma/Gemma2/Qwen2/Mistral. Each fused layout is checked against the model's own split of the fused output;
+a LoRA on q and v moves only the q and v rows; PEFT loads the saved adapter to the same logits."""
+
+import peft
+import pytest
+import torch
+import transformers as T
+
+from qkvtune import attach, io
+from qkvtune.targets import find_targets
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+
+
+def _config(arch):
+    if arch == "deberta-v2":
+        return T.DebertaV2Config(**SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                 relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+                                 type_vocab_size=0, pad_token_id=0), "seq"
+    if arch == "modernbert":
+        return T.ModernBertConfig(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                  sep_token_id=2, global_attn_every_n_layers=1), "seq"
+    if arch == "mpt":
+        return T.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64, expansion_ratio=2, pad_token_id=0), "lm"
+    if arch.startswith("falcon"):
+        layout = {"falcon-grouped": dict(new_decoder_architecture=True, num_kv_heads=2),
+                  "falcon-per-head": dict(new_decoder_architecture=False, multi_query=False),
+                  "falcon-multi-query": dict(new_decoder_architecture=False, multi_query=True)}[arch]
+        return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              hidden_dropout=0.0, attention_dropout=0.0, alibi=False, pad_token_id=0, **layout), "lm"
+    if arch == "bloom":
+        return T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0), "lm"
+    if arch == "phi":
+        return T.PhiConfig(**SMALL, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), "lm"
+    cls = {"gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[arch]
+    return cls(**SMALL, num_key_value_heads=2, head_dim=8, pad_token_id=0), "lm"
+
+
+def _model(arch, seed=0):
+    cfg, kind = _config(arch)
+    torch.manual_seed(seed)
+    if kind == "seq":
+        cfg.num_labels = 2
+        return T.AutoModelForSequenceClassification.from_config(cfg).eval()
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+ARCHS = ["deberta-v2", "modernbert", "mpt", "falcon-grouped", "falcon-per-head", "falcon-multi-query", "bloom", "phi",
+         "gemma", "gemma2", "qwen2", "mistral"]
+
+
+def _split(arch, module, y):
+    """q, k, v as the model's own attention code splits the fused output y (…, out), each flattened (…, rows)."""
+    if arch in ("modernbert",):
+        qkv = y.view(*y.shape[:-1], 3, -1)
+        return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    if arch == "mpt":
+        return y.chunk(3, dim=-1)
+    if arch.startswith("falcon"):
+        attn = module
+        if attn.new_decoder_architecture:  # key/value before broadcasting to the query heads
+            qkv = y.view(*y.shape[:-1], -1, attn.num_heads // attn.num_kv_heads + 2, attn.head_dim)
+            return qkv[..., :-2, :].flatten(-3), qkv[..., -2, :].flatten(-2), qkv[..., -1, :].flatten(-2)
+        return tuple(t.flatten(-2) for t in attn._split_heads(y))
+    if arch == "bloom":
+        q, k, v = module._reshape(y)  # (b, heads, s, hd)
+        return tuple(t.transpose(1, 2).flatten(-2) for t in (q, k, v))
+    raise AssertionError(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slices_match_the_models_own_split(arch):
+    model = _model(arch)
+    targets = find_targets(model, ["q", "k", "v", "o"])
+    layers = {t.layer for t in targets}
+    assert len(layers) == 2 and all(sum(t.layer == la and t.kind == k for t in targets) == 1
+                                    for la in layers for k in "qkvo")
+    fused = [t for t in targets if not t.rows.covers(t.out_features)]
+    if arch in ("deberta-v2", "phi", "gemma", "gemma2", "qwen2", "mistral"):
+        assert not fused  # separate projections
+        o = [t.module for t in targets if t.kind == "o"]
+        assert all(m.endswith(("attention.output.dense", "self_attn.dense", "self_attn.o_proj")) for m in o), o
+        return
+    module_name = fused[0].module
+    parent = model.get_submodule(module_name.rsplit(".", 1)[0])
+    y = torch.randn(2, 3, fused[0].out_features)
+    expected = _split(arch, parent, y)
+    for t, want in zip([t for t in fused if t.module == module_name], expected):
+        assert torch.equal(t.outputs(y), want), (arch, t.kind)
+
+
+@pytest.mark.parametrize("arch", ["modernbert", "mpt", "falcon-grouped", "falcon-multi-query", "bloom", "phi", "deberta-v2"])
+def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch, tmp_path):
+    model = _model(arch)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    kv = find_targets(model, ["q", "k", "v"])
+    outs = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            outs[name] = out.detach().clone()
+        return fn
+
+    modules = sorted({t.module for t in kv})
+    handles = [model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+    with torch.no_grad():
+        model(input_ids=ids)
+    before = dict(outs)
+    for h in handles:
+        h.remove()
+    attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", rank=2, alpha=4)
+    with torch.no_grad():
+        for _, d in attach.iter_deltas(model):
+            d.factors()[1].normal_(0, 0.5)
+    handles = [model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    q0 = min((t for t in kv if t.kind == "q"), key=lambda t: t.layer)
+    assert not torch.equal(q0.outputs(outs[q0.module]), q0.outputs(before[q0.module]))  # q of layer 0 moved
+    for t in kv:
+        if t.kind == "k" and t.layer == min(x.layer for x in kv):  # k of the first layer sees the same input
+            assert torch.equal(t.outputs(outs[t.module]), t.outputs(before[t.module])), (arch, t.name)
+    io.save_adapter(model, str(tmp_path))
+    base = _model(arch)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
