@@ -3,40 +3,16 @@
 refused with one line naming the file (and the row where there is one), never a traceback."""
 
 import os
-import random
 import shutil
 
 import pytest
 import transformers
 
 from conftest import minilm_folder
+from mutations import apply, mutations
 from qkvtune.cli import main
 from qkvtune.data import DataError, load_task
 from qkvtune.models import ModelError, load_model, load_tokenizer
-
-
-def _mutations(data: bytes, seed: str):
-    rng = random.Random(seed)
-    n = len(data)
-    yield "empty", b""
-    for cut in sorted({1, n // 3, n // 2, n - 1}):
-        yield f"truncated at {cut}", data[:cut]
-    for _ in range(5):
-        pos = rng.randrange(n)
-        yield f"byte {pos} flipped", data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:]
-    yield "invalid UTF-8", data[: n // 2] + b"\xff\xfe\xc3" + data[n // 2:]
-    yield "NUL byte", data[: n // 2] + b"\x00" + data[n // 2:]
-    yield "folder", None
-    yield "missing", ...
-
-
-def _apply(path: str, mutation) -> None:
-    os.remove(path)
-    if mutation is None:
-        os.mkdir(path)
-    elif mutation is not ...:
-        with open(path, "wb") as f:
-            f.write(mutation)
 
 
 _TOK = {}
@@ -64,12 +40,12 @@ SIDE = {"glue/SST-2/dev.tsv": "sentence\tlabel\nok\t1\nno\t0\n",
 def test_mutated_data_files(tmp_path, task):
     rel, text = DATA[task]
     refused = 0
-    for i, (label, mutation) in enumerate(_mutations(text.encode(), task)):
+    for i, (label, mutation) in enumerate(mutations(text.encode(), task)):
         root = tmp_path / f"case{i}"
         for r, t in [(rel, text), *SIDE.items()]:
             (root / r).parent.mkdir(parents=True, exist_ok=True)
             (root / r).write_text(t)
-        _apply(str(root / rel), mutation)
+        apply(str(root / rel), mutation)
         try:
             load_task(task, _tok(), data_dir=str(root), max_length=32)
         except DataError as e:
@@ -87,10 +63,10 @@ def test_mutated_config_yaml(tmp_path, tiny_bert_dir, capsys):
     refused = 0
     out = tmp_path / "out"
     text = CONFIG.format(model=tiny_bert_dir, out=out).encode()
-    for i, (label, mutation) in enumerate(_mutations(text, "config")):
+    for i, (label, mutation) in enumerate(mutations(text, "config")):
         path = tmp_path / f"c{i}.yaml"
         path.write_bytes(text)
-        _apply(str(path), mutation)
+        apply(str(path), mutation)
         shutil.rmtree(out, ignore_errors=True)
         capsys.readouterr()
         rc = main(["train", str(path)])
@@ -109,11 +85,11 @@ def test_mutated_model_folder(tmp_path, tiny_bert_dir, name):
     with open(os.path.join(tiny_bert_dir, name), "rb") as f:
         original = f.read()
     refused = 0
-    muts = list(_mutations(original, name))
+    muts = list(mutations(original, name))
     for i, (label, mutation) in enumerate(muts[:1] + muts[2:4] + muts[-4:]):  # a model loads slowly: fewer cases
         folder = str(tmp_path / f"m{i}")
         shutil.copytree(tiny_bert_dir, folder)
-        _apply(os.path.join(folder, name), mutation)
+        apply(os.path.join(folder, name), mutation)
         try:
             tok = load_tokenizer(folder)
             load_model(folder, "classification", 2, tokenizer=tok)

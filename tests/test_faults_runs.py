@@ -6,11 +6,11 @@ file's place, the file gone): the adapter's JSON and safetensors (qkvtune and PE
 metrics.json and trainer_state.json; then `export`, `eval` and `analyze` run on the folder in process."""
 
 import os
-import random
 import shutil
 
 import pytest
 
+from mutations import apply, mutations
 from qkvtune import io
 from qkvtune.cli import main
 from qkvtune.config import build_config
@@ -27,29 +27,6 @@ def run_dir(tmp_path_factory, tiny_bert_dir):
     return str(out)
 
 
-def _mutations(data: bytes, rng: random.Random):
-    n = len(data)
-    yield "empty", b""
-    for cut in sorted({1, n // 3, n // 2, n - 1}):
-        yield f"truncated at {cut}", data[:cut]
-    for i in range(4):
-        pos = rng.randrange(n)
-        yield f"byte {pos} flipped", data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:]
-    mid = n // 2
-    yield "invalid UTF-8", data[:mid] + b"\xff\xfe\xc3" + data[mid:]
-    yield "folder", None
-    yield "missing", ...
-
-
-def _apply(path: str, mutation) -> None:
-    os.remove(path)
-    if mutation is None:
-        os.mkdir(path)
-    elif mutation is not ...:
-        with open(path, "wb") as f:
-            f.write(mutation)
-
-
 def _check(rc: int, err: str, what: str, out: str | None = None) -> None:
     lines = [line for line in err.strip().splitlines() if line.startswith("qkvtune: ") or "Traceback" in line]
     assert "Traceback" not in err, what
@@ -64,12 +41,11 @@ def _check(rc: int, err: str, what: str, out: str | None = None) -> None:
 def test_mutated_run_files_across_commands(run_dir, tmp_path, capsys, name, tiny_bert_dir):
     with open(os.path.join(run_dir, name), "rb") as f:
         original = f.read()
-    rng = random.Random(name)
     refused = 0
-    for i, (label, mutation) in enumerate(_mutations(original, rng)):
+    for i, (label, mutation) in enumerate(mutations(original, name, flips=4)):
         case = str(tmp_path / f"case{i}")
         shutil.copytree(run_dir, case)
-        _apply(os.path.join(case, name), mutation)
+        apply(os.path.join(case, name), mutation)
         what = f"{name} {label}"
         commands = [["export", case, str(tmp_path / f"merged{i}")]]
         if name == io.QKV_CONFIG or i % 3 == 0:  # analyze opens runs the same way: a sample suffices
@@ -104,12 +80,12 @@ def test_mutated_peft_adapter_files(run_dir, tmp_path, name):
     with open(os.path.join(run_dir, name), "rb") as f:
         original = f.read()
     refused = 0
-    for i, (label, mutation) in enumerate(_mutations(original, random.Random(name))):
+    for i, (label, mutation) in enumerate(mutations(original, name, flips=4)):
         case = str(tmp_path / f"case{i}")
         shutil.copytree(run_dir, case)
         for own in (io.QKV_CONFIG, io.QKV_WEIGHTS):
             os.remove(os.path.join(case, own))
-        _apply(os.path.join(case, name), mutation)
+        apply(os.path.join(case, name), mutation)
         try:
             io.load_adapter(base, case, f"a{i}")
             attach.delete_adapter(base, f"a{i}")
