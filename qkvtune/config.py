@@ -97,7 +97,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient stops the run, or skips the step
     max_nonfinite_skips: int = 10          # with skip: stop after this many skipped steps
     allow_pickle: bool = False             # load model weights from pickle files (.bin) when no safetensors exist
-    dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"                    # auto (bf16 where a GPU supports it natively, else fp32) | float32
+                                           # | bfloat16 | float16 (CUDA, with a gradient scaler)
     fast_path: str = "auto"                # auto | on | off (qkvtune/fastpath.py): auto = cheap dropout masks on CPU
                                            # (same distribution, another random stream); on = also torch.compile on CUDA
     trust_remote_code: bool = False

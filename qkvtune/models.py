@@ -76,16 +76,20 @@ def resolve(name: str) -> str:
         return os.path.join(folder, alias["subdir"])
     out = os.path.join(cache_dir(), name.lower())
     if not os.path.exists(os.path.join(out, "config.json")):
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError(f"model alias {name} is GGUF and needs the gguf package: pip install 'qkvtune[offline]'")
         _convert_gguf(folder, alias["gguf"], out)
     return out
 
 
 def default_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """"auto": bf16 on CUDA, fp32 on CPU (bf16 is slower than fp32 on CPUs)."""
+    """"auto": bf16 on a CUDA device that supports it natively, else fp32 (bf16 is slower than fp32 on CPUs,
+    and emulated on older GPUs)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:

@@ -117,6 +117,7 @@ def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, 
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16,  # a gradient scaler (CUDA only: refused elsewhere in _train)
         prediction_loss_only=kind in ("causal_lm", "qa_generation"),  # never gather LM logits
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
@@ -178,6 +179,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    if default_dtype(cfg.dtype) == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("dtype: float16 trains with a gradient scaler, which needs CUDA; use float32 or bfloat16")
     resume = _resume_arg(cfg)
     run = runs.build(cfg, resume)
     model, task = run.model, run.task

@@ -17,7 +17,7 @@ def vader_lexicon() -> dict[str, list]:
     """Columns text_a, label of the VADER sentiment lexicon: words rated |mean| >= 1 by humans."""
     spec = importlib.util.find_spec("vaderSentiment")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("builtin/vader needs the vaderSentiment package: pip install vaderSentiment")
+        raise DataError("builtin/vader needs the vaderSentiment package: pip install 'qkvtune[offline]'")
     path = os.path.join(spec.submodule_search_locations[0], "vader_lexicon.txt")
     means = {}  # a few tokens appear twice; the later line wins, as in vaderSentiment itself
     with open(path, encoding="utf-8") as f:
