@@ -27,7 +27,7 @@ class ConfigError(QkvtuneError):
 class TrainConfig:
     # what to tune
     model: str = "minilm"                  # hub id, local folder, or alias: minilm, smollm2-135m
-    task: str = "builtin/vader"            # classification | regression (your own files or dataset), glue/<task>,
+    task: str = "builtin/vader"            # classification | regression | sft (your own files or dataset), glue/<task>,
                                            # commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
     data_dir: str | None = None            # folder laid out like shared/datasets; else $QKVTUNE_DATA; else the hub
     # your own data (task: classification | regression), as in transformers' run_glue.py
@@ -41,6 +41,7 @@ class TrainConfig:
     label_column: str = "label"
     labels: list | None = None             # class names in id order (default: the sorted distinct labels)
     validation_fraction: float = 0.1      # held out of the training rows (seeded) when no validation data is given
+    chat_template: str | None = None       # a Jinja chat template file (task: sft with messages; predict)
     method: str = "lora"                   # lora | dora | dense | smt
     targets: list | None = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o (None: all of target_modules)
     layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
@@ -259,9 +260,10 @@ def _validate_integrations(cfg: TrainConfig) -> None:
 
 def _validate_data(cfg: TrainConfig) -> None:
     """Your own data: the keys a classification/regression task needs, checked before any work."""
-    if cfg.task in ("classification", "regression"):
+    if cfg.task in ("classification", "regression", "sft"):
         if not cfg.train_file and not cfg.dataset:
             raise ConfigError(f"task: {cfg.task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+    if cfg.task in ("classification", "regression"):
         if cfg.text_columns is None:
             raise ConfigError(f"text_columns: task {cfg.task} needs the text column(s), e.g. text_columns: [sentence]")
     for key in ("train_file", "validation_file"):
@@ -277,6 +279,8 @@ def _validate_data(cfg: TrainConfig) -> None:
         cfg.text_columns = cols
     if cfg.labels is not None and (len(cfg.labels) < 2 or len({str(v) for v in cfg.labels}) != len(cfg.labels)):
         raise ConfigError(f"labels: expected at least two distinct class names, got {cfg.labels!r}")
+    if cfg.chat_template is not None and not os.path.isfile(cfg.chat_template):
+        raise ConfigError(f"chat_template: {cfg.chat_template} is not a file")
     if not 0 < cfg.validation_fraction < 1:
         raise ConfigError(f"validation_fraction: must be in (0, 1), got {cfg.validation_fraction!r}")
 

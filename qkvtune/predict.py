@@ -59,6 +59,9 @@ def load_predictor(source: str, overrides: dict):
     else:
         raise PredictError(f"{source}/config.json: architectures {archs} are neither a sequence classifier nor a causal LM")
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    from .data.sft import set_chat_template
+
+    set_chat_template(tokenizer, cfg.chat_template)
     model, tokenizer, _ = load_model(source, kind, len(names) if names else 1, cfg.dtype, cfg.trust_remote_code,
                                      tokenizer, cfg.allow_pickle)
     if kind == "regression":

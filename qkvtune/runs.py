@@ -105,6 +105,14 @@ def _load_task(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | N
                      train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg))
 
 
+def _tokenizer(cfg: TrainConfig):
+    from .data.sft import set_chat_template
+
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    set_chat_template(tokenizer, cfg.chat_template)
+    return tokenizer
+
+
 def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):
     return load_model(cfg.model, info.kind, max(info.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tokenizer,
                       cfg.allow_pickle)
@@ -118,7 +126,7 @@ def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | No
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the fresh task head is random: seed it
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = _tokenizer(cfg)
     task = _load_task(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
     info = TaskInfo.of(task)
     model, tokenizer, new_modules = _model(cfg, tokenizer, info)
@@ -254,7 +262,7 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
     task = None
     shared = model is not None
     try:  # model and data are named by the run's config.yaml: say so when they cannot be loaded
-        tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
+        tokenizer = tokenizer or _tokenizer(cfg)
         if with_task or info is None:
             task = _load_task(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
             info = info or TaskInfo.of(task)

@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig) -> dict:
                          on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg)
+    metrics.update(task.info)  # e.g. sft's num_truncated
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
     if trainer.is_world_process_zero():

@@ -7,7 +7,7 @@ and builtin/vader, builtin/pydoc (offline data).
 """
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import datasets
@@ -35,6 +35,7 @@ class TaskData:
     greater_is_better: bool
     generation_records: dict[str, list[dict]] | None = None  # qa_generation: {"test": [{"prompt", "answer"}]}
     answer_choices: list[str] | None = None  # qa_generation: distinct answer labels
+    info: dict = field(default_factory=dict)  # counts worth reporting with the metrics (sft: num_truncated)
 
 
 class PadCollator:
@@ -140,6 +141,10 @@ def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: 
     if family in ("classification", "regression") and not rest:
         from .files import FileSpec, load_files_task
         return load_files_task(family, files or FileSpec(), tokenizer, **opts)
+    if family == "sft" and not rest:
+        from .files import FileSpec
+        from .sft import load_sft
+        return load_sft(files or FileSpec(), tokenizer, train_on_inputs=train_on_inputs, **opts)
     if family == "glue" and rest:
         from .glue import load_glue
         return load_glue(rest, tokenizer, resolve_data_dir(data_dir), **opts)
@@ -153,7 +158,7 @@ def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: 
     if family == "builtin" and rest:
         from .builtin import load_builtin
         return load_builtin(rest, tokenizer, **opts)
-    raise DataError(f"task: unknown task {task!r}: expected classification, regression, glue/<task>, "
+    raise DataError(f"task: unknown task {task!r}: expected classification, regression, sft, glue/<task>, "
                     "commonsense/<name>, text/<file> or builtin/vader, builtin/pydoc")
 
 

@@ -1,0 +1,158 @@
+"""``task: sft``: supervised fine-tuning of chat and instruction models on your own records, as TRL's
+SFTTrainer reads them:
+
+* ``messages`` (a list of ``{role, content}``) rendered with the tokenizer's own chat template
+  (``apply_chat_template``; ``chat_template: <file>`` supplies or replaces it); the loss covers the assistant
+  turns only, unless ``train_on_inputs``;
+* ``prompt`` + ``completion`` strings: the loss covers the completion;
+* Alpaca records (``instruction``, ``input``, ``output``), with the Alpaca prompt.
+
+Sources as for classification (``train_file``/``validation_file`` or ``dataset``; a seeded
+``validation_fraction`` is held out otherwise). Examples longer than ``max_length`` are truncated, counted
+(``num_truncated``) and logged; one whose trained tokens are all cut off is dropped (its loss would be 0/0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import datasets
+
+from . import DataError, PadCollator, TaskData, read_text, subsample
+from .files import Table, read_dataset, read_table
+from .text import alpaca_prompt, causal_task, encode_sft
+
+log = logging.getLogger(__name__)
+
+
+def set_chat_template(tokenizer, path: str | None) -> None:
+    """``chat_template: <file>``: a Jinja template file for tokenizers that have none (or to replace theirs)."""
+    if path:
+        tokenizer.chat_template = read_text(path)
+
+
+def _rows(table: Table) -> tuple[str, list]:
+    cols = table.columns
+    if "messages" in cols:
+        return "messages", cols["messages"]
+    if "prompt" in cols and "completion" in cols:
+        return "prompt", list(zip(cols["prompt"], cols["completion"]))
+    if "instruction" in cols and "output" in cols:
+        inputs = cols.get("input") or [""] * len(cols["instruction"])
+        return "alpaca", list(zip(cols["instruction"], inputs, cols["output"]))
+    raise DataError(f"{table.where[0][0]}: sft records need messages, prompt + completion, or instruction + output; "
+                    f"the columns are {', '.join(cols)}")
+
+
+def _check_messages(table: Table, convs: list) -> None:
+    for i, conv in enumerate(convs):
+        if not isinstance(conv, list) or not conv:
+            raise DataError(f"{table.at(i)}: messages must be a non-empty list of {{role, content}}")
+        for m in conv:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{table.at(i)}: each message needs a string role and content")
+        if not any(m["role"] == "assistant" for m in conv):
+            raise DataError(f"{table.at(i)}: no assistant message to learn")
+
+
+def assistant_spans(tokenizer, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns: each turn's span runs from
+    the end of the conversation so far rendered with a generation prompt to the end of the turn rendered."""
+    text = tokenizer.apply_chat_template(conv, tokenize=False)
+    spans = []
+    for i, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        end = tokenizer.apply_chat_template(conv[:i + 1], tokenize=False)
+        if not (text.startswith(end) and end.startswith(start)):
+            raise DataError("chat template: rendering is not prefix-stable, so assistant turns cannot be located")
+        spans.append((len(start), len(end)))
+    return text, spans
+
+
+def encode_chat(tokenizer, convs: list, max_length: int, train_on_inputs: bool) -> tuple[dict, int]:
+    """input_ids/attention_mask/labels of chat conversations (labels only on assistant tokens unless
+    ``train_on_inputs``), and how many were truncated."""
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    truncated = 0
+    for conv in convs:
+        text, spans = assistant_spans(tokenizer, conv)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids = enc["input_ids"]
+        trained = [train_on_inputs or any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+        if len(ids) > max_length:
+            truncated += 1
+            ids, trained = ids[:max_length], trained[:max_length]
+        if not any(trained):
+            continue
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append([t if keep else -100 for t, keep in zip(ids, trained)])
+    return out, truncated
+
+
+def _encode(tokenizer, form: str, rows: list, max_length: int, train_on_inputs: bool, desc: str):
+    if form == "messages":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("messages: the tokenizer has no chat template; give one with chat_template: <file.jinja>")
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("messages: locating assistant turns needs a fast tokenizer (offsets)")
+        cols, truncated = encode_chat(tokenizer, rows, max_length, train_on_inputs)
+    else:
+        if form == "prompt":
+            prompts, responses = [r[0] for r in rows], [r[1] for r in rows]
+        else:  # alpaca: (instruction, input, output)
+            prompts, responses = [alpaca_prompt(r[0], r[1] or "") for r in rows], [r[2] for r in rows]
+        eos = 1 if tokenizer.eos_token_id is not None else 0
+        lengths = [len(a) + len(b) + eos for a, b in zip(tokenizer(prompts, add_special_tokens=False)["input_ids"],
+                                                       tokenizer(responses, add_special_tokens=False)["input_ids"])]
+        truncated = sum(n > max_length for n in lengths)
+        cols = encode_sft(tokenizer, prompts, responses, max_length, train_on_inputs)
+    if truncated:
+        log.warning("%s: %d of %d examples are longer than max_length=%d and were truncated", desc, truncated,
+                    len(rows), max_length)
+    if not cols["input_ids"]:
+        raise DataError(f"{desc}: no example keeps a trained token within max_length={max_length}")
+    return datasets.Dataset.from_dict(cols), truncated
+
+
+def _check_rows(table: Table, form: str, rows: list) -> None:
+    if form == "messages":
+        _check_messages(table, rows)
+        return
+    for i, r in enumerate(rows):
+        if not all(isinstance(v, str) for v in r if v is not None) or not r[0] or not r[-1]:
+            raise DataError(f"{table.at(i)}: empty or non-text {('prompt/completion' if form == 'prompt' else 'instruction/output')}")
+
+
+def load_sft(spec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples, seed: int,
+             train_on_inputs: bool) -> TaskData:
+    if spec.train_file:
+        train = read_table(spec.train_file, "train_file")
+        dev = read_table(spec.validation_file, "validation_file") if spec.validation_file else None
+    elif spec.dataset:
+        train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
+        dev = read_dataset(spec.dataset, spec.dataset_config, spec.validation_split) if spec.validation_split else None
+    else:
+        raise DataError("task: sft needs train_file (JSON, JSONL, CSV or Parquet records) or dataset")
+    if dev is None:
+        n = len(train.where)
+        k = max(1, round(n * spec.validation_fraction))
+        if n - k < 1:
+            raise DataError(f"{train.where[0][0]}: {n} records are too few to hold out a validation set")
+        held = set(random.Random(seed).sample(range(n), k))
+        pick = lambda idx: Table({c: [v[i] for i in idx] for c, v in train.columns.items()}, [train.where[i] for i in idx])  # noqa: E731
+        train, dev = pick([i for i in range(n) if i not in held]), pick(sorted(held))
+    parts = {}
+    for split, table, cap, sub_seed in (("train", train, max_train_samples, seed), ("dev", dev, max_eval_samples, None)):
+        form, rows = _rows(table)
+        _check_rows(table, form, rows)
+        idx = subsample({"i": list(range(len(rows)))}, cap, sub_seed)["i"]
+        parts[split] = _encode(tokenizer, form, [rows[i] for i in idx], max_length, train_on_inputs,
+                               f"sft {split} ({os.path.basename(table.where[0][0].split(' [')[0])})")
+    task = causal_task("sft", parts["train"][0], {"dev": parts["dev"][0]}, tokenizer)
+    task.info = {"num_truncated": parts["train"][1] + parts["dev"][1]}
+    return task
