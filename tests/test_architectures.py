@@ -128,3 +128,31 @@ def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["falcon-grouped", "modernbert"])
+def test_qkvtune_train_moves_only_q_and_v(arch, tmp_path):
+    """A saved tiny model of the architecture through `qkvtune train targets=q,v`: merging the trained
+    adapter changes the q and v slices of the base weights and nothing else."""
+    from conftest import minilm_folder
+    from qkvtune.config import build_config
+    from qkvtune.runs import open_run
+    from qkvtune.train import train
+
+    tok = T.AutoTokenizer.from_pretrained(minilm_folder())
+    tok.eos_token = tok.sep_token
+    cfg, kind = _config(arch)
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    (T.AutoModelForSequenceClassification if kind == "seq" else T.AutoModelForCausalLM).from_config(cfg) \
+        .save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    train(build_config(dict(model=str(tmp_path / "base"), task="builtin/vader" if kind == "seq" else "builtin/pydoc",
+                            targets="q,v", max_train_samples=16, max_eval_samples=4, max_length=32, batch_size=4,
+                            max_steps=2, eval_strategy="no", lr=1e-2, output_dir=str(tmp_path / "run"))))
+    run = open_run(str(tmp_path / "run"), with_task=False)
+    slices = find_targets(run.model, ["q", "k", "v", "o"])
+    before = {t.name: t.weight(run.model).clone() for t in slices}
+    attach.merge_adapter(run.model)
+    moved = {t.kind for t in slices if not torch.equal(before[t.name], t.weight(run.model))}
+    assert moved == {"q", "v"}

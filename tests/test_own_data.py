@@ -142,3 +142,17 @@ def test_predict_refusals(files, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys
                  str(tmp_path / "g.jsonl")]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "g.jsonl")]
     assert [r["text"] for r in rows] == ["the film was", "it was a"] and all(isinstance(r["completion"], str) for r in rows)
+
+
+def test_a_local_dataset_folder_with_splits(files, tmp_path):
+    import datasets
+
+    frame = pd.read_csv(files / "train.csv")
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame[:80]),
+                          "validation": datasets.Dataset.from_pandas(frame[80:])}).save_to_disk(str(tmp_path / "ds"))
+    task = load_task("classification", _tok(), files=FileSpec(dataset=str(tmp_path / "ds"), validation_split="validation",
+                                                              text_columns=["premise"], label_column="verdict"))
+    assert len(task.train) == 80 and len(task.evals["dev"]) == 16 and task.label_names == ["agree", "clash"]
+    with pytest.raises(DataError, match="has no split 'test'"):
+        load_task("classification", _tok(), files=FileSpec(dataset=str(tmp_path / "ds"), validation_split="test",
+                                                           text_columns=["premise"], label_column="verdict"))
