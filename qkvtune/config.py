@@ -378,6 +378,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"{path}: config file not found") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:

@@ -32,7 +32,7 @@ class ModelError(QkvtuneError):
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def cache_dir() -> str:
@@ -102,7 +102,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # not found offline, no tokenizer files, unknown model type
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # not found offline, no tokenizer files, unknown model type, tokenizer files of the wrong shape
         raise ModelError(f"model: cannot load a tokenizer for {name!r} ({_first_line(e)})") from None
     if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -132,8 +133,10 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
     except OSError as e:
         hint = "" if allow_pickle else "; pickle weights (.bin) are refused unless allow_pickle=true"
         raise ModelError(f"model: cannot load {name!r} ({_first_line(e)}){hint}") from None
-    except (ValueError, SafetensorError) as e:  # a corrupt config.json or weights file, an unknown model type
-        raise ModelError(f"model: cannot load {name!r} ({_first_line(e)})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, RecursionError, SafetensorError) as e:
+        # a corrupt or edited config.json (unknown activation, a list, sizes that do not fit the weights),
+        # a corrupt weights file, an unknown model type: the model folder is at fault, not qkvtune
+        raise ModelError(f"model: cannot load {name!r} ({type(e).__name__}: {_first_line(e)[:300]})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})

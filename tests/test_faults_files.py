@@ -97,3 +97,32 @@ def test_mutated_model_folder(tmp_path, tiny_bert_dir, name):
             refused += 1
             assert "\n" not in str(e) and folder in str(e), (label, str(e))
     assert refused >= 3
+
+
+def test_inputs_that_parse_but_do_not_fit(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Valid JSON/YAML of the wrong shape or depth, model configs edited to disagree with their weights."""
+    import json
+
+    from qkvtune.config import ConfigError, load_config
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("targets: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        load_config(str(deep))
+    for i, edit in enumerate([{"hidden_act": "gemu"}, {"vocab_size": 10}, None]):
+        folder = tmp_path / f"m{i}"
+        shutil.copytree(tiny_bert_dir, folder)
+        cfg = json.load(open(folder / "config.json"))
+        (folder / "config.json").write_text(json.dumps([1, 2] if edit is None else {**cfg, **edit}))
+        with pytest.raises(ModelError, match=str(folder)):
+            load_model(str(folder), "classification", 2, tokenizer=load_tokenizer(tiny_bert_dir))
+    rec = {"instruction": "q?", "input": "", "output": "the answer is yes", "answer": "yes"}
+    root = tmp_path / "data" / "commonsense" / "toy"
+    root.mkdir(parents=True)
+    (root / "test.json").write_text(json.dumps([rec] * 2))
+    for text, match in [("[" * 100000 + "]" * 100000, "nested too deeply"),
+                        (json.dumps([rec] * 4).replace("q?", "q\\udc80"), "record 0: 'instruction' holds an invalid"),
+                        (json.dumps([dict(rec, instruction="word " * 300)] * 4), "every record's prompt fills max_length")]:
+        (root / "train.json").write_text(text)
+        with pytest.raises(DataError, match=match):
+            load_task("commonsense/toy", load_tokenizer(tiny_llama_dir), data_dir=str(tmp_path / "data"), max_length=64)

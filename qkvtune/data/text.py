@@ -66,6 +66,8 @@ def tokenize_sft(records: dict[str, list], tokenizer, max_length: int, train_on_
     ds = datasets.Dataset.from_dict({"prompt": records["prompt"], "response": records["response"]})
     out = ds.map(lambda b: encode_sft(tokenizer, b["prompt"], b["response"], max_length, train_on_inputs),
                  batched=True, remove_columns=ds.column_names, desc=desc)
+    if len(out) == 0:
+        raise DataError(f"{desc}: every record's prompt fills max_length={max_length}; raise max_length")
     if len(out) < len(ds):
         log.warning("%s: dropped %d of %d records whose prompt fills max_length=%d; raise max_length to keep them",
                     desc, len(ds) - len(out), len(ds), max_length)
@@ -127,6 +129,10 @@ def read_json_records(path: str, required: tuple[str, ...], optional: tuple[str,
                 raise DataError(f"{path} {at}: missing key {key!r}")
             if not isinstance(rec[key], str):
                 raise DataError(f"{path} {at}: {key!r} must be a string, got {type(rec[key]).__name__}")
+            try:
+                rec[key].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape (\udc80): no text a tokenizer can take
+                raise DataError(f"{path} {at}: {key!r} holds an invalid Unicode escape") from None
     return records
 
 
@@ -135,6 +141,8 @@ def _parse_json(text: str, path: str, at: str | None):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} {at or f'line {e.lineno}'}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path} {at or ''}: JSON nested too deeply".replace(" :", ":")) from None
 
 
 def load_text(file: str, tokenizer, data_dir: str, *, max_length: int, max_train_samples, max_eval_samples,
