@@ -5,6 +5,7 @@ set of output rows that belong to the slice. Separate projections (BERT ``query`
 one slice covering every row; fused projections hold several slices side by side:
 
 * GPT-2 ``c_attn`` (a ``Conv1D``, weight stored in×out): q, k, v are the column ranges [0,d), [d,2d), [2d,3d).
+  GPT-BigCode's ``c_attn`` (a Linear) by its config: multi-query [q | one k head | one v head], else per head.
 * GPT-NeoX ``query_key_value``: outputs laid out per head as (n_heads, 3, head_dim), so q is a strided set.
 * Phi-3 ``qkv_proj``: [q | k | v] contiguous, k and v narrower under grouped-query attention.
 * ModernBERT and MPT ``attn.Wqkv``: [q | k | v] thirds. Bloom ``self_attention.query_key_value``: per head,
@@ -204,7 +205,7 @@ _SEPARATE = [
     (r"attention\.dense", "o"),                                           # GPT-NeoX
 ]
 _FUSED = [
-    (r"attn\.c_attn", "thirds"),                # GPT-2
+    (r"attn\.c_attn", "c_attn"),                # GPT-2 thirds; GPT-BigCode by its config
     (r"attention\.query_key_value", "per_head"),  # GPT-NeoX, Pythia
     (r"self_attn\.qkv_proj", "gqa_concat"),     # Phi-3
     (r"attn\.Wqkv", "thirds"),                  # ModernBERT, MPT: [q | k | v]
@@ -251,28 +252,70 @@ def _heads(model: nn.Module) -> tuple[int, int, int | None]:
     return n, kv, hd
 
 
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _rows(start: int, width: int, stride: int, count: int) -> Rows:
+    """Rows in canonical form: a single block is a plain range."""
+    return Rows.range(start, start + width) if count == 1 else Rows(start, width, stride, count)
+
+
+def _unfit(module: str, why: str) -> TargetError:
+    """A fused projection whose rows cannot be read from the config: refuse rather than guess."""
+    return TargetError(f"{module}: {why}, so its q/k/v rows are unknown; "
+                       f"name the rows with target_modules={{'{module}': {{q: 'a:b', …}}}}")
+
+
+def _bigcode_rows(out: int, model: nn.Module) -> dict[str, Rows]:
+    """GPT-BigCode's ``attn.c_attn`` (a Linear): multi-query splits it (embed, head_dim, head_dim) into
+    [q | k | v]; otherwise it is viewed (heads, 3·head_dim), per head as GPT-NeoX."""
+    cfg = _text_config(model)
+    n = cfg.num_attention_heads
+    hd = cfg.hidden_size // n
+    if cfg.multi_query:
+        if out != (n + 2) * hd:
+            raise _unfit("attn.c_attn", f"gpt_bigcode: {out} outputs do not fit multi_query with {n} heads of {hd}")
+        return {"q": Rows.range(0, n * hd), "k": Rows.range(n * hd, (n + 1) * hd), "v": Rows.range((n + 1) * hd, out)}
+    if out != 3 * n * hd:
+        raise _unfit("attn.c_attn", f"gpt_bigcode: {out} outputs are not {n} heads × (q, k, v) of {hd}")
+    return {kind: Rows(i * hd, hd, 3 * hd, n) for i, kind in enumerate("qkv")}
+
+
 def _falcon_rows(out: int, model: nn.Module) -> dict[str, Rows]:
     """Falcon's query_key_value, as modeling_falcon's ``_split_heads`` reads it: grouped (new decoder
     architecture: per kv group, its query heads then one key and one value head), per head (q, k, v of each
     head side by side), or multi-query ([all query heads | one key | one value])."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     n = cfg.num_attention_heads
     hd = cfg.hidden_size // n
     if getattr(cfg, "new_decoder_architecture", False):
         kv = cfg.num_kv_heads
+        if not kv or n % kv or out != (n + 2 * kv) * hd:
+            raise _unfit("self_attention.query_key_value",
+                         f"falcon: {out} outputs do not fit {kv} groups of {n} heads (+ k, v) of {hd}")
         g = n // kv
         stride = (g + 2) * hd
-        if kv * stride != out:
-            raise TargetError(f"falcon query_key_value: {out} outputs do not fit {kv} groups of {g}+2 heads of {hd}")
-        return {"q": Rows(0, g * hd, stride, kv), "k": Rows(g * hd, hd, stride, kv), "v": Rows((g + 1) * hd, hd, stride, kv)}
+        return {"q": _rows(0, g * hd, stride, kv), "k": _rows(g * hd, hd, stride, kv),
+                "v": _rows((g + 1) * hd, hd, stride, kv)}
     if getattr(cfg, "multi_query", False):
+        if out != (n + 2) * hd:
+            raise _unfit("self_attention.query_key_value",
+                         f"falcon: {out} outputs do not fit multi_query with {n} heads of {hd}")
         return {"q": Rows.range(0, n * hd), "k": Rows.range(n * hd, (n + 1) * hd), "v": Rows.range((n + 1) * hd, (n + 2) * hd)}
+    if out != 3 * n * hd:
+        raise _unfit("self_attention.query_key_value", f"falcon: {out} outputs are not {n} heads × (q, k, v) of {hd}")
     return {kind: Rows(i * hd, hd, 3 * hd, n) for i, kind in enumerate("qkv")}
 
 
 def _fused_rows(layout: str, out: int, model: nn.Module) -> dict[str, Rows]:
     if layout == "by_model":
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        model_type = _model_type(model)
         if model_type == "falcon":
             return _falcon_rows(out, model)
         if model_type == "bloom":
@@ -280,7 +323,15 @@ def _fused_rows(layout: str, out: int, model: nn.Module) -> dict[str, Rows]:
         else:
             raise TargetError(f"self_attention.query_key_value of a {model_type!r} model: its q/k/v layout is unknown; "
                               "name the rows with target_modules={'query_key_value': {q: 'a:b', …}}")
+    module = "attn.c_attn" if layout == "c_attn" else "attn.Wqkv"
+    if layout == "c_attn":
+        if _model_type(model) == "gpt_bigcode":
+            return _bigcode_rows(out, model)
+        layout = "thirds"
     if layout == "thirds":
+        hidden = getattr(_text_config(model), "hidden_size", None)
+        if out % 3 or (hidden and out != 3 * hidden):  # e.g. a grouped-query MPT from remote code
+            raise _unfit(module, f"{_model_type(model)}: {out} outputs are not three blocks of hidden_size {hidden}")
         d = out // 3
         return {"q": Rows.range(0, d), "k": Rows.range(d, 2 * d), "v": Rows.range(2 * d, 3 * d)}
     n, kv, hd = _heads(model)

@@ -1,6 +1,7 @@
-"""q/k/v/o in more architectures: DeBERTa-v2, ModernBERT, MPT, Falcon (three fused layouts), Bloom, Phi-2, and
-Gemma/Gemma2/Qwen2/Mistral. Each fused layout is checked against the model's own split of the fused output;
-a LoRA on q and v moves only the q and v rows; PEFT loads the saved adapter to the same logits."""
+"""q/k/v/o in more architectures: DeBERTa-v2, ModernBERT, MPT, Falcon (three fused layouts), Bloom, GPT-BigCode
+(multi-query and per head), Phi-2, and Gemma/Gemma2/Qwen2/Mistral. Each fused layout is checked against the
+model's own split of the fused output; a LoRA on q and v moves only the q and v rows; PEFT loads the saved
+adapter to the same logits; a fused projection that does not fit its config is refused, not guessed."""
 
 import peft
 import pytest
@@ -8,7 +9,7 @@ import torch
 import transformers as T
 
 from qkvtune import attach, io
-from qkvtune.targets import find_targets
+from qkvtune.targets import Rows, TargetError, find_targets
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 
@@ -29,6 +30,9 @@ def _config(arch):
                   "falcon-multi-query": dict(new_decoder_architecture=False, multi_query=True)}[arch]
         return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               hidden_dropout=0.0, attention_dropout=0.0, alibi=False, pad_token_id=0, **layout), "lm"
+    if arch.startswith("bigcode"):  # attn.c_attn is a Linear, laid out unlike GPT-2's Conv1D thirds
+        return T.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, multi_query=arch == "bigcode-mq",
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager"), "lm"
     if arch == "bloom":
         return T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0), "lm"
     if arch == "phi":
@@ -46,8 +50,8 @@ def _model(arch, seed=0):
     return T.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-ARCHS = ["deberta-v2", "modernbert", "mpt", "falcon-grouped", "falcon-per-head", "falcon-multi-query", "bloom", "phi",
-         "gemma", "gemma2", "qwen2", "mistral"]
+ARCHS = ["deberta-v2", "modernbert", "mpt", "falcon-grouped", "falcon-per-head", "falcon-multi-query", "bloom",
+         "bigcode-mq", "bigcode", "phi", "gemma", "gemma2", "qwen2", "mistral"]
 
 
 def _split(arch, module, y):
@@ -63,6 +67,11 @@ def _split(arch, module, y):
             qkv = y.view(*y.shape[:-1], -1, attn.num_heads // attn.num_kv_heads + 2, attn.head_dim)
             return qkv[..., :-2, :].flatten(-3), qkv[..., -2, :].flatten(-2), qkv[..., -1, :].flatten(-2)
         return tuple(t.flatten(-2) for t in attn._split_heads(y))
+    if arch.startswith("bigcode"):
+        if module.multi_query:
+            return y.split((module.embed_dim, module.kv_dim, module.kv_dim), dim=-1)
+        q, k, v = y.view(*y.shape[:-1], module.num_heads, 3 * module.head_dim).split(3 * [module.head_dim], dim=-1)
+        return q.flatten(-2), k.flatten(-2), v.flatten(-2)
     if arch == "bloom":
         q, k, v = module._reshape(y)  # (b, heads, s, hd)
         return tuple(t.transpose(1, 2).flatten(-2) for t in (q, k, v))
@@ -90,7 +99,8 @@ def test_slices_match_the_models_own_split(arch):
         assert torch.equal(t.outputs(y), want), (arch, t.kind)
 
 
-@pytest.mark.parametrize("arch", ["modernbert", "mpt", "falcon-grouped", "falcon-multi-query", "bloom", "phi", "deberta-v2"])
+@pytest.mark.parametrize("arch", ["modernbert", "mpt", "falcon-grouped", "falcon-multi-query", "bloom", "bigcode-mq",
+                                  "phi", "deberta-v2"])
 def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch, tmp_path):
     model = _model(arch)
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -128,6 +138,42 @@ def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bigcode-mq", "bigcode"])
+def test_gpt_bigcode_rows_are_what_its_attention_receives(arch, monkeypatch):
+    """No rotary in GPT-BigCode: q, k, v enter the attention function exactly as sliced from c_attn."""
+    from transformers.models.gpt_bigcode import modeling_gpt_bigcode as mb
+
+    model = _model(arch)
+    used, outs, eager = [], [], mb.eager_attention_forward
+    monkeypatch.setattr(mb, "eager_attention_forward",
+                        lambda mod, q, k, v, *a, **kw: (used.append((q, k, v)), eager(mod, q, k, v, *a, **kw))[1])
+    hook = model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0)))
+    hook.remove()
+    ts = {t.kind: t for t in find_targets(model, ["q", "k", "v"]) if t.layer == 0}
+    for kind, ref in zip("qkv", used[0]):  # (batch, heads, seq, head_dim); one k/v head under multi-query
+        assert torch.equal(ts[kind].outputs(outs[0]).unflatten(-1, (-1, 8)).transpose(1, 2), ref), kind
+
+
+def test_fused_projections_that_do_not_fit_the_config_are_refused():
+    single = T.AutoModelForCausalLM.from_config(T.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=1, pad_token_id=0))
+    rows = {t.kind: t.rows for t in find_targets(single, ["q", "k", "v"])}
+    assert rows == {"q": Rows.range(0, 32), "k": Rows.range(32, 40), "v": Rows.range(40, 48)}  # one group: ranges
+    for arch, key, value, module in [("falcon-grouped", "num_kv_heads", 3, "self_attention.query_key_value"),
+                                     ("falcon-grouped", "num_kv_heads", 0, "self_attention.query_key_value"),
+                                     ("falcon-multi-query", "num_attention_heads", 2, "self_attention.query_key_value"),
+                                     ("falcon-per-head", "hidden_size", 40, "self_attention.query_key_value"),
+                                     ("bigcode-mq", "n_head", 2, "attn.c_attn"),
+                                     ("mpt", "d_model", 40, "attn.Wqkv")]:  # e.g. a grouped-query remote-code MPT
+        model = _model(arch)
+        setattr(model.config, key, value)
+        with pytest.raises(TargetError, match=rf"{module.replace('.', '[.]')}: .*target_modules"):
+            find_targets(model, ["q"])
 
 
 @pytest.mark.parametrize("arch", ["falcon-grouped", "modernbert"])
