@@ -42,7 +42,7 @@ def test_mutated_run_files_across_commands(run_dir, tmp_path, capsys, name, tiny
     with open(os.path.join(run_dir, name), "rb") as f:
         original = f.read()
     refused = 0
-    for i, (label, mutation) in enumerate(mutations(original, name, flips=4)):
+    for i, (label, mutation) in enumerate(mutations(original, name, flips=2)):
         case = str(tmp_path / f"case{i}")
         shutil.copytree(run_dir, case)
         apply(os.path.join(case, name), mutation)
@@ -80,7 +80,7 @@ def test_mutated_peft_adapter_files(run_dir, tmp_path, name):
     with open(os.path.join(run_dir, name), "rb") as f:
         original = f.read()
     refused = 0
-    for i, (label, mutation) in enumerate(mutations(original, name, flips=4)):
+    for i, (label, mutation) in enumerate(mutations(original, name, flips=2)):
         case = str(tmp_path / f"case{i}")
         shutil.copytree(run_dir, case)
         for own in (io.QKV_CONFIG, io.QKV_WEIGHTS):

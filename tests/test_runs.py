@@ -4,14 +4,12 @@ without their training data; the NTK stopping rule measures the slices a run tra
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, data_dir
+from conftest import data_dir
 from qkvtune import attach, io, runs
 from qkvtune.config import build_config
 from qkvtune.errors import OutputError, check_output_dir, check_output_file
@@ -61,7 +59,7 @@ def test_ntk_early_stopping_measures_the_trained_slices(tmp_path, tiny_bert_dir)
 
 
 @pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
-def test_export_and_eval_need_no_training_data(tmp_path, tiny_bert_dir):
+def test_export_and_eval_need_no_training_data(tmp_path, tiny_bert_dir, monkeypatch, capsys):
     """A finished run exports from its folder and the base model alone (the data folder is gone); eval names
     the missing data."""
     folder = tmp_path / "data" / "glue" / "SST-2"
@@ -72,14 +70,15 @@ def test_export_and_eval_need_no_training_data(tmp_path, tiny_bert_dir):
     cfg = _cfg(tmp_path, tiny_bert_dir, task="glue/sst2", data_dir=str(tmp_path / "data"))
     train(cfg)
     shutil.rmtree(tmp_path / "data")
-    env = {**os.environ, "QKVTUNE_DATA": ""}
-    r = subprocess.run([sys.executable, "-m", "qkvtune", "export", str(tmp_path / "run"), str(tmp_path / "merged")],
-                       capture_output=True, text=True, cwd=REPO, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("QKVTUNE_DATA", "")
+    from qkvtune.cli import main
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
-    r = subprocess.run([sys.executable, "-m", "qkvtune", "eval", str(tmp_path / "run")], capture_output=True,
-                       text=True, cwd=REPO, env=env)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "data" in r.stderr
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qkvtune")]
+    assert len(err) == 1 and "data" in err[0]
 
 
 def test_open_runs_share_one_base(tmp_path, tiny_bert_dir):
