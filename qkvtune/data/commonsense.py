@@ -26,8 +26,10 @@ def load_commonsense(name: str, tokenizer, data_dir: str, *, max_length: int, ma
     task = f"commonsense/{os.path.basename(folder)}"
     train = subsample(columns(train), max_train_samples, seed)
     test = subsample(columns(test), max_eval_samples, None)
-    data = causal_task(task, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{task} train"),
-                       {"test": tokenize_sft(test, tokenizer, max_length, train_on_inputs, f"{task} test")},
+    data = causal_task(task, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{task} train",
+                                          os.path.join(folder, "train.json")),
+                       {"test": tokenize_sft(test, tokenizer, max_length, train_on_inputs, f"{task} test",
+                                             os.path.join(folder, "test.json"))},
                        tokenizer, kind="qa_generation")
     data.generation_records = {"test": [{"prompt": p, "answer": a} for p, a in zip(test["prompt"], test["answer"])]}
     data.answer_choices = choices

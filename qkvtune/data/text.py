@@ -61,13 +61,13 @@ def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: 
 
 
 def tokenize_sft(records: dict[str, list], tokenizer, max_length: int, train_on_inputs: bool,
-                 desc: str) -> datasets.Dataset:
+                 desc: str, source: str | None = None) -> datasets.Dataset:
     """Columns prompt, response -> input_ids, attention_mask, labels."""
     ds = datasets.Dataset.from_dict({"prompt": records["prompt"], "response": records["response"]})
     out = ds.map(lambda b: encode_sft(tokenizer, b["prompt"], b["response"], max_length, train_on_inputs),
                  batched=True, remove_columns=ds.column_names, desc=desc)
     if len(out) == 0:
-        raise DataError(f"{desc}: every record's prompt fills max_length={max_length}; raise max_length")
+        raise DataError(f"{source or desc}: every record's prompt fills max_length={max_length}; raise max_length")
     if len(out) < len(ds):
         log.warning("%s: dropped %d of %d records whose prompt fills max_length=%d; raise max_length to keep them",
                     desc, len(ds) - len(out), len(ds), max_length)
@@ -162,6 +162,6 @@ def load_text(file: str, tokenizer, data_dir: str, *, max_length: int, max_train
     k = len(records) - n_dev(len(records))
     train = subsample({c: v[:k] for c, v in columns.items()}, max_train_samples, seed)
     dev = subsample({c: v[k:] for c, v in columns.items()}, max_eval_samples, None)
-    return causal_task(name, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{name} train"),
-                       {"dev": tokenize_sft(dev, tokenizer, max_length, train_on_inputs, f"{name} dev")},
+    return causal_task(name, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{name} train", path),
+                       {"dev": tokenize_sft(dev, tokenizer, max_length, train_on_inputs, f"{name} dev", path)},
                        tokenizer)
