@@ -57,7 +57,7 @@ def _assert_same(a, b):
 def test_sigkill_at_random_moments_then_resume(reference, tiny_bert_dir, tmp_path):
     rng = random.Random(1234)
     expected = _adapter(reference)
-    for i, after_step in enumerate([0, 2, 4, 7, 10]):  # kill once the run has passed this many steps
+    for i, after_step in enumerate([0, 4, 10]):  # kill once the run has passed this many steps (start, middle, end)
         out = str(tmp_path / f"kill{i}")
         p = subprocess.Popen([sys.executable, "-m", "qkvtune", *_args(tiny_bert_dir, out)], cwd=REPO, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
