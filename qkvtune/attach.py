@@ -131,10 +131,6 @@ class AdapterInfo:
         return {"method": self.method, "hparams": self.hparams, "heads": self.heads,
                 "targets": [t.to_dict() for t in self.targets]}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "AdapterInfo":
-        return cls(d["method"], dict(d["hparams"]), [Target.from_dict(t) for t in d["targets"]], list(d["heads"]))
-
 
 # --- model-level API -------------------------------------------------------------------------------
 

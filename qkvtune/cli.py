@@ -12,10 +12,10 @@ from .errors import QkvtuneError, check_output_dir
 
 def cmd_train(args) -> int:
     from .checkpoints import last_complete
-    from .config import load_config
+    from .config import load_command_config
     from .train import dump_metrics, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_command_config(args.config, args.overrides)
     fresh = not os.path.exists(cfg.output_dir)
     try:
         metrics = train(cfg)
@@ -83,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
     register_predict(sub)  # qkvtune predict RUN_OR_MODEL INPUT --output OUT
     args = parser.parse_args(argv)
-    if args.command == "train" and args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)  # `qkvtune train key=value ...` with no file
-        args.config = None
     try:
         return args.func(args)
     except QkvtuneError as e:  # every user-caused failure, from every command: one line, exit 2

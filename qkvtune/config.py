@@ -169,8 +169,6 @@ def _validate(cfg: TrainConfig) -> None:
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(choices)}")
-    if isinstance(cfg.targets, str):
-        cfg.targets = [t.strip() for t in cfg.targets.split(",")]
     tm = cfg.target_modules
     if tm is not None and not (isinstance(tm, dict) and tm) and not (
             isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm)):
@@ -271,12 +269,10 @@ def _validate_data(cfg: TrainConfig) -> None:
         if value is not None and not (isinstance(value, str) and value) and not (
                 isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
             raise ConfigError(f"{key}: expected a file path or a list of paths, got {value!r}")
-    tc = cfg.text_columns
-    if tc is not None:
-        cols = [c.strip() for c in tc.split(",")] if isinstance(tc, str) else tc
-        if not isinstance(cols, list) or not 1 <= len(cols) <= 2 or not all(isinstance(c, str) and c for c in cols):
-            raise ConfigError(f"text_columns: one column name, or two for sentence pairs; got {tc!r}")
-        cfg.text_columns = cols
+    tc = cfg.text_columns  # a comma string was split by canonical()
+    if tc is not None and (not isinstance(tc, list) or not 1 <= len(tc) <= 2 or
+                           not all(isinstance(c, str) and c for c in tc)):
+        raise ConfigError(f"text_columns: one column name, or two for sentence pairs; got {tc!r}")
     if cfg.labels is not None and (len(cfg.labels) < 2 or len({str(v) for v in cfg.labels}) != len(cfg.labels)):
         raise ConfigError(f"labels: expected at least two distinct class names, got {cfg.labels!r}")
     if cfg.chat_template is not None and not os.path.isfile(cfg.chat_template):
@@ -364,6 +360,14 @@ def build_config(values: dict) -> TrainConfig:
     cfg = TrainConfig(**kwargs)
     _validate(cfg)
     return cfg
+
+
+def load_command_config(first: str | None, overrides: list[str]) -> TrainConfig:
+    """``[CONFIG.yaml] [key=value …]`` as a command line gives it: a first word that is a key=value (and not a
+    YAML path) is the first override, as in ``qkvtune train lr=1e-4``."""
+    if first and "=" in first and not first.endswith((".yaml", ".yml")):
+        return load_config(None, [first, *overrides])
+    return load_config(first, overrides)
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -19,6 +19,12 @@ class QkvtuneError(ValueError):
         super().__init__(" ".join(str(message).split()) if "\n" in str(message) else str(message))
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of a library's exception message (its name when the message is empty), for quoting it
+    inside one of ours."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 class OutputError(QkvtuneError):
     """An output path that cannot be written (a file where a folder is wanted, no permission, …)."""
 

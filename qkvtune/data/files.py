@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
+from ..errors import first_line
 from . import DataError, PadCollator, TaskData, subsample
 from .glue import tokenize_texts
 
@@ -57,6 +58,9 @@ class Table:
         path, row = self.where[i]
         return f"{path} row {row}"
 
+    def select(self, idx: list[int]) -> "Table":
+        return Table({c: [v[i] for i in idx] for c, v in self.columns.items()}, [self.where[i] for i in idx])
+
 
 def _files(spec, key: str) -> list[str]:
     files = [spec] if isinstance(spec, str) else list(spec)
@@ -80,8 +84,7 @@ def read_file(path: str) -> dict[str, list]:
         ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
     except Exception as e:  # a third-party parser's many error types: a file it cannot read is a bad input
         cause = e.__cause__ or e.__context__ or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise DataError(f"{path}: cannot be read as {builder} ({first[:200]})") from None
+        raise DataError(f"{path}: cannot be read as {builder} ({first_line(cause, 200)})") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no data rows")
     return ds.to_dict()
@@ -111,10 +114,37 @@ def read_dataset(name: str, config: str | None, split: str) -> Table:
     except KeyError:
         raise DataError(f"dataset {name}: has no split {split!r}") from None
     except Exception as e:  # not found offline, no such config or split, …
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"dataset {name}: cannot load split {split!r} ({first[:200]})") from None
+        raise DataError(f"dataset {name}: cannot load split {split!r} ({first_line(e, 200)})") from None
     where = [(f"dataset {name} [{split}]", i + 1) for i in range(len(ds))]
     return Table(ds.to_dict(), where)
+
+
+def read_splits(spec: FileSpec, task: str, seed: int) -> tuple[Table, Table, str]:
+    """(train, validation, where the training rows came from) for a task on the user's own data: files or a
+    dataset, with a seeded ``validation_fraction`` of the training rows held out when no validation data
+    (file or split) is given."""
+    if spec.train_file and spec.dataset:
+        raise DataError("train_file and dataset: give one source of training data, not both")
+    if spec.train_file:
+        train = read_table(spec.train_file, "train_file")
+        source = train.where[0][0]
+    elif spec.dataset:
+        train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
+        source = f"dataset {spec.dataset}"
+    else:
+        raise DataError(f"task: {task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+    if spec.dataset and spec.validation_split:
+        return train, read_dataset(spec.dataset, spec.dataset_config, spec.validation_split), source
+    if spec.validation_file:
+        return train, read_table(spec.validation_file, "validation_file"), source
+    if not 0 < spec.validation_fraction < 1:
+        raise DataError(f"validation_fraction: must be in (0, 1), got {spec.validation_fraction!r}")
+    n = len(train.where)
+    k = max(1, round(n * spec.validation_fraction))
+    if n - k < 1:
+        raise DataError(f"{source}: {n} rows are too few to hold out a validation set")
+    held = set(random.Random(seed).sample(range(n), k))
+    return train.select([i for i in range(n) if i not in held]), train.select(sorted(held)), source
 
 
 # --- columns and labels ---------------------------------------------------------------------------------
@@ -133,7 +163,8 @@ def _check_columns(table: Table, needed: list[str], source: str) -> None:
             raise DataError(f"{source}: no column {c!r}; the columns are {', '.join(map(str, table.columns))}")
 
 
-def _texts(table: Table, column: str) -> list[str]:
+def texts(table: Table, column: str) -> list[str]:
+    """The column's texts; an empty or missing one is refused naming its file and row."""
     out = []
     for i, v in enumerate(table.columns[column]):
         if not isinstance(v, str) or not v.strip():
@@ -208,34 +239,10 @@ def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, ma
                     seed: int) -> TaskData:
     """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read."""
     text_cols = _text_columns(spec)
-    if spec.train_file and spec.dataset:
-        raise DataError("train_file and dataset: give one source of training data, not both")
-    if spec.train_file:
-        train = read_table(spec.train_file, "train_file")
-        source = "train_file"
-        dev = read_table(spec.validation_file, "validation_file") if spec.validation_file else None
-    elif spec.dataset:
-        train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
-        source = f"dataset {spec.dataset}"
-        dev = read_dataset(spec.dataset, spec.dataset_config, spec.validation_split) if spec.validation_split else \
-            (read_table(spec.validation_file, "validation_file") if spec.validation_file else None)
-    else:
-        raise DataError(f"task: {kind} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+    train, dev, source = read_splits(spec, kind, seed)
     needed = text_cols + [spec.label_column]
-    _check_columns(train, needed, source if not spec.train_file else train.where[0][0])
-    if dev is None:  # hold out a seeded fraction of the training rows
-        if not 0 < spec.validation_fraction < 1:
-            raise DataError(f"validation_fraction: must be in (0, 1), got {spec.validation_fraction!r}")
-        n = len(train.where)
-        k = max(1, round(n * spec.validation_fraction))
-        if n - k < 1:
-            raise DataError(f"{train.where[0][0]}: {n} rows are too few to hold out a validation set")
-        held = set(random.Random(seed).sample(range(n), k))
-        keep = [i for i in range(n) if i not in held]
-        pick = lambda t, idx: Table({c: [v[i] for i in idx] for c, v in t.columns.items()}, [t.where[i] for i in idx])  # noqa: E731
-        train, dev = pick(train, keep), pick(train, sorted(held))
-    else:
-        _check_columns(dev, needed, dev.where[0][0] if dev.where else "validation")
+    _check_columns(train, needed, source)
+    _check_columns(dev, needed, dev.where[0][0] if dev.where else "validation")
     if kind == "classification":
         names = label_names([train, dev], spec.label_column, spec.labels)
         labels = {"train": _class_ids(train, spec.label_column, names), "dev": _class_ids(dev, spec.label_column, names)}
@@ -247,9 +254,9 @@ def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, ma
                   for s, t in (("train", train), ("dev", dev))}
 
     def columns(t: Table, split: str) -> dict[str, list]:
-        out = {"text_a": _texts(t, text_cols[0]), "label": labels[split]}
+        out = {"text_a": texts(t, text_cols[0]), "label": labels[split]}
         if len(text_cols) == 2:
-            out["text_b"] = _texts(t, text_cols[1])
+            out["text_b"] = texts(t, text_cols[1])
         return out
 
     tr = subsample(columns(train, "train"), max_train_samples, seed)

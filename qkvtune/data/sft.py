@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 
 import datasets
 
 from . import DataError, PadCollator, TaskData, read_text, subsample
-from .files import Table, read_dataset, read_table
+from .files import Table, read_splits
 from .text import alpaca_prompt, causal_task, encode_sft
 
 log = logging.getLogger(__name__)
@@ -130,22 +129,7 @@ def _check_rows(table: Table, form: str, rows: list) -> None:
 
 def load_sft(spec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples, seed: int,
              train_on_inputs: bool) -> TaskData:
-    if spec.train_file:
-        train = read_table(spec.train_file, "train_file")
-        dev = read_table(spec.validation_file, "validation_file") if spec.validation_file else None
-    elif spec.dataset:
-        train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
-        dev = read_dataset(spec.dataset, spec.dataset_config, spec.validation_split) if spec.validation_split else None
-    else:
-        raise DataError("task: sft needs train_file (JSON, JSONL, CSV or Parquet records) or dataset")
-    if dev is None:
-        n = len(train.where)
-        k = max(1, round(n * spec.validation_fraction))
-        if n - k < 1:
-            raise DataError(f"{train.where[0][0]}: {n} records are too few to hold out a validation set")
-        held = set(random.Random(seed).sample(range(n), k))
-        pick = lambda idx: Table({c: [v[i] for i in idx] for c, v in train.columns.items()}, [train.where[i] for i in idx])  # noqa: E731
-        train, dev = pick([i for i in range(n) if i not in held]), pick(sorted(held))
+    train, dev, _ = read_splits(spec, "sft", seed)
     parts = {}
     for split, table, cap, sub_seed in (("train", train, max_train_samples, seed), ("dev", dev, max_eval_samples, None)):
         form, rows = _rows(table)
