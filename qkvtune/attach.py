@@ -60,6 +60,8 @@ class DeltaProjection(Wrapped):
                     base_out = rows.take(y)
                     if self.base.bias is not None:
                         base_out = base_out - rows.take(self.base.bias)
+                    elif base_out._base is y or base_out is y:  # a view of y, which the adds below change in place
+                        base_out = base_out.clone()
                     terms.append((rows, delta(x, base_out, self.slice_weight(rows))))
                 else:
                     terms.append((rows, delta(x)))

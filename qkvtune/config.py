@@ -103,6 +103,11 @@ class TrainConfig:
     fast_path: str = "auto"                # auto | on | off (qkvtune/fastpath.py): auto = cheap dropout masks on CPU
                                            # (same distribution, another random stream); on = also torch.compile on CUDA
     trust_remote_code: bool = False
+    # models that do not fit (README "Bigger models")
+    gradient_checkpointing: bool = False   # recompute activations in backward (transformers' own, non-reentrant)
+    quantize: str | None = None            # nf4 | fp4 | int8: a frozen bitsandbytes base under the adapter (QLoRA)
+    fsdp: bool = False                     # shard the model across processes (FSDP2) under torchrun / accelerate launch
+    fsdp_min_params: int | None = None     # FSDP units: submodules of at least this many parameters (default: each layer)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,13 +122,14 @@ ALIASES = {
     "lr_scheduler_type": "scheduler", "evaluation_strategy": "eval_strategy", "max_seq_length": "max_length",
     "cutoff_len": "max_length", "r": "rank", "lora_r": "rank", "lora_rank": "rank", "lora_alpha": "alpha",
     "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "method", "model_name_or_path": "model",
-    "dataset_name": "dataset", "dataset_config_name": "dataset_config",
+    "dataset_name": "dataset", "dataset_config_name": "dataset_config", "bnb_4bit_quant_type": "quantize",
+    "fsdp_min_num_params": "fsdp_min_params",
 }
 # Settings of those tools that qkvtune does not take (yet): say so instead of suggesting a lookalike key.
 FOREIGN = {
     "deepspeed": "DeepSpeed is not supported; multi-process training uses torchrun / accelerate launch",
-    "fsdp": "FSDP is not supported yet", "gradient_checkpointing": "gradient checkpointing is not supported yet",
-    "load_in_4bit": "quantized bases are not supported yet", "load_in_8bit": "quantized bases are not supported yet",
+    "load_in_4bit": "use quantize: nf4 (or fp4)", "load_in_8bit": "use quantize: int8",
+    "fsdp_config": "use fsdp: true and fsdp_min_params; launch with torchrun or accelerate launch",
     "bf16": "use dtype: bfloat16", "fp16": "use dtype: float16", "do_train": "qkvtune train always trains",
     "do_eval": "evaluation follows eval_strategy", "bias": "qkvtune adapters have no bias terms",
     "modules_to_save": "task heads are found and trained with the adapter automatically",
@@ -217,6 +223,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"smt_targets: {bad or cfg.smt_targets} must be a non-empty subset of q, k, v, o, mlp")
     if cfg.smt_selection and not os.path.isfile(cfg.smt_selection):
         raise ConfigError(f"smt_selection: {cfg.smt_selection} not found")
+    _validate_scale(cfg)
     if cfg.eval_strategy == "steps" and cfg.eval_steps is None:
         raise ConfigError("eval_steps: required when eval_strategy is steps")
     if cfg.patience is not None and cfg.eval_strategy == "no":
@@ -233,6 +240,20 @@ def _validate(cfg: TrainConfig) -> None:
         close = [k for k in known if k.startswith(cfg.optim)] or difflib.get_close_matches(cfg.optim, known, n=1, cutoff=0.8)
         raise ConfigError(f"optim: {cfg.optim!r} is not an optimizer transformers knows"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def _validate_scale(cfg: TrainConfig) -> None:
+    """quantize / fsdp: the combinations that cannot work, refused before any work."""
+    if cfg.quantize is not None:
+        if cfg.quantize not in ("nf4", "fp4", "int8"):
+            raise ConfigError(f"quantize: {cfg.quantize!r} is not one of nf4, fp4, int8 (or null)")
+        if METHODS[cfg.method].needs_selection:
+            raise ConfigError(f"quantize: {cfg.method} scores blocks by the gradient of the base weights and updates "
+                              "them in its warm-up, which a quantized base does not allow; train it unquantized")
+        if cfg.fsdp:
+            raise ConfigError("quantize: a bitsandbytes base cannot be sharded with fsdp here; use one of them")
+    if cfg.fsdp_min_params is not None and (cfg.fsdp_min_params < 1 or not cfg.fsdp):
+        raise ConfigError(f"fsdp_min_params: needs fsdp: true and a positive count, got {cfg.fsdp_min_params!r}")
 
 
 # report_to: any integration Trainer supports; the package each needs (checked before any work)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import attach
 from .errors import QkvtuneError, first_line
+from .quant import is_quantized
 from .deltas import delta_class, peft_class
 from .targets import (Rows, Target, all_projections, is_projection, mlp_projections, projection_shape,
                       unwrapped)
@@ -121,12 +122,15 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def base_fingerprint(model: torch.nn.Module, targets: list[Target]) -> str:
+def base_fingerprint(model: torch.nn.Module, targets: list[Target]) -> str | None:
     """A cheap identity of the base weights an adapter was trained on: shapes and a corner of each
-    targeted weight (taken from the frozen base, unaffected by merged deltas only when unmerged)."""
+    targeted weight (taken from the frozen base, unaffected by merged deltas only when unmerged). None for a
+    quantized base: it only approximates the weights, and its adapter is meant for the full ones too."""
     h = hashlib.sha256()
     for module in sorted({t.module for t in targets}):
         m = model.get_submodule(module)
+        if is_quantized(unwrapped(m)):
+            return None
         w = unwrapped(m).weight
         if isinstance(m, attach.DeltaProjection) and m.merged:
             raise AdapterError(f"{module}: unmerge adapters before fingerprinting the base")
@@ -198,7 +202,8 @@ def load_adapter(model, path: str, name: str = "default", activate: bool = True,
             model.get_submodule(h)
         except AttributeError:
             raise AdapterError(f"{cfg_path}: heads: the model has no module {h!r}") from None
-    if check_base and meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(model, info.targets):
+    current = base_fingerprint(model, info.targets) if check_base and meta.get("base_fingerprint") else None
+    if current and current != meta["base_fingerprint"]:
         raise AdapterError(f"{cfg_path}: trained on different base weights ({meta.get('base_model')}); "
                            "pass check_base=False to load anyway")
     tensors = read_tensors(weights)
@@ -438,6 +443,8 @@ def load_peft(model, path: str, name: str = "default", activate: bool = True) ->
 def export_merged(model, tokenizer, path: str, label_names: list[str] | None = None) -> None:
     """Merge the active adapter and write an ordinary Hugging Face model folder (safetensors); a classifier's
     ``label_names`` become its config's id2label/label2id."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.dequantize()  # transformers' own: plain Linear layers with the dequantized weights (see quant.py)
     attach.unwrap(model, merge=True)
     if label_names and getattr(model, "config", None) is not None:
         model.config.id2label = dict(enumerate(label_names))

@@ -78,6 +78,19 @@ def resolve(name: str) -> str:
     return out
 
 
+def enable_checkpointing(model) -> None:
+    """transformers' own activation checkpointing of each layer, non-reentrant (frozen inputs need no grad flag,
+    and custom autograd functions such as SMT's are recomputed like any other op)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:  # "X does not support activation checkpointing"
+        raise ModelError(f"gradient_checkpointing: {first_line(e)}") from None
+
+
 def default_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     """"auto": bf16 on a CUDA device that supports it natively, else fp32 (bf16 is slower than fp32 on CPUs,
     and emulated on older GPUs)."""
@@ -107,17 +120,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, kind: str = "classification", num_labels: int = 2, dtype=None,
-               trust_remote_code: bool = False, tokenizer=None, allow_pickle: bool = False):
+               trust_remote_code: bool = False, tokenizer=None, allow_pickle: bool = False, quantize: str | None = None):
     """(model, tokenizer, new_modules). ``kind`` is a task kind: classification/regression load a sequence
     classifier with ``num_labels``; causal_lm/qa_generation a causal LM. ``new_modules`` are modules whose
     weights were not in the checkpoint (the fresh task head): they train and are saved with the adapter.
-    Weights load from safetensors only unless ``allow_pickle``."""
+    Weights load from safetensors only unless ``allow_pickle``. ``quantize`` (nf4 | fp4 | int8): the
+    projections load as frozen bitsandbytes layers (``quant.py``), computing in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name)
     tokenizer = tokenizer or load_tokenizer(name, trust_remote_code)
     kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code, "output_loading_info": True,
               "use_safetensors": None if allow_pickle else True}
+    if quantize:
+        from .quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantize, kwargs["dtype"])
+        if torch.cuda.is_available():  # bitsandbytes quantizes as the weights reach this process's GPU
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         if kind in ("classification", "regression"):
             model, info = AutoModelForSequenceClassification.from_pretrained(

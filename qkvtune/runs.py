@@ -24,7 +24,7 @@ from . import attach, fastpath, io
 from .config import ConfigError, TrainConfig, build_config, load_config
 from .deltas import Delta, delta_class
 from .errors import QkvtuneError
-from .models import load_model, load_tokenizer
+from .models import enable_checkpointing, load_model, load_tokenizer
 from .targets import Target, find_targets
 
 
@@ -115,7 +115,7 @@ def _tokenizer(cfg: TrainConfig):
 
 def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):
     return load_model(cfg.model, info.kind, max(info.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tokenizer,
-                      cfg.allow_pickle)
+                      cfg.allow_pickle, cfg.quantize)
 
 
 def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | None = None,
@@ -168,6 +168,8 @@ def build(cfg: TrainConfig, resume: str | None = None) -> Run:
     """``pretrained(cfg)`` with the method's adapter attached (``"default"``, active and trainable) on the
     run's slices, and the fast path enabled when the config asks for it. No training."""
     run = pretrained(cfg)
+    if cfg.gradient_checkpointing:  # before SMT's warm-up, which trains too
+        enable_checkpointing(run.model)
     method = run.method
     hparams = method.hparams_from_config(cfg)
     if method.needs_selection:

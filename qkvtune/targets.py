@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import QkvtuneError
+from .quant import QuantizeError, dequantized, is_quantized
 
 ATTENTION_KINDS = ("q", "k", "v", "o")
 
@@ -142,8 +143,8 @@ class Target:
         return self.rows.take(weight_like.t() if self.transposed else weight_like, 0)
 
     def weight(self, model: nn.Module) -> torch.Tensor:
-        """The slice of the frozen base weight, (rows × in)."""
-        return self.rows_of(self.projection(model).weight)
+        """The slice of the frozen base weight, (rows × in) (dequantized when the base is quantized)."""
+        return self.rows.take(weight_rows(self.projection(model)), 0)
 
     def outputs(self, y: torch.Tensor) -> torch.Tensor:
         """This slice's entries of a projection output (or output gradient), (…, rows)."""
@@ -169,8 +170,11 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def weight_rows(module: nn.Module) -> torch.Tensor:
-    """The base weight of a (possibly wrapped) projection as (out, in), a view (Conv1D stores it transposed)."""
+    """The base weight of a (possibly wrapped) projection as (out, in): a view (Conv1D stores it transposed),
+    or a dequantized copy of a quantized one (``quant.py``)."""
     module = unwrapped(module)
+    if is_quantized(module):
+        return dequantized(module)
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
@@ -179,6 +183,9 @@ def write_slice(module: nn.Module, rows: Rows, original: torch.Tensor, delta: to
     """The one way ΔW reaches base weights (merge, task vectors, export): W[rows] ← original + ΔW on a
     (possibly wrapped) projection, summed in float64 and cast to the weight's dtype; ``delta=None`` writes
     ``original`` back bit for bit."""
+    if is_quantized(unwrapped(module)):
+        raise QuantizeError(f"{type(unwrapped(module)).__name__}: a quantized base weight is never written; "
+                            "export dequantizes the model first")
     w = weight_rows(module)
     new = original if delta is None else (original.double() + delta.to(original.device).double()).to(w.dtype)
     rows.copy_(w, new, 0)
@@ -229,8 +236,11 @@ def is_projection(module: nn.Module) -> bool:
 
 def projection_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, transposed) of a (possibly wrapped) Linear or GPT-2 Conv1D."""
+    module = unwrapped(module)
+    if isinstance(module, nn.Linear):  # also quantized ones, whose stored weight is packed
+        return module.in_features, module.out_features, False
     w = weight_rows(module)
-    return w.shape[1], w.shape[0], _is_conv1d(unwrapped(module))
+    return w.shape[1], w.shape[0], _is_conv1d(module)
 
 
 def layer_index(name: str) -> int | None:

@@ -34,7 +34,17 @@ class QkvTrainer(Trainer):
         self.rates = rates
         self.settings = settings or {}
         self.on_nonfinite, self.max_nonfinite_skips, self.nonfinite_skips = on_nonfinite, max_nonfinite_skips, 0
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model")
+        # Trainer refuses a quantized model unless transformers' own PEFT integration says adapters are attached;
+        # ours are, in qkvtune's wrappers: say so for the duration of that check only.
+        flagged = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+        if flagged:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if flagged:
+                del model._hf_peft_config_loaded
         # Trainer assumes a forward(**kwargs) normalises its loss by num_items_in_batch and then multiplies
         # the loss by the number of processes; sequence classifiers ignore that kwarg, so under DDP their
         # gradients came out world_size times too large. Only causal LMs really use it.

@@ -1,0 +1,100 @@
+"""Quantized frozen bases (QLoRA): ``quantize: nf4 | fp4 | int8`` through bitsandbytes.
+
+transformers quantizes the projections at load time (``BitsAndBytesConfig``); qkvtune's deltas then wrap
+the quantized ``Linear4bit``/``Linear8bitLt`` like any Linear and train in the adapter dtype on top. The
+base output comes from bitsandbytes' own kernels; where a delta needs the base weight itself (DoRA's row
+norms, merging, export, analysis) it reads a dequantized copy. Nothing is ever written into a quantized
+weight: export first replaces the quantized layers by plain ones holding the dequantized weights (in the
+compute dtype) and merges there, so the exported model computes what the quantized run computed.
+
+Task heads and ``lm_head`` stay unquantized (they train, or are tied to the embeddings).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+from torch import nn
+
+from .errors import QkvtuneError
+
+QUANTIZE = ("nf4", "fp4", "int8")
+SKIP_MODULES = ["lm_head", "pre_classifier", "classifier", "score", "qa_outputs"]
+
+
+class QuantizeError(QkvtuneError):
+    """A quantized base that cannot do what was asked (write into its weights, no bitsandbytes)."""
+
+
+def bnb_config(quantize: str, compute_dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (nf4 | fp4 | int8)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizeError(f"quantize: {quantize} needs bitsandbytes: pip install 'qkvtune[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=SKIP_MODULES)
+
+
+def _bnb_classes() -> tuple[type, ...]:
+    # any bitsandbytes layer means bitsandbytes is loaded: never import it here (a cheap import of qkvtune)
+    bnb = sys.modules.get("bitsandbytes.nn")
+    return (bnb.Linear4bit, bnb.Linear8bitLt) if bnb is not None else ()
+
+
+def is_quantized(module: nn.Module) -> bool:
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes)
+
+
+def model_is_quantized(model: nn.Module) -> bool:
+    return any(is_quantized(m) for m in model.modules())
+
+
+def dequantized(module: nn.Module) -> torch.Tensor:
+    """The weight of a bitsandbytes layer as a plain (out, in) tensor in its compute dtype (a copy)."""
+    import bitsandbytes.functional as F
+
+    w = module.weight
+    if type(w).__name__ == "Params4bit":
+        out = F.dequantize_4bit(w.data, w.quant_state)
+    else:  # Int8Params: int8 rows and their absmax scales (moved to the layer's state after its first forward)
+        scales = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        out = F.int8_vectorwise_dequant(w.data, scales)
+    dtype = getattr(module, "compute_dtype", None) or (module.bias.dtype if module.bias is not None else torch.float32)
+    return out.reshape(module.out_features, module.in_features).to(dtype)
+
+
+@torch.no_grad()
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """A plain ``nn.Linear`` with the dequantized weight of a bitsandbytes layer (for merging and export)."""
+    w = dequantized(module)
+    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if module.bias is not None:
+        out.bias.copy_(module.bias.to(w.dtype))
+    out.requires_grad_(False)
+    return out
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every bitsandbytes layer (wrapped by qkvtune or not) by its ``plain_linear`` and drop the
+    quantization settings from the config, so the model saves and merges as an ordinary one. In place."""
+    for name, m in list(model.named_modules()):
+        if is_quantized(m):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain_linear(m))
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr) if attr in vars(model) else setattr(model, attr, None)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attr in vars(model):
+            setattr(model, attr, False)
+    return model
