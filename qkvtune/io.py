@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from . import attach
 from .errors import QkvtuneError, first_line
 from .quant import is_quantized
+from .sharding import copy_into
 from .deltas import delta_class, peft_class
 from .targets import (Rows, Target, all_projections, is_projection, mlp_projections, projection_shape,
                       unwrapped)
@@ -79,7 +80,8 @@ def write_json(path: str, obj) -> None:
 
 
 def _save_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # copies: safetensors reads through numpy, which pins a storage (FSDP must free gathered parameters after)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
 
 
@@ -136,7 +138,7 @@ def base_fingerprint(model: torch.nn.Module, targets: list[Target]) -> str | Non
             raise AdapterError(f"{module}: unmerge adapters before fingerprinting the base")
         h.update(module.encode())
         h.update(str(tuple(w.shape)).encode())
-        h.update(w.detach()[:4, :4].float().cpu().numpy().tobytes())
+        h.update(w.detach()[:4, :4].to("cpu", torch.float32, copy=True).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -149,9 +151,15 @@ def adapter_state(model, name: str | None = None) -> dict[str, torch.Tensor]:
         for pname, p in [*delta.named_parameters(), *delta.named_buffers()]:  # buffers: e.g. block indices
             state[f"deltas.{delta.target.module}.{delta.kind}.{pname}"] = p
     for module, head in attach.head_modules(model, name).items():
-        for pname, p in head.state_dict().items():
+        for pname, p in _tensors(head):
             state[f"heads.{module}.{pname}"] = p
     return state
+
+
+def _tensors(module: torch.nn.Module):
+    """A module's parameters and buffers as they are now (its state_dict(), but FSDP2's hook there would hand
+    back the shards while the adapter is being saved from gathered parameters)."""
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def save_adapter(model, path: str, name: str | None = None, extra: dict | None = None, peft: bool = True) -> None:
@@ -296,7 +304,7 @@ def _load_state(model, name: str, tensors: dict, where: str) -> None:
             if not p.is_floating_point() and not torch.equal(t.to(p.dtype), p):
                 # integer buffers (indices) follow from the adapter's settings; they must agree with them
                 raise AdapterError(f"{where}: {key} does not match the indices in {QKV_CONFIG}")
-            p.copy_(t.to(p.dtype))
+            copy_into(p, t)
 
 
 # --- PEFT layout ---------------------------------------------------------------------------------
@@ -319,7 +327,7 @@ def save_peft(model, path: str, name: str | None = None) -> None:
             tensors[f"base_model.model.{module}.{key}"] = t
         ranks[module], alphas[module] = settings["r"], settings["lora_alpha"]
     for module, head in attach.head_modules(model, name).items():
-        for pname, p in head.state_dict().items():
+        for pname, p in _tensors(head):
             tensors[f"base_model.model.{module}.{pname}"] = p
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)

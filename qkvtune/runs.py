@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from . import attach, fastpath, io
+from . import attach, fastpath, io, sharding
 from .config import ConfigError, TrainConfig, build_config, load_config
 from .deltas import Delta, delta_class
 from .errors import QkvtuneError
@@ -152,7 +152,7 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
         smt.check_selection(run.model, selection, cfg.block_size, path)
         return selection
     try:
-        return smt.prepare_smt(
+        selection = smt.prepare_smt(
             run.model, run.task.train, run.task.collator, batch_size=cfg.batch_size,
             warmup_steps=cfg.smt_warmup_steps, block_size=cfg.block_size, budget=cfg.smt_budget,
             score=cfg.smt_score, kinds=cfg.smt_targets, per_matrix=cfg.smt_per_matrix, seed=cfg.seed,
@@ -162,6 +162,7 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
         raise
     except ValueError as e:  # e.g. the data ran out before the warm-up's steps: a config problem
         raise ConfigError(str(e)) from None
+    return sharding.broadcast(selection)  # several processes train the same blocks: rank 0's
 
 
 def build(cfg: TrainConfig, resume: str | None = None) -> Run:

@@ -13,8 +13,10 @@ import os
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from accelerate.utils import save_fsdp_optimizer
+from transformers.trainer import SCHEDULER_NAME
 
-from . import attach, checkpoints, io, runs
+from . import attach, checkpoints, io, runs, sharding
 from .callbacks import ntk_stopping
 from .config import ConfigError, TrainConfig
 from .errors import QkvtuneError, check_output_dir
@@ -51,6 +53,12 @@ class QkvTrainer(Trainer):
         if not type(self.model).__name__.endswith("ForCausalLM"):
             self.model_accepts_loss_kwargs = False
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            sharding.fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
@@ -81,6 +89,17 @@ class QkvTrainer(Trainer):
             self._nonfinite("loss")
         return loss
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        saved = os.path.join(checkpoint or "", "optimizer.bin")  # accelerate's name for FSDP's full optimizer state
+        if self.is_fsdp_enabled and os.path.isfile(saved) and not torch.load(saved, weights_only=True).get("state"):
+            # an optimizer that keeps no state (plain SGD): torch cannot load an empty one under FSDP; only the
+            # schedule resumes, and with it each group's current rate (the optimizer's state would have held it)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
+
     # --- checkpoints: complete only once sealed (see checkpoints.py) ---
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -92,6 +111,20 @@ class QkvTrainer(Trainer):
         if self.args.should_save:
             io.save_adapter(self.model, output_dir or self.args.output_dir, extra=self.settings)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        with sharding.gathered(self.model):  # every rank takes part; rank 0 writes the adapter
+            self._save(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Trainer would also write FSDP's copy of the whole model; the adapter (save_model) is all that trains
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         io.restore_adapter(model or self.model, resume_from_checkpoint)
 
@@ -99,7 +132,8 @@ class QkvTrainer(Trainer):
         io.restore_adapter(self.model, self.state.best_model_checkpoint)
 
 
-def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, has_eval: bool,
+                       layers: list[str] = ()) -> TrainingArguments:
     evaluate = cfg.eval_strategy if has_eval else "no"
     dtype = default_dtype(cfg.dtype)
     return TrainingArguments(
@@ -134,6 +168,7 @@ def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, 
         remove_unused_columns=False,
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
+        **sharding.trainer_arguments(cfg.fsdp, cfg.fsdp_min_params, layers),
     )
 
 
@@ -191,11 +226,15 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig) -> dict:
     if default_dtype(cfg.dtype) == torch.float16 and not torch.cuda.is_available():
         raise ConfigError("dtype: float16 trains with a gradient scaler, which needs CUDA; use float32 or bfloat16")
+    if cfg.fsdp and sharding.world_size() < 2:
+        raise ConfigError("fsdp: shards across processes; launch with torchrun --nproc_per_node N (or accelerate "
+                          "launch --config_file configs/accelerate/fsdp.yaml)")
     resume = _resume_arg(cfg)
     run = runs.build(cfg, resume)
     model, task = run.model, run.task
     metric = task.metric_for_best if task.metric_for_best == "loss" else metric_key(task, task.metric_for_best)
-    args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals))
+    args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals),
+                              sharding.layer_classes(model, [t.module for t in run.targets]) if cfg.fsdp else ())
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []
     if cfg.early_stopping == "ntk":
         callbacks.append(ntk_stopping(run))
@@ -211,8 +250,10 @@ def _train(cfg: TrainConfig) -> dict:
     metrics.update(task.info)  # e.g. sft's num_truncated
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
+    with sharding.gathered(model):  # FSDP: every rank gathers, rank 0 writes
+        if trainer.is_world_process_zero():
+            io.save_adapter(model, cfg.output_dir, extra=settings)
     if trainer.is_world_process_zero():
-        io.save_adapter(model, cfg.output_dir, extra=settings)
         io.save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         io.write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
         plot_losses(trainer.state.log_history, os.path.join(cfg.output_dir, "loss.png"))
