@@ -1,4 +1,4 @@
-"""``qkvtune train|eval|export|predict|analyze|bench`` — argument parsing and one-line errors; the work happens elsewhere."""
+"""``qkvtune train|eval|export|predict|analyze|bench|lm-eval-task`` — argument parsing and one-line errors; the work happens elsewhere."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from .predict import register as register_predict
 
     register_predict(sub)  # qkvtune predict RUN_OR_MODEL INPUT --output OUT
+    from .lmeval import register as register_lm_eval
+
+    register_lm_eval(sub)  # qkvtune lm-eval-task OUT_DIR [CONFIG] [key=value ...]
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -409,7 +409,8 @@ def test_generation_accuracy_extracts(tok, tiny_llama, monkeypatch):
     monkeypatch.setattr(tiny_llama, "generate", fake_generate)
     recs = [{"prompt": PROMPT_WITH_INPUT.format(instruction="pick", input=" ".join(["word"] * i)), "answer": "answer2"}
             for i in range(1, 4)]
-    assert generation_accuracy(tiny_llama, tok, recs, batch_size=2) == {"accuracy": 1.0, "n": 3}
+    out = generation_accuracy(tiny_llama, tok, recs, batch_size=2)
+    assert (out["accuracy"], out["n"], out["predictions"]) == (1.0, 3, [r["answer"] for r in recs])
     assert seen["side"] == "left"
     assert seen["mask"][0].tolist() == [0] + [1] * (seen["mask"].shape[1] - 1)  # shorter prompt padded left
     wrong = [dict(r, answer="answer1") for r in recs]

@@ -199,3 +199,15 @@ def test_qlora_trains_and_exports_a_plain_model_with_the_same_outputs(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, ours, atol=1e-5, rtol=1e-4)
     assert metrics["trainable_parameters"] > 0
+
+
+def test_fsdp_needs_several_processes(tmp_path, monkeypatch):
+    from qkvtune.train import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = build_config({"fsdp": True, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="fsdp: shards across processes; launch with torchrun"):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="fsdp_min_params: needs fsdp: true"):
+        build_config({"fsdp_min_params": 1000})

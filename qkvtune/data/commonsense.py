@@ -55,7 +55,8 @@ def extract_answer(text: str, choices: list[str]) -> str | None:
 @torch.no_grad()
 def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: int = 8, max_new_tokens: int = 32,
                         choices: list[str] | None = None) -> dict:
-    """Greedy-generate a response to each record's prompt and score the extracted answer.
+    """Greedy-generate a response to each record's prompt and score the extracted answer (``predictions``: the
+    answer extracted from each response, None where none was found).
 
     records: [{"prompt": str, "answer": str}]; choices defaults to the distinct answers in records
     (pass TaskData.answer_choices to extract over the full label set).
@@ -68,7 +69,7 @@ def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: in
     # Decoder-only models continue from the last position, so prompts must be padded on the left.
     tokenizer.padding_side = "right" if getattr(model.config, "is_encoder_decoder", False) else "left"
     model.eval()
-    correct = 0
+    predictions = []
     try:
         for i in tqdm(range(0, len(records), batch_size), desc="generate", unit="batch"):
             batch = records[i:i + batch_size]
@@ -78,9 +79,9 @@ def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: in
                                  pad_token_id=tokenizer.pad_token_id)
             if not getattr(model.config, "is_encoder_decoder", False):
                 out = out[:, enc["input_ids"].shape[1]:]  # keep only the generated continuation
-            for r, text in zip(batch, tokenizer.batch_decode(out, skip_special_tokens=True)):
-                correct += extract_answer(text, choices) == r["answer"]
+            predictions += [extract_answer(text, choices) for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return {"accuracy": correct / len(records) if records else 0.0, "n": len(records)}
+    correct = sum(p == r["answer"] for p, r in zip(predictions, records))
+    return {"accuracy": correct / len(records) if records else 0.0, "n": len(records), "predictions": predictions}
