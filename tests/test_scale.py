@@ -211,3 +211,18 @@ def test_fsdp_needs_several_processes(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "config.yaml").exists()
     with pytest.raises(ConfigError, match="fsdp_min_params: needs fsdp: true"):
         build_config({"fsdp_min_params": 1000})
+
+
+def test_bench_memory_report_ratios_and_targets():
+    from qkvtune.bench.memory import report
+
+    results = {"peft-lora-qv": {"peak_mb": 1000.0, "step_s": 2.0}, "lora-qv": {"peak_mb": 900.0, "step_s": 1.5},
+               "lora-qv-ckpt": {"peak_mb": 500.0, "step_s": 2.0}, "peft-lora-qv-ckpt": {"peak_mb": 450.0, "step_s": 2.5},
+               "lora-qv-nf4-ckpt": {"peak_mb": 320.0, "step_s": 3.0}}
+    rep = report(results)
+    assert {r["config"]: round(r["peak_vs_peft_lora"], 3) for r in rep["rows"]}["lora-qv-ckpt"] == 0.5
+    checks = {(c["config"], c["reference"]): c for c in rep["checks"]}
+    assert checks[("lora-qv-ckpt", "lora-qv")]["met"] and round(checks[("lora-qv-ckpt", "lora-qv")]["peak_ratio"], 4) == 0.5556
+    assert not checks[("lora-qv-ckpt", "peft-lora-qv-ckpt")]["met"]  # 500 > 450: worse than PEFT's equivalent
+    assert not checks[("lora-qv-nf4-ckpt", "lora-qv")]["met"]          # 320/900 = 0.356 > 0.35
+    assert ("lora-qv-nf4", "peft-lora-qv-nf4") not in checks            # not measured: no check

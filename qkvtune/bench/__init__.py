@@ -1,7 +1,8 @@
-"""``qkvtune bench speed|claims`` — measurements people choose a tool by.
+"""``qkvtune bench speed|memory|claims`` — measurements people choose a tool by.
 
 ``speed``: step time, tokens/s and peak memory of qkvtune next to PEFT, full fine-tuning and the bare model,
-measured side by side in one run (``speed.py``). ``claims``: one experiment per claim of the four papers,
+measured side by side in one run (``speed.py``). ``memory``: peak memory with gradient checkpointing and a 4-bit base
+next to PEFT's, a fresh process per configuration (``memory.py``). ``claims``: one experiment per claim of the four papers,
 3 seeds each, a verdict by a stated rule, and a Markdown report with plots (``claims.py``).
 """
 
@@ -13,8 +14,9 @@ import argparse
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: speed against PEFT, reproduction of the papers' claims")
     sub = p.add_subparsers(dest="bench", required=True)
-    from . import claims, speed
+    from . import claims, memory, speed
 
     speed.register(sub)
+    memory.register(sub)
     claims.register(sub)
     return p

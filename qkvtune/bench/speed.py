@@ -101,7 +101,7 @@ def make_batch(tokenizer, kind: str, batch: int, seq: int, device: str) -> dict:
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _smt_selection(model) -> list[dict]:
+def smt_selection(model) -> list[dict]:
     """A fixed random selection of SMT_BUDGET of the parameters in SMT_BLOCK blocks of q, k, v (seeded)."""
     from .. import smt
 
@@ -110,7 +110,7 @@ def _smt_selection(model) -> list[dict]:
     return smt.select_blocks(scores, SMT_BLOCK, budget=SMT_BUDGET, total_params=smt.count_parameters(model))
 
 
-def _peft_lora(model, kinds: str, task_type: str | None = None):
+def peft_lora(model, kinds: str, task_type: str | None = None):
     """PEFT's LoRA (r, α as qkvtune's; no dropout) on the projections of ``kinds`` (e.g. "qv")."""
     import peft
 
@@ -132,7 +132,7 @@ def build(config: str, base, kind: str, device: str):
     if name == "full":
         model.requires_grad_(True)
     elif name.startswith("peft-lora"):
-        model = _peft_lora(model, name.rsplit("-", 1)[1], task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+        model = peft_lora(model, name.rsplit("-", 1)[1], task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
     elif name.startswith("qkvtune-lora") or name == "qkvtune-dense-qv":
         kinds = list(name.rsplit("-", 1)[1])
         method, hp = ("dense", {}) if "dense" in name else ("lora", dict(LORA, dropout=0.0))
@@ -140,7 +140,7 @@ def build(config: str, base, kind: str, device: str):
     elif name == "qkvtune-smt":
         from .. import smt
 
-        selection = _smt_selection(model)
+        selection = smt_selection(model)
         attach.add_adapter(model, smt.targets_of(model, selection), "smt", heads=heads, block_size=SMT_BLOCK,
                            blocks=selection)
     elif name in ("merged-forward", "merged-wrapped-forward", "unmerged-forward"):
@@ -153,7 +153,7 @@ def build(config: str, base, kind: str, device: str):
         elif name == "merged-forward":
             model = attach.unwrap(model)
     elif name == "peft-unmerged-forward":
-        model = _peft_lora(model, "qv")
+        model = peft_lora(model, "qv")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -230,7 +230,7 @@ def cuda_peaks(name: str, configs: list[str], batch: int, seq: int, steps: int =
     return peaks
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -238,10 +238,22 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def peak_rss_from_now():
+    """A function giving the peak RSS in MB since this call (``/proc/self/clear_refs`` resets VmHWM to the current
+    RSS, so loading and copying before it do not count; where that is refused, the whole process's peak)."""
+    import resource
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return lambda: status_kb("VmHWM") / 1024
+    except OSError:
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(name: str, config: str, batch: int, seq: int, steps: int = 3) -> None:
     """(Run in a fresh process) peak RSS in MB from after building the configuration to its last step, printed."""
     import gc
-    import resource
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -250,12 +262,7 @@ def memory_child(name: str, config: str, batch: int, seq: int, steps: int = 3) -
     model, opt = build(config, base, kind, "cpu")
     del base  # every configuration but the unit trains its own copy: the configuration alone
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS, so loading and copying do not count
-        peak = lambda: _status_kb("VmHWM") / 1024
-    except OSError:
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_from_now()
     for _ in range(steps):
         step(config, model, opt, inputs, "cpu")
     print(f"PEAK_MB {peak():.1f}")
