@@ -13,9 +13,10 @@ from .errors import QkvtuneError, check_output_dir
 def cmd_train(args) -> int:
     from .checkpoints import last_complete
     from .config import load_command_config
+
+    cfg = load_command_config(args.config, args.overrides)  # a bad config is named before Trainer's slow import
     from .train import dump_metrics, train
 
-    cfg = load_command_config(args.config, args.overrides)
     fresh = not os.path.exists(cfg.output_dir)
     try:
         metrics = train(cfg)
@@ -30,9 +31,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .config import parse_override
-    from .train import dump_metrics, evaluate_run
+    from .runs import run_config
 
     overrides = dict(parse_override(o) for o in args.overrides)
+    run_config(args.run_dir, overrides)  # a missing or malformed run folder is named before Trainer's slow import
+    from .train import dump_metrics, evaluate_run
+
     print(dump_metrics(evaluate_run(args.run_dir, overrides)))
     return 0
 

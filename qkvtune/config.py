@@ -233,13 +233,20 @@ def _validate(cfg: TrainConfig) -> None:
     if not cfg.output_dir:
         raise ConfigError("output_dir: must not be empty")
     _validate_integrations(cfg)
-    from transformers.training_args import OptimizerNames
+    if cfg.optim in COMMON_OPTIMIZERS:
+        return
+    from transformers.training_args import OptimizerNames  # seconds to import (it loads peft, bitsandbytes …)
 
     known = [o.value for o in OptimizerNames]
     if cfg.optim not in known:
         close = [k for k in known if k.startswith(cfg.optim)] or difflib.get_close_matches(cfg.optim, known, n=1, cutoff=0.8)
         raise ConfigError(f"optim: {cfg.optim!r} is not an optimizer transformers knows"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+# Optimizer names every transformers 5.x knows: checking them needs no import of transformers' TrainingArguments.
+COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adagrad", "rmsprop", "adamw_8bit",
+                     "paged_adamw_8bit", "paged_adamw_32bit", "lion_32bit", "lion_8bit")
 
 
 def _validate_scale(cfg: TrainConfig) -> None:

@@ -73,8 +73,15 @@ def test_shipped_recipes_validate():
 
     paths = [p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
              if os.sep + "claims" + os.sep not in p]  # configs/claims is the claims suite (tests/test_claims.py)
-    assert len(paths) >= 8
+    launchers = [p for p in paths if os.sep + "accelerate" + os.sep in p]
+    assert len(paths) - len(launchers) >= 8 and len(launchers) >= 2
     for p in paths:
+        if p in launchers:  # accelerate launch --config_file: read by accelerate's own loader
+            from accelerate.commands.config.config_args import ClusterConfig
+
+            launcher = ClusterConfig.from_yaml_file(p)
+            assert launcher.num_processes >= 2 and launcher.mixed_precision == "no", p
+            continue
         cfg = load_config(p)
         assert cfg.targets and cfg.output_dir.startswith("runs/"), p
 
@@ -88,3 +95,11 @@ def test_trainer_and_peft_names_are_aliases():
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.method) == (4, 8.0, 0.05, True, "dora")
     assert cfg.target_modules == ["query", "value"] and cfg.targets is None  # every slice of those modules
     assert build_config({"targets": "q,v"}).targets == ["q", "v"] == load_config(None, ["targets=q,v"]).targets
+
+
+def test_common_optimizer_names_are_transformers_names():
+    from transformers.training_args import OptimizerNames
+
+    from qkvtune.config import COMMON_OPTIMIZERS
+
+    assert set(COMMON_OPTIMIZERS) <= {o.value for o in OptimizerNames}  # they skip the slow check: they must exist

@@ -55,8 +55,10 @@ def test_mutated_data_files(tmp_path, task):
     assert refused >= 5, task
 
 
-CONFIG = "model: {model}\ntask: builtin/vader\nmax_train_samples: 8\nmax_eval_samples: 4\nmax_steps: 1\n" \
-         "batch_size: 4\neval_strategy: 'no'\nlr: 1.0e-3\ntargets: [q, v]\noutput_dir: {out}\n"
+# The caps and the output folder come first: a truncated copy that still parses trains one step of a small
+# job into the test's folder, whatever the length of the paths puts the cuts.
+CONFIG = "max_steps: 1\nmax_train_samples: 8\nmax_eval_samples: 4\nbatch_size: 4\noutput_dir: {out}\n" \
+         "eval_strategy: 'no'\nlr: 1.0e-3\ntargets: [q, v]\ntask: builtin/vader\nmodel: {model}\n"
 
 
 def test_mutated_config_yaml(tmp_path, tiny_bert_dir, capsys):
