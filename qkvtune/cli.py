@@ -13,8 +13,10 @@ from .errors import QkvtuneError, check_output_dir
 def cmd_train(args) -> int:
     from .checkpoints import last_complete
     from .config import load_command_config
+    from .models import resolve
 
     cfg = load_command_config(args.config, args.overrides)  # a bad config is named before Trainer's slow import
+    resolve(cfg.model)                                       # and so is a model folder that is not there
     from .train import dump_metrics, train
 
     fresh = not os.path.exists(cfg.output_dir)

@@ -66,6 +66,8 @@ def resolve(name: str) -> str:
     """A local folder for ``name``: an alias (converted and cached if needed), a path, or the hub id itself."""
     alias = ALIASES.get(name.lower())
     if alias is None:
+        if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            raise ModelError(f"model: {name} is not a folder (a local model is a folder with config.json)")
         return name
     folder = _package_folder(alias["package"], alias["pip"])
     if "subdir" in alias:

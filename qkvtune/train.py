@@ -8,12 +8,13 @@ which hold the adapter (qkvtune + PEFT layout) instead of the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from accelerate.utils import save_fsdp_optimizer
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
 from . import attach, checkpoints, io, runs, sharding
@@ -30,23 +31,28 @@ class NonFiniteError(QkvtuneError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
 
+@contextlib.contextmanager
+def adapters_attached(model):
+    """Trainer refuses a quantized model unless transformers' own PEFT integration says adapters are attached;
+    qkvtune's are, in its wrappers: say so for the duration of Trainer's check only."""
+    flagged = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+    if flagged:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if flagged:
+            del model._hf_peft_config_loaded
+
+
 class QkvTrainer(Trainer):
     def __init__(self, *args, rates, settings: dict | None = None, on_nonfinite: str = "stop",
                  max_nonfinite_skips: int = 10, **kwargs):
         self.rates = rates
         self.settings = settings or {}
         self.on_nonfinite, self.max_nonfinite_skips, self.nonfinite_skips = on_nonfinite, max_nonfinite_skips, 0
-        model = kwargs.get("model")
-        # Trainer refuses a quantized model unless transformers' own PEFT integration says adapters are attached;
-        # ours are, in qkvtune's wrappers: say so for the duration of that check only.
-        flagged = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
-        if flagged:
-            model._hf_peft_config_loaded = True
-        try:
+        with adapters_attached(kwargs.get("model")):
             super().__init__(*args, **kwargs)
-        finally:
-            if flagged:
-                del model._hf_peft_config_loaded
         # Trainer assumes a forward(**kwargs) normalises its loss by num_items_in_batch and then multiplies
         # the loss by the number of processes; sequence classifiers ignore that kwarg, so under DDP their
         # gradients came out world_size times too large. Only causal LMs really use it.
@@ -264,8 +270,9 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run on its task (``overrides`` may change task, data_dir, max_eval_samples …)."""
     run = runs.open_run(run_dir, overrides)
     args = training_arguments(run.cfg, run.task.kind, "loss", False, has_eval=False)  # evaluate() only, no loop
-    trainer = Trainer(model=run.model, args=args, data_collator=run.task.collator,
-                      compute_metrics=run.task.compute_metrics)
+    with adapters_attached(run.model):
+        trainer = Trainer(model=run.model, args=args, data_collator=run.task.collator,
+                          compute_metrics=run.task.compute_metrics)
     return evaluate_all(trainer, run.model, run.tokenizer, run.task, run.cfg)
 
 

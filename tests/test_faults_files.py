@@ -61,7 +61,12 @@ CONFIG = "max_steps: 1\nmax_train_samples: 8\nmax_eval_samples: 4\nbatch_size: 4
          "eval_strategy: 'no'\nlr: 1.0e-3\ntargets: [q, v]\ntask: builtin/vader\nmodel: {model}\n"
 
 
-def test_mutated_config_yaml(tmp_path, tiny_bert_dir, capsys):
+def test_mutated_config_yaml(tmp_path, tiny_bert_dir, capsys, monkeypatch):
+    # A copy reduced to nothing means the defaults: the whole default job into runs/default. Here that folder
+    # already holds a run, so it is refused at once instead of training MiniLM for minutes.
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/default")
+    open("runs/default/config.yaml", "w").close()
     refused = 0
     out = tmp_path / "out"
     text = CONFIG.format(model=tiny_bert_dir, out=out).encode()

@@ -178,7 +178,7 @@ def test_quantized_weights_are_never_written(tiny_llama_dir):
 def test_qlora_trains_and_exports_a_plain_model_with_the_same_outputs(tmp_path, tiny_llama_dir, method):
     from transformers import AutoModelForCausalLM
 
-    from qkvtune.train import train
+    from qkvtune.train import evaluate_run, train
 
     cfg = build_config({"model": tiny_llama_dir, "task": "text/tinyshakespeare.txt", "data_dir": data_dir(),
                         "method": method, "quantize": "nf4", "gradient_checkpointing": True, "max_train_samples": 32,
@@ -192,6 +192,9 @@ def test_qlora_trains_and_exports_a_plain_model_with_the_same_outputs(tmp_path, 
     with torch.no_grad():
         ours = run.model.eval()(x).logits
         assert (ours - before.eval()(x).logits).abs().max() > 1e-3  # training moved the adapter
+    if method == "lora":  # qkvtune eval on the quantized run: the metrics training wrote
+        again = evaluate_run(str(tmp_path / "run"))
+        assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     io.export_merged(run.model, run.tokenizer, str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     assert getattr(merged.config, "quantization_config", None) is None
