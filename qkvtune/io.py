@@ -27,10 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import attach
+from .deltas import delta_class, peft_class
 from .errors import QkvtuneError, first_line
 from .quant import is_quantized
 from .sharding import copy_into
-from .deltas import delta_class, peft_class
 from .targets import (Rows, Target, all_projections, is_projection, mlp_projections, projection_shape,
                       unwrapped)
 
@@ -452,7 +452,7 @@ def export_merged(model, tokenizer, path: str, label_names: list[str] | None = N
     """Merge the active adapter and write an ordinary Hugging Face model folder (safetensors); a classifier's
     ``label_names`` become its config's id2label/label2id."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.dequantize()  # transformers' own: plain Linear layers with the dequantized weights (see quant.py)
+        model.dequantize()  # transformers' own: plain Linear layers with the dequantized weights (quant.py)
     attach.unwrap(model, merge=True)
     if label_names and getattr(model, "config", None) is not None:
         model.config.id2label = dict(enumerate(label_names))

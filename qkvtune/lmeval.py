@@ -73,17 +73,12 @@ def write_task(out_dir: str, task: str, records: list[dict], choices: list[str],
 
 def cmd_lm_eval_task(args) -> int:
     from .config import load_command_config
-    from .data import load_task
-    from .data.files import FileSpec
     from .errors import check_output_dir
-    from .models import load_tokenizer
+    from .runs import task_data, tokenizer_of
 
     check_output_dir(args.out_dir, "OUT_DIR")
     cfg = load_command_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length, max_train_samples=1,
-                     max_eval_samples=cfg.max_eval_samples, seed=cfg.seed, train_on_inputs=cfg.train_on_inputs,
-                     files=FileSpec.of(cfg))
+    data = task_data(cfg, tokenizer_of(cfg), 1, cfg.max_eval_samples)  # the questions qkvtune eval asks
     records = next(iter((getattr(data, "generation_records", None) or {}).values()), [])
     name = write_task(args.out_dir, cfg.task, records, getattr(data, "answer_choices", None) or [], cfg.max_new_tokens)
     print(f"lm-eval task {name} written to {args.out_dir} ({len(records)} questions); run it with\n"

@@ -4,8 +4,9 @@ transformers quantizes the projections at load time (``BitsAndBytesConfig``); qk
 the quantized ``Linear4bit``/``Linear8bitLt`` like any Linear and train in the adapter dtype on top. The
 base output comes from bitsandbytes' own kernels; where a delta needs the base weight itself (DoRA's row
 norms, merging, export, analysis) it reads a dequantized copy. Nothing is ever written into a quantized
-weight: export first replaces the quantized layers by plain ones holding the dequantized weights (in the
-compute dtype) and merges there, so the exported model computes what the quantized run computed.
+weight: export first has transformers replace the quantized layers by plain ones holding the dequantized
+weights (``model.dequantize()``, in the compute dtype) and merges there, so the exported model computes what
+the quantized run computed.
 
 Task heads and ``lm_head`` stay unquantized (they train, or are tied to the embeddings).
 """
@@ -51,10 +52,6 @@ def is_quantized(module: nn.Module) -> bool:
     return bool(classes) and isinstance(module, classes)
 
 
-def model_is_quantized(model: nn.Module) -> bool:
-    return any(is_quantized(m) for m in model.modules())
-
-
 def dequantized(module: nn.Module) -> torch.Tensor:
     """The weight of a bitsandbytes layer as a plain (out, in) tensor in its compute dtype (a copy)."""
     import bitsandbytes.functional as F
@@ -68,33 +65,3 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     dtype = getattr(module, "compute_dtype", None) or (module.bias.dtype if module.bias is not None else torch.float32)
     return out.reshape(module.out_features, module.in_features).to(dtype)
 
-
-@torch.no_grad()
-def plain_linear(module: nn.Module) -> nn.Linear:
-    """A plain ``nn.Linear`` with the dequantized weight of a bitsandbytes layer (for merging and export)."""
-    w = dequantized(module)
-    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=w.device, dtype=w.dtype)
-    out.weight.copy_(w)
-    if module.bias is not None:
-        out.bias.copy_(module.bias.to(w.dtype))
-    out.requires_grad_(False)
-    return out
-
-
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every bitsandbytes layer (wrapped by qkvtune or not) by its ``plain_linear`` and drop the
-    quantization settings from the config, so the model saves and merges as an ordinary one. In place."""
-    for name, m in list(model.named_modules()):
-        if is_quantized(m):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, plain_linear(m))
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr) if attr in vars(model) else setattr(model, attr, None)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "quantization_config"):
-        del config.quantization_config
-    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if attr in vars(model):
-            setattr(model, attr, False)
-    return model

@@ -96,7 +96,8 @@ def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None 
     return find_targets(model, kinds or cfg.targets, cfg.layers, cfg.target_modules)
 
 
-def _load_task(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
+def task_data(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
+    """The config's task, tokenized: at most ``n_train`` training and ``n_eval`` evaluation examples."""
     from .data import load_task
     from .data.files import FileSpec
 
@@ -105,7 +106,8 @@ def _load_task(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | N
                      train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg))
 
 
-def _tokenizer(cfg: TrainConfig):
+def tokenizer_of(cfg: TrainConfig):
+    """The config's tokenizer, with its chat_template when one is given."""
     from .data.sft import set_chat_template
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -126,8 +128,8 @@ def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | No
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the fresh task head is random: seed it
-    tokenizer = _tokenizer(cfg)
-    task = _load_task(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
+    tokenizer = tokenizer_of(cfg)
+    task = task_data(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
     info = TaskInfo.of(task)
     model, tokenizer, new_modules = _model(cfg, tokenizer, info)
     return Run(cfg, model, tokenizer, task, info, resolve_targets(cfg, model, kinds),
@@ -265,9 +267,9 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
     task = None
     shared = model is not None
     try:  # model and data are named by the run's config.yaml: say so when they cannot be loaded
-        tokenizer = tokenizer or _tokenizer(cfg)
+        tokenizer = tokenizer or tokenizer_of(cfg)
         if with_task or info is None:
-            task = _load_task(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
+            task = task_data(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
             info = info or TaskInfo.of(task)
         if not shared:
             from transformers import set_seed
@@ -299,7 +301,7 @@ def open_runs(run_dirs: list[str], overrides: dict | None = None, *, n_train: in
         if run.cfg.task == first.cfg.task and run.cfg.data_dir == first.cfg.data_dir:
             run = replace(run, task=first.task)
         elif first.task is not None:  # another task: its own data
-            run = replace(run, task=_load_task(run.cfg, first.tokenizer, n_train, n_eval or run.cfg.max_eval_samples))
+            run = replace(run, task=task_data(run.cfg, first.tokenizer, n_train, n_eval or run.cfg.max_eval_samples))
         runs.append(run)
     return runs
 

@@ -30,7 +30,7 @@ def _randomize(model, seed=3):
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _blocks(targets, b):
+def _blocks(targets):
     return [{"module": t.module, "kind": t.kind, "row": r, "col": c, "score": 0.0}
             for t in targets for r, c in [(0, 0), (1, 2), (1, 1)]]
 
@@ -39,7 +39,7 @@ def _with_adapter(arch, method, hparams):
     model = tiny(arch, num_labels=2 if arch == "bert" else None)
     targets = find_targets(model, ["q", "v"])
     if method == "smt":
-        hparams = {**hparams, "blocks": _blocks(targets, hparams["block_size"])}
+        hparams = {**hparams, "blocks": _blocks(targets)}
     attach.add_adapter(model, targets, method, **hparams)
     _randomize(model)
     return model

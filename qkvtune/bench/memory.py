@@ -2,9 +2,10 @@
 
 Each configuration runs in a fresh process: load the model (quantized at load time for nf4), attach the
 adapter, then reset the peak-memory counter and take ``steps`` AdamW steps on one random batch. The peak is
-what training holds beyond loading: the (quantized) model, adapter, gradients, optimizer state, activations
-(CPU: peak RSS after ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated`` after a reset). The step time
-is the last step's. Everything is printed as a ratio to PEFT's eager LoRA-QV on the same shapes, and each
+what training holds: the (quantized) model, adapter, gradients, optimizer state, activations. CPU: the peak RSS
+of the steps (``/proc/self/clear_refs`` resets the counter after loading, the weights made the process's own
+memory and freed heap handed back first) less the RSS the process had with its libraries imported and no
+model yet; CUDA: ``max_memory_allocated`` after a reset. The step time is the last step's. Everything is printed as a ratio to PEFT's eager LoRA-QV on the same shapes, and each
 qkvtune configuration against PEFT's same configuration (PEFT's own gradient checkpointing and
 ``prepare_model_for_kbit_training`` on the same bitsandbytes base).
 
@@ -48,7 +49,7 @@ TARGETS = [("lora-qv-ckpt", "lora-qv", 0.6), ("lora-qv-nf4-ckpt", "lora-qv", 0.3
 
 
 def _build(name: str, model_name: str, device: str):
-    """(model, batch inputs) for configuration ``name``, ready to train."""
+    """(model in train mode, task kind, tokenizer) for configuration ``name``."""
     from .. import attach
     from ..models import enable_checkpointing, load_model
     from ..targets import find_targets
@@ -91,9 +92,11 @@ def _build(name: str, model_name: str, device: str):
 def _resident(model) -> None:
     """Weights in the process's own memory, not pages of the memory-mapped checkpoint: a mapping stays in RSS
     for every page loading touched (all of them when quantizing), weights or not, as long as one tensor holds it."""
+    from ..quant import is_quantized
+
     for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if type(p).__name__ not in ("Params4bit", "Int8Params"):  # quantized ones are fresh memory already
+        if not is_quantized(module):  # quantized layers were built in fresh memory already
+            for p in module.parameters(recurse=False):
                 p.data = p.data.clone()
 
 
@@ -114,7 +117,7 @@ def child(name: str, model_name: str, batch: int, seq: int, steps: int, device: 
 
     torch.set_num_threads(int(os.environ.get("QKVTUNE_BENCH_THREADS", "2")))
     torch.manual_seed(0)
-    import importlib
+    import importlib.util
 
     for lib in ("transformers", "peft", "bitsandbytes"):  # every configuration's libraries are resident alike
         if importlib.util.find_spec(lib):
