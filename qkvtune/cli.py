@@ -51,6 +51,9 @@ def cmd_export(args) -> int:
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
         raise AdapterError(f"{args.out_dir}: exists and is not empty")
     run = open_run(args.run_dir, with_task=False)  # the run folder and the base model: no training data
+    if run.cfg.pooling != "cls":
+        raise AdapterError(f"{args.run_dir}/config.yaml: pooling: {run.cfg.pooling} has no place in a transformers "
+                           "sequence-classification model; use the run folder itself (qkvtune predict / eval)")
     tmp = args.out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

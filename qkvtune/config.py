@@ -41,7 +41,13 @@ class TrainConfig:
     label_column: str = "label"
     labels: list | None = None             # class names in id order (default: the sorted distinct labels)
     validation_fraction: float = 0.1      # held out of the training rows (seeded) when no validation data is given
+    val_size: typing.Any = None            # a count or fraction of training rows held out (seeded) as the validation
+                                           # split that selection reads; the dev/test set becomes the test split
+                                           # (test_* metrics, test_predictions.json), never selected on
+    shuffle_labels: bool = False           # permute the training labels (seeded): a control run that cannot learn
     chat_template: str | None = None       # a Jinja chat template file (task: sft with messages; predict)
+    pooling: str = "cls"                   # classifiers: cls (the model's own head) | mean (masked mean of the last
+                                           # hidden states: how sentence-transformers models such as minilm pool)
     method: str = "lora"                   # lora | dora | dense | smt
     targets: list | None = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o (None: all of target_modules)
     layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
@@ -54,6 +60,8 @@ class TrainConfig:
     smt_budget: typing.Any = 0.01          # fraction of the model's parameters in (0, 1], or an integer block count
     block_size: int = 256
     smt_warmup_steps: int = 100
+    smt_warmup_lr: float | None = None     # SGD steps on the eligible slices during the warm-up (the paper fine-tunes
+                                           # there; undone after selection); none: gradients at the pretrained weights
     smt_score: str = "abs_mean"            # abs_mean (mean |g|) | mean_abs (|mean g|) | l2
     smt_targets: list = field(default_factory=lambda: ["q", "k", "v"])  # eligible kinds; add "mlp" for MLPs
     smt_per_matrix: bool = False           # equal quotas per matrix instead of one global top-N
@@ -136,7 +144,7 @@ FOREIGN = {
     "task_type": "the task kind follows from task", "lora_target": "use target_modules (or targets: [q, v])",
     "save_steps": "checkpoints are saved at each evaluation (eval_steps)", "save_strategy": "follows eval_strategy",
 }
-_CHOICES = {"method": tuple(METHODS), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
+_CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "on_nonfinite": ("stop", "skip"),
             "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -216,6 +224,8 @@ def _validate(cfg: TrainConfig) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
             isinstance(budget, float) and budget > 1):
         raise ConfigError(f"smt_budget: expected a fraction in (0, 1] or a block count >= 1, got {budget!r}")
+    if cfg.smt_warmup_lr is not None and not cfg.smt_warmup_lr > 0:
+        raise ConfigError(f"smt_warmup_lr: must be > 0 (or unset), got {cfg.smt_warmup_lr!r}")
     if cfg.block_size <= 0 or cfg.smt_warmup_steps <= 0:
         raise ConfigError("block_size and smt_warmup_steps: must be > 0")
     bad = [t for t in cfg.smt_targets if t not in ("q", "k", "v", "o", "mlp")]
@@ -307,6 +317,16 @@ def _validate_data(cfg: TrainConfig) -> None:
         raise ConfigError(f"chat_template: {cfg.chat_template} is not a file")
     if not 0 < cfg.validation_fraction < 1:
         raise ConfigError(f"validation_fraction: must be in (0, 1), got {cfg.validation_fraction!r}")
+    v = cfg.val_size
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1) and \
+            not (isinstance(v, float) and 0 < v < 1):
+        raise ConfigError(f"val_size: expected a row count >= 1 or a fraction in (0, 1), got {v!r}")
+    family = cfg.task.split("/")[0]
+    if v is not None and family not in ("glue", "commonsense", "classification", "regression"):
+        raise ConfigError(f"val_size: holds out a validation split for glue/…, commonsense/…, classification and "
+                          f"regression tasks, not {cfg.task}")
+    if cfg.shuffle_labels and family not in ("glue", "classification", "regression", "builtin"):
+        raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {cfg.task}")
 
 
 def parse_override(item: str) -> tuple[str, typing.Any]:

@@ -15,14 +15,25 @@ def metric_key(task, name: str) -> str:
     return name if len(task.evals) <= 1 else f"{next(iter(task.evals))}_{name}"
 
 
-def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg) -> dict:
-    """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …)."""
+def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dict | None = None) -> dict:
+    """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …): ``eval_*`` on
+    the validation split, ``test_*`` on the test split (``val_size``). ``predictions``, when given, receives
+    each test split's per-example labels and predictions (class ids, scores or extracted answers)."""
     metrics = {}
     if len(task.evals) == 1:
         metrics.update(trainer.evaluate(next(iter(task.evals.values()))))
     elif task.evals:
         for name, ds in task.evals.items():
             metrics.update(trainer.evaluate(ds, metric_key_prefix=f"eval_{name}"))
+    for name, ds in task.tests.items():
+        prefix = "test" if len(task.tests) == 1 else f"test_{name}"
+        out = trainer.predict(ds, metric_key_prefix=prefix)
+        metrics.update(out.metrics)
+        if predictions is not None and out.label_ids is not None and task.kind in ("classification", "regression"):
+            preds = out.predictions[0] if isinstance(out.predictions, (tuple, list)) else out.predictions
+            preds = preds.reshape(len(preds), -1)
+            preds = preds[:, 0] if task.kind == "regression" else preds.argmax(-1)
+            predictions[name] = {"labels": out.label_ids.reshape(-1).tolist(), "predictions": preds.tolist()}
     if task.kind == "causal_lm" and "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if task.kind == "qa_generation" and task.generation_records:
@@ -31,7 +42,13 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg) -> dict:
         for name, records in task.generation_records.items():
             result = generation_accuracy(model, tokenizer, records, batch_size=cfg.eval_batch_size,
                                          max_new_tokens=cfg.max_new_tokens, choices=task.answer_choices)
-            prefix = "eval" if len(task.generation_records) == 1 else f"eval_{name}"
+            if name in task.tests:
+                prefix = "test" if len(task.tests) == 1 else f"test_{name}"
+                if predictions is not None:
+                    predictions[name] = {"labels": [r["answer"] for r in records], "predictions": result["predictions"]}
+            else:
+                evals = [n for n in task.generation_records if n not in task.tests]
+                prefix = "eval" if len(evals) == 1 else f"eval_{name}"
             metrics[f"{prefix}_accuracy"] = result["accuracy"]
             metrics[f"{prefix}_samples"] = result["n"]
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 
 from .errors import QkvtuneError, first_line
 
@@ -108,6 +109,40 @@ def default_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     return table[dtype]
 
 
+class MeanPooler(nn.Module):
+    """The masked mean of the last hidden states in place of a [CLS] pooler: how sentence-transformers models
+    (all-MiniLM-L6-v2 among them) were trained to pool, while a sequence-classification head would read the
+    [CLS] vector through a pooler that was never trained for that. ``mask`` is the forward call's attention
+    mask, set by a pre-hook on the model (``set_pooling``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(1)
+        m = self.mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def set_pooling(model, pooling: str) -> None:
+    """``pooling: mean``: a sequence classifier whose encoder has a pooler (BERT-style) pools by the masked mean
+    instead; ``cls`` keeps the model's own head."""
+    if pooling == "cls":
+        return
+    base = getattr(model, "base_model", None)
+    if not isinstance(getattr(base, "pooler", None), nn.Module):
+        raise ModelError(f"pooling: mean replaces the encoder's pooler module, and {type(model).__name__} has none")
+    pooler = MeanPooler()
+    base.pooler = pooler
+
+    def capture(module, args, kwargs):
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -122,12 +157,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, kind: str = "classification", num_labels: int = 2, dtype=None,
-               trust_remote_code: bool = False, tokenizer=None, allow_pickle: bool = False, quantize: str | None = None):
+               trust_remote_code: bool = False, tokenizer=None, allow_pickle: bool = False, quantize: str | None = None,
+               pooling: str = "cls"):
     """(model, tokenizer, new_modules). ``kind`` is a task kind: classification/regression load a sequence
     classifier with ``num_labels``; causal_lm/qa_generation a causal LM. ``new_modules`` are modules whose
     weights were not in the checkpoint (the fresh task head): they train and are saved with the adapter.
     Weights load from safetensors only unless ``allow_pickle``. ``quantize`` (nf4 | fp4 | int8): the
-    projections load as frozen bitsandbytes layers (``quant.py``), computing in ``dtype``."""
+    projections load as frozen bitsandbytes layers (``quant.py``), computing in ``dtype``. ``pooling``: see
+    ``set_pooling``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name)
@@ -157,5 +194,7 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
         raise ModelError(f"model: cannot load {name!r} ({type(e).__name__}: {first_line(e)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if kind in ("classification", "regression"):
+        set_pooling(model, pooling)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
     return model, tokenizer, new_modules

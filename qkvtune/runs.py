@@ -62,10 +62,13 @@ class Run:
         return delta_class(self.cfg.method)
 
     def examples(self, split: str = "train", n: int | None = None) -> list[dict]:
-        """The first ``n`` tokenized examples of the training set (``"train"``) or of the first dev set."""
+        """The first ``n`` tokenized examples of the training set (``"train"``), of the first evaluation set
+        (``"eval"``: the validation split with ``val_size``) or of the test split (``"test"``: the dev/test
+        file, which is the evaluation set itself without ``val_size``)."""
         if self.task is None:
             raise RunError(f"{self.dir or 'run'}: opened without its task data")
-        ds = self.task.train if split == "train" else next(iter(self.task.evals.values()), None)
+        sets = self.task.tests if split == "test" and self.task.tests else self.task.evals
+        ds = self.task.train if split == "train" else next(iter(sets.values()), None)
         if ds is None:
             raise RunError(f"task {self.cfg.task}: has no {split} set")
         return [ds[i] for i in range(min(len(ds), n or len(ds)))]
@@ -103,7 +106,8 @@ def task_data(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | No
 
     return load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
                      max_train_samples=n_train, max_eval_samples=n_eval, seed=cfg.seed,
-                     train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg))
+                     train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg), val_size=cfg.val_size,
+                     shuffle_labels=cfg.shuffle_labels)
 
 
 def tokenizer_of(cfg: TrainConfig):
@@ -117,7 +121,7 @@ def tokenizer_of(cfg: TrainConfig):
 
 def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):
     return load_model(cfg.model, info.kind, max(info.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tokenizer,
-                      cfg.allow_pickle, cfg.quantize)
+                      cfg.allow_pickle, cfg.quantize, cfg.pooling)
 
 
 def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | None = None,
@@ -156,7 +160,7 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
     try:
         selection = smt.prepare_smt(
             run.model, run.task.train, run.task.collator, batch_size=cfg.batch_size,
-            warmup_steps=cfg.smt_warmup_steps, block_size=cfg.block_size, budget=cfg.smt_budget,
+            warmup_steps=cfg.smt_warmup_steps, warmup_lr=cfg.smt_warmup_lr, block_size=cfg.block_size, budget=cfg.smt_budget,
             score=cfg.smt_score, kinds=cfg.smt_targets, per_matrix=cfg.smt_per_matrix, seed=cfg.seed,
             selection_path=cfg.smt_selection, out_dir=cfg.output_dir if is_main_process() else None,
             layers=cfg.layers)

@@ -358,10 +358,18 @@ def prepare_smt(model: nn.Module, train_dataset, collator, *, batch_size: int, w
                             generator=torch.Generator().manual_seed(seed))
         device = next(model.parameters()).device
         # Dropout during the warm-up must not shift the training run's random stream.
+        # With warmup_lr the warm-up fine-tunes the eligible slices as the paper's does, so later batches' gradients
+        # are taken along a training trajectory; the weights are put back afterwards, so that the base model and
+        # the adapter alone describe the run (export, PEFT, resume).
+        saved = {id(w): (w, w.detach().clone()) for t in targets for w in [t.projection(model).weight]} \
+            if warmup_lr else {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             grads = warmup_gradients(model, _cycle(loader), targets, warmup_steps, update_lr=warmup_lr,
                                      progress=progress)
+        with torch.no_grad():
+            for w, copy in saved.values():
+                w.copy_(copy)
         as_count = isinstance(budget, int) and not isinstance(budget, bool)
         selection = select_blocks(grads, block_size, budget=None if as_count else budget,
                                   n_blocks=budget if as_count else None,

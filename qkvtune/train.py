@@ -27,6 +27,9 @@ from .optim import param_groups
 from .runs import is_main_process
 
 
+PREDICTIONS_FILE = "test_predictions.json"
+
+
 class NonFiniteError(QkvtuneError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
@@ -252,7 +255,8 @@ def _train(cfg: TrainConfig) -> dict:
                          callbacks=callbacks, rates=cfg, settings=settings,
                          on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips)
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg)
+    predictions = {}
+    metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg, predictions)
     metrics.update(task.info)  # e.g. sft's num_truncated
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
@@ -262,6 +266,8 @@ def _train(cfg: TrainConfig) -> dict:
     if trainer.is_world_process_zero():
         io.save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         io.write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+        if predictions:  # per-example test predictions: what a bootstrap over test examples resamples
+            io.write_json(os.path.join(cfg.output_dir, PREDICTIONS_FILE), predictions)
         plot_losses(trainer.state.log_history, os.path.join(cfg.output_dir, "loss.png"))
     return metrics
 

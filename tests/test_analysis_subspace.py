@@ -100,3 +100,13 @@ def test_adapters_on_a_model_lora_and_dense():
         assert math.isfinite(amplification(dw, w)["factor"])
     with pytest.raises(AnalysisError, match="adapter"):
         delta_weights(model, "nope")
+
+
+def test_random_projection_expectation_matches_many_draws():
+    """amplification's closed-form baseline √(r²/(m·n))·‖W‖_F against the root mean square over random draws."""
+    torch.manual_seed(0)
+    w, dw = torch.randn(40, 30, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+    draws = [amplification(dw, w, seed=s)["proj_random"] ** 2 for s in range(400)]
+    row = amplification(dw, w)
+    assert row["r"] == 3
+    assert row["proj_random_expected"] == pytest.approx(math.sqrt(sum(draws) / len(draws)), rel=0.05)

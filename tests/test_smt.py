@@ -360,3 +360,25 @@ def test_selection_that_does_not_fit_the_model(tmp_path):
         path = _write(tmp_path / "sel.json", [{"module": q, "kind": "q", "row": 0, "col": 0}, entry])
         with pytest.raises(smt.SelectionError, match=match):
             smt.prepare_smt(model, None, None, batch_size=1, warmup_steps=1, block_size=8, selection_path=path)
+
+
+def test_warmup_with_updates_selects_along_a_trajectory_and_restores_the_weights():
+    """smt_warmup_lr: the warm-up takes SGD steps (later gradients differ from those at the pretrained weights,
+    so the selection can change), then puts every weight back."""
+    kw = dict(batch_size=4, warmup_steps=6, block_size=8, budget=6, kinds=("q", "k", "v"), seed=1, progress=False)
+    model = tiny("bert", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = smt.prepare_smt(model, _dataset(), _collate, warmup_lr=5.0, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    still = smt.prepare_smt(tiny("bert", 2), _dataset(), _collate, **kw)
+    assert [b["score"] for b in moved] != [b["score"] for b in still]  # the updates changed the gradients seen
+    # the same selection as a warm-up by hand: SGD steps kept, sums scored, weights restored
+    hand = tiny("bert", 2)
+    targets = smt.eligible_targets(hand, ("q", "k", "v"))
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=4, shuffle=True, collate_fn=_collate,
+                                         generator=torch.Generator().manual_seed(1))
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        sums = smt.warmup_gradients(hand, smt._cycle(loader), targets, 6, update_lr=5.0, progress=False)
+    ref = smt.select_blocks(sums, 8, n_blocks=6, total_params=smt.count_parameters(hand))
+    assert [(b["module"], b["row"], b["col"]) for b in ref] == [(b["module"], b["row"], b["col"]) for b in moved]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qkvtune.bench import stats
+from qkvtune.bench import verdicts as V
 
 
 def _arms(rng, n_seeds, n_examples, sd_seed, p=0.7, shift=0.0):
@@ -48,19 +49,24 @@ def test_bootstrap_with_a_metric_over_predictions():
     bad = np.where(rng.uniform(size=(3, 300)) < 0.6, labels, 1 - labels)
     d = stats.bootstrap_difference(good, bad, metric=matthews_corrcoef, labels=labels, reps=50)
     point = np.mean([matthews_corrcoef(labels, g) for g in good]) - np.mean([matthews_corrcoef(labels, b) for b in bad])
-    assert abs(np.median(d) - point) < 0.05 and stats.better(d, 0.1)[0] == stats.HOLDS
+    assert abs(np.median(d) - point) < 0.05 and _judge("better", d, 0.1) == V.HOLDS
 
 
-def test_rules():
+def _judge(rule, replicates, margin):
+    low, high = stats.interval(replicates)
+    return V.judge(rule, V.Interval(float(np.mean(replicates)), low, high), margin)
+
+
+def test_rules_on_bootstrap_replicates():
     rng = np.random.default_rng(4)
-    assert stats.equivalent(rng.normal(0, 0.005, 4000), margin=0.02)[0] == stats.HOLDS
-    assert stats.equivalent(rng.normal(0.05, 0.005, 4000), margin=0.02)[0] == stats.FAILS
+    assert _judge("equivalent", rng.normal(0, 0.005, 4000), 0.02) == V.HOLDS
+    assert _judge("equivalent", rng.normal(0.05, 0.005, 4000), 0.02) == V.FAILS
     wide = rng.normal(0, 0.2, 4000)  # covers 0, says nothing: never "equal"
-    assert stats.equivalent(wide, margin=0.02)[0] == stats.UNSURE
-    assert stats.at_least(rng.normal(-0.01, 0.004, 4000), margin=0.02)[0] == stats.HOLDS
-    assert stats.at_least(rng.normal(-0.05, 0.004, 4000), margin=0.02)[0] == stats.FAILS
-    assert stats.better(rng.normal(0.05, 0.01, 4000), margin=0.02)[0] == stats.HOLDS
-    assert stats.better(rng.normal(0.0, 0.005, 4000), margin=0.02)[0] == stats.FAILS
+    assert _judge("equivalent", wide, 0.02) == V.UNSURE
+    assert _judge("at_least", rng.normal(-0.01, 0.004, 4000), 0.02) == V.HOLDS
+    assert _judge("at_least", rng.normal(-0.05, 0.004, 4000), 0.02) == V.FAILS
+    assert _judge("better", rng.normal(0.05, 0.01, 4000), 0.02) == V.HOLDS
+    assert _judge("better", rng.normal(0.0, 0.005, 4000), 0.02) == V.FAILS
 
 
 def test_power_is_the_pass_rate_of_truly_equal_arms():
@@ -75,10 +81,37 @@ def test_power_is_the_pass_rate_of_truly_equal_arms():
     assert stats.equivalence_power(0.01, 0.01) == 0.0  # the interval alone is wider than the margin
 
 
-def test_seeds_for_power():
-    n = stats.seeds_for_power(margin=0.02, sd_seed=0.01, power=0.8)
-    se = stats.difference_se(0.01, n)
-    assert stats.equivalence_power(0.02, se) >= 0.8
-    assert stats.equivalence_power(0.02, stats.difference_se(0.01, n - 1)) < 0.8
-    # test-set noise that alone exceeds the margin: no number of seeds helps
-    assert stats.seeds_for_power(margin=0.01, sd_seed=0.01, sd_example=0.5, n_examples=100) is None
+def test_task_metrics_for_the_bootstrap_equal_sklearn_and_scipy():
+    from scipy.stats import pearsonr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from qkvtune.bench import scores
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+        assert scores.f1(y, p) == pytest.approx(f1_score(y, p))
+        assert scores.matthews(y, p) == pytest.approx(matthews_corrcoef(y, p))
+        a, b = rng.normal(size=40), rng.normal(size=40)
+        assert scores.pearson(a, b) == pytest.approx(pearsonr(b, a)[0])
+    assert scores.matthews([0, 1, 1], [1, 1, 1]) == 0.0 and scores.f1([0, 0], [0, 0]) == 0.0
+
+
+def test_constant_predictor_and_gate():
+    from qkvtune.bench import scores
+
+    labels = [1] * 68 + [0] * 32  # MRPC-like: always answering "paraphrase"
+    assert scores.constant_score("glue/sst2", labels) == pytest.approx(0.68)
+    assert scores.constant_score("glue/mrpc", labels) == pytest.approx(2 * 0.68 / 1.68)  # F1 of all-positive
+    assert scores.constant_score("glue/cola", labels) == 0.0 and scores.constant_score("glue/stsb", [0.1, 2.0]) == 0.0
+    assert scores.constant_score("commonsense/arc", ["A", "B", "B"], ["A", "B", "C", "D"]) == pytest.approx(2 / 3)
+    rule = {"over_constant": 0.10, "matthews_correlation": 0.2, "pearson": 0.5}
+    # MRPC's gate reads accuracy, not the F1 any constant already scores well on
+    assert scores.gate("glue/mrpc", {"eval_accuracy": 0.77, "eval_f1": 0.85}, labels, None, rule)[0] is False
+    assert scores.gate("glue/mrpc", {"eval_accuracy": 0.79, "eval_f1": 0.85}, labels, None, rule)[0] is True
+    assert scores.gate("glue/cola", {"eval_matthews_correlation": 0.19}, labels, None, rule)[0] is False
+    assert scores.gate("glue/stsb", {"eval_pearson": 0.51}, [0.1, 0.2], None, rule)[0] is True
+    # generation: over max(chance, the most frequent answer)
+    answers = ["true"] * 6 + ["false"] * 4
+    assert scores.gate("commonsense/boolq", {"eval_accuracy": 0.65}, answers, ["false", "true"], rule)[0] is False
+    assert scores.gate("commonsense/boolq", {"eval_accuracy": 0.71}, answers, ["false", "true"], rule)[0] is True

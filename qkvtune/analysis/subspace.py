@@ -5,7 +5,8 @@ amplification factor of ΔW with respect to W, and the singular spectrum / effec
   (the row space of A, §7.2's convention); with ``side="B"`` the left singular vectors of B.
   Methods without an A factor (dense, block-sparse) use ΔW itself (its row / column space).
 * amplification = ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F with U_r, V_r the top-r left/right singular vectors of ΔW,
-  reported next to the same projection onto W's own top-r directions and onto random ones.
+  reported next to the same projection onto W's own top-r directions and onto random ones (one draw, and the
+  closed-form expectation √(r²/(m·n))·‖W‖_F over all draws).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def amplification(delta_w: torch.Tensor, w: torch.Tensor, r: int | None = None, 
     along_dw = proj(u[:, :r], vh[:r].T)
     return {"r": r, "norm_delta": float(s.norm()), "norm_w": float(sw.norm()),
             "proj_delta_dirs": along_dw, "proj_w_dirs": proj(uw[:, :r], vhw[:r].T), "proj_random": proj(ur, vr),
+            # E‖UᵀWV‖²_F = (r/m)(r/n)‖W‖²_F for independent uniformly random orthonormal U (m×r), V (n×r)
+            "proj_random_expected": math.sqrt(r * r / (w.shape[0] * w.shape[1])) * float(sw.norm()),
             "factor": float(s.norm()) / along_dw if along_dw > 0 else math.inf}
 
 

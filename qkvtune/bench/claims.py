@@ -2,8 +2,9 @@
 stated rule (``verdicts.py``) and a Markdown report with plots (``report.py``).
 
 The suite is a folder of YAML files (default ``configs/claims/``): ``suite.yaml`` holds the seeds, the
-settings shared by every run and one profile per task family (``glue``: a sequence classifier such as MiniLM;
-``commonsense``: a causal LM such as SmolLM2); each ``c*.yaml`` is one claim::
+settings shared by every run, the settings of each task family (``glue``: a sequence classifier such as
+MiniLM; ``commonsense``: a causal LM such as SmolLM2), the learning-rate grid of each method family, the
+testability gate and named profiles (``--profile quick``); each ``c*.yaml`` is one claim::
 
     id: C1
     title: tuning {q,v} matches or beats tuning {q,k,v} at equal rank
@@ -12,8 +13,18 @@ settings shared by every run and one profile per task family (``glue``: a sequen
     tasks: [glue.0, glue.3, commonsense.1]     # task slots: the i-th task of a family (wrapping around)
     base: {method: lora, rank: 8}              # TrainConfig keys for every arm of this claim
     arms: {qv: {targets: [q, v]}, qkv: {targets: [q, k, v]}}
-    measures: [...]                            # named analyses that turn runs into quantities
-    checks: [{rule: non_inferior, a: score:qv, b: score:qkv, margin: 0.01}]
+    reference: qv                              # the arm the gate reads (default: the first)
+    measures: [...]                            # named analyses (measures.py) that turn runs into quantities
+    checks: [{part: "QV ≥ QKV", rule: at_least, a: score:qv, b: score:qkv, margin: 0.02}]
+
+Three splits: every run holds out ``val_size`` training rows (seeded) as its validation split; evaluation during
+training, the best checkpoint, early stopping (``patience``: the budget adapts, up to ``max_steps``) and the
+learning-rate search read only that; the task's dev/test file is the test split, scored once at the end
+(``test_predictions.json``) and never selected on. Per arm and task, the learning rate is the grid value of
+its method family with the best validation score on the first seed (λ multiplies η_Q, as in the paper);
+all seeds then run at that rate (``lr_from: arm`` borrows another arm's rate, for controls such as shuffled
+labels). The reference arm goes first: a task where it misses the gate (``scores.gate``) is "not testable at
+this budget" and its other arms are not trained.
 
 Task slots make the suite run unchanged on any data folder: the GLUE tasks under ``<data_dir>/glue`` and the
 LLM-Adapters tasks under ``<data_dir>/commonsense`` are found and ordered (the suite's preferred order first),
@@ -32,18 +43,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 import yaml
 
 from ..checkpoints import log_history
 from ..config import ConfigError
 from ..errors import check_output_dir, check_output_file
-from .scores import score_key, score_of
+from . import scores
+from .measures import MEASURES, TRAINING_MEASURES, mean
+from .verdicts import COMPARISONS, FAILS, HOLDS, UNSURE, UNTESTABLE, Interval, combine, judge, power, seeds_needed, \
+    t_interval
 
 FAMILIES = ("glue", "commonsense")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "stsb", "qnli", "rte", "mnli", "qqp", "wnli")
-CLAIM_KEYS = {"id", "title", "source", "paper", "tasks", "base", "arms", "measures", "checks", "derived", "notes"}
-SUITE_KEYS = {"seeds", "base", "profiles", "prefer"}
+CLAIM_KEYS = {"id", "title", "source", "paper", "tasks", "base", "arms", "measures", "checks", "derived", "notes",
+              "reference"}
+SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "gate", "not_learned", "profiles"}
+ARM_KEYS = {"only_tasks", "lr_from", "lr_search"}  # the suite's own arm keys; the rest are TrainConfig keys
+METHOD_FAMILY = {"lora": "lora", "dora": "lora", "dense": "dense", "smt": "smt"}
 
 
 def default_suite_dir() -> str:
@@ -66,7 +83,12 @@ class Claim:
     checks: list[dict] = field(default_factory=list)
     derived: list[dict] = field(default_factory=list)
     notes: str = ""
+    reference: str | None = None
     path: str = ""
+
+    @property
+    def ref(self) -> str:
+        return self.reference or next(iter(self.arms))
 
 
 def _read_yaml(path: str) -> dict:
@@ -114,6 +136,11 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
                 raise ConfigError(f"{cpath}: {key}: expected a list of mappings")
         if not isinstance(claim.base, dict) or not isinstance(claim.tasks, list):
             raise ConfigError(f"{cpath}: base must be a mapping and tasks a list")
+        if claim.reference is not None and claim.reference not in claim.arms:
+            raise ConfigError(f"{cpath}: reference: {claim.reference!r} names no arm of this claim")
+        for arm, spec in claim.arms.items():
+            if (spec or {}).get("lr_from") not in (None, *claim.arms):
+                raise ConfigError(f"{cpath}: arms: {arm}: lr_from {spec['lr_from']!r} names no arm of this claim")
         for m in claim.measures:
             if m.get("name") not in MEASURES and m.get("name") not in TRAINING_MEASURES:
                 raise ConfigError(f"{cpath}: measures: unknown measure {m.get('name')!r} "
@@ -127,6 +154,8 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
                 name = str(check.get(side, ""))
                 if name.startswith("score:") and name[len("score:"):].split("@")[0] not in claim.arms:
                     raise ConfigError(f"{cpath}: checks: {side}: {name!r} names no arm of this claim")
+            if check["rule"] in ("above", "below") and not isinstance(check.get("threshold"), (int, float)):
+                raise ConfigError(f"{cpath}: checks: rule {check['rule']} needs a numeric threshold")
         claims.append(claim)
     if not claims:
         raise ConfigError(f"--suite: {folder} holds no c*.yaml claim files")
@@ -183,24 +212,23 @@ class Run:
     seed: int
     dir: str
     metrics: dict
-    score: float
+    score: float  # the test split's main metric (what is reported)
+    val_score: float  # the validation split's (what selection reads)
     history: list[dict]
     seconds: float
 
+    def predictions(self) -> dict | None:
+        """The first test split's {"labels", "predictions"} (test_predictions.json), None if the run wrote none."""
+        from ..train import PREDICTIONS_FILE
 
-def run_settings(suite: dict, claim: Claim, task: str, arm: str, seed: int, data_dir: str | None) -> dict:
-    family = task.split("/")[0]
-    arm_settings = {k: v for k, v in (claim.arms[arm] or {}).items() if k != "only_tasks"}
-    settings = {**(suite.get("base") or {}), **((suite.get("profiles") or {}).get(family) or {}),
-                **claim.base, **arm_settings}
-    for key, value in (suite.get("overrides") or {}).items():  # the command line's key=value, over everything;
-        scope, _, name = key.rpartition(".")                    # glue.model=… applies to one family only
-        if scope in ("", family):
-            settings[name] = value
-    settings.update(task=task, seed=seed)
-    if data_dir:
-        settings["data_dir"] = os.path.abspath(data_dir)
-    return settings
+        path = os.path.join(self.dir, PREDICTIONS_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return next(iter(json.load(f).values()), None)
+
+
+RECORD_KEYS = ("task", "arm", "seed", "metrics", "score", "val_score", "history", "seconds")
 
 
 def run_dir(out: str, settings: dict, label: str) -> str:
@@ -212,242 +240,114 @@ def run_dir(out: str, settings: dict, label: str) -> str:
 def ensure_run(settings: dict, out_dir: str, arm: str, log) -> Run:
     """Train the run unless ``out_dir`` already holds its finished result (then just read it)."""
     from ..config import build_config
+    from ..io import write_json
     from ..train import train
 
     done = os.path.join(out_dir, "claims_run.json")
     if os.path.exists(done):
         with open(done) as f:
             rec = json.load(f)
-        if rec.get("settings") == json.loads(json.dumps(settings, default=str)):
-            return Run(**{k: rec[k] for k in ("task", "arm", "seed", "metrics", "score", "history", "seconds")},
-                       dir=out_dir)
+        if rec.get("settings") == json.loads(json.dumps(settings, default=str)) and all(k in rec for k in RECORD_KEYS):
+            return Run(**{k: rec[k] for k in RECORD_KEYS}, dir=out_dir)
     cfg = build_config({**settings, "output_dir": out_dir, "overwrite": True})
-    log(f"train {settings['task']} {arm} seed={settings['seed']} -> {out_dir}")
+    log(f"train {settings['task']} {arm} seed={settings['seed']} lr={settings.get('lr')} -> {out_dir}")
     t0 = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - t0
-    history = log_history(out_dir)
-    score = score_of(metrics, settings["task"])
-    score = math.nan if score is None else float(score)
-    rec = {"settings": settings, "task": settings["task"], "arm": arm, "seed": settings["seed"], "metrics": metrics,
-           "score": score, "history": history, "seconds": seconds}
-    from ..io import write_json
-
-    write_json(done, json.loads(json.dumps(rec, default=str)))
-    return Run(task=settings["task"], arm=arm, seed=settings["seed"], dir=out_dir, metrics=metrics, score=score,
-               history=history, seconds=seconds)
+    task = settings["task"]
+    test, val = scores.score_of(metrics, task, "test"), scores.score_of(metrics, task, "eval")
+    run = Run(task=task, arm=arm, seed=settings["seed"], dir=out_dir, metrics=metrics,
+              score=math.nan if test is None else float(test), val_score=math.nan if val is None else float(val),
+              history=log_history(out_dir), seconds=seconds)
+    write_json(done, json.loads(json.dumps({"settings": settings, **{k: getattr(run, k) for k in RECORD_KEYS}},
+                                           default=str)))
+    return run
 
 
-# --- measures: runs of one seed -> named quantities ---------------------------------------------------------
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def steps_to_target(runs: dict, arms: list[str], reference: str, fraction: float = 0.97) -> dict:
-    """First evaluated step at which each arm reaches ``fraction`` × the reference arm's best dev score (per task,
-    same seed); an arm that never does counts as one evaluation interval past its last step."""
-    out = {}
-    for arm in arms:
-        steps = []
-        for task, by_arm in runs.items():
-            ref = [v for h in by_arm[reference].history if (v := score_of(h, task)) is not None]
-            curve = [(h["step"], v) for h in by_arm[arm].history if (v := score_of(h, task)) is not None]
-            if not ref or not curve:
-                continue
-            target = fraction * max(ref)
-            hit = next((s for s, v in curve if v >= target), None)
-            interval = curve[1][0] - curve[0][0] if len(curve) > 1 else curve[0][0]
-            steps.append(hit if hit is not None else curve[-1][0] + interval)
-        out[f"steps:{arm}"] = _mean(steps)
-    return out
+@dataclass
+class ArmResult:
+    lr: float | None
+    grid: list[tuple[float, float]]  # (lr, validation score) on the search seed
+    runs: dict[int, Run]  # seed -> run at the chosen lr
+    search_seconds: float = 0.0  # grid runs not reused as a seed's run
 
 
-def subspace(runs: dict, a: str, b: str, side: str = "A") -> dict:
-    """LoRA §7.2 between the adapters of arms a (rank r_a) and b (rank r_b), averaged over matrices and tasks:
-    φ(1, 1); ψ_top and ψ_bottom, the share of a's top and bottom singular direction inside b's whole subspace;
-    ``random`` = r_b/d, what ψ is for a random direction."""
-    from ..runs import open_runs
-    from ..analysis.subspace import adapter_factors, direction_shares, subspace_similarity
+class Context:
+    """What every claim of one invocation shares: the suite, tasks, seeds, run folder, and the learning rates
+    already chosen (an arm another claim already searched reads its runs back, it does not search again)."""
 
-    vals = {"phi_top1": [], "psi_top": [], "psi_bottom": [], "random": []}
-    for task, by_arm in runs.items():
-        ra, rb = open_runs([by_arm[a].dir, by_arm[b].dir])
-        fa, fb = adapter_factors(ra.model, ra.adapter, side), adapter_factors(ra.model, rb.adapter, side)
-        for key in fa:
-            share = direction_shares(fa[key], fb[key], side)  # ‖U_bᵀ u_k‖² for each direction k of a
-            r_b = min(fb[key].shape) if side == "A" else fb[key].shape[1]
-            vals["phi_top1"].append(float(subspace_similarity(fa[key], fb[key], side)[0, 0]))
-            vals["psi_top"].append(float(share[0]))
-            vals["psi_bottom"].append(float(share[-1]))
-            vals["random"].append(r_b / fa[key].shape[1 if side == "A" else 0])
-    out = {k: _mean(v) for k, v in vals.items()}
-    out["psi_bottom_over_random"] = out["psi_bottom"] / out["random"]
-    return out
+    def __init__(self, suite: dict, tasks: dict, seeds: list[int], data_dir, out: str, log):
+        self.suite, self.tasks, self.seeds, self.data_dir, self.out, self.log = suite, tasks, seeds, data_dir, out, log
+        self.labels_cache: dict = {}
 
+    def settings(self, claim: "Claim", task: str, arm: str, seed: int, lr: float | None = None) -> dict:
+        settings = run_settings(self.suite, claim, task, arm, seed, self.data_dir)
+        if lr is not None:
+            settings["lr"] = lr
+        return settings
 
-def amplification(runs: dict, arms: list[str]) -> dict:
-    """LoRA §7.3 for each arm's adapter, median over matrices: factor ‖ΔW‖/‖UᵀWV‖, and ‖UᵀWV‖ along ΔW's
-    directions relative to random directions (> 1: W has them) and to W's own top directions (< 1: W does
-    not emphasize them)."""
-    from ..runs import open_runs
-    import statistics
+    def run(self, settings: dict, task: str, arm: str) -> Run:
+        label = f"{task.replace('/', '-')}-s{settings['seed']}"
+        return ensure_run(settings, run_dir(self.out, settings, label), arm, self.log)
 
-    from ..analysis.subspace import amplification as amp, delta_weights
+    def arm(self, claim: "Claim", task: str, arm: str, chosen: dict, seeds: list[int] | None = None) -> ArmResult:
+        """Search the arm's learning rate on the first seed (unless it is fixed or borrowed), then run ``seeds``
+        (default: every seed) at that rate."""
+        spec = claim.arms[arm] or {}
+        first = self.settings(claim, task, arm, self.seeds[0])
+        grid, search_seconds = [], 0.0
+        if spec.get("lr_from"):
+            lr = chosen[spec["lr_from"]]
+        elif spec.get("lr_search") is False or "lr" in spec:
+            lr = first["lr"]
+        else:
+            family = METHOD_FAMILY.get(first.get("method", "lora"), "lora")
+            values = (self.suite.get("lr_grid") or {}).get(family)
+            if not values:
+                raise ConfigError(f"suite.yaml: lr_grid has no values for method family {family!r}")
+            searched = {v: self.run(self.settings(claim, task, arm, self.seeds[0], float(v)), task, arm)
+                        for v in values}
+            grid = [(float(v), r.val_score) for v, r in searched.items()]
+            lr = max(grid, key=lambda p: p[1] if math.isfinite(p[1]) else -math.inf)[0]
+            search_seconds = sum(r.seconds for v, r in searched.items() if float(v) != lr)
+        runs = {seed: self.run(self.settings(claim, task, arm, seed, lr), task, arm) for seed in seeds or self.seeds}
+        return ArmResult(lr, grid, runs, search_seconds)
 
-    out = {}
-    for arm in arms:
-        factors, over_random, over_w = [], [], []
-        for task, by_arm in runs.items():
-            (run,) = open_runs([by_arm[arm].dir])
-            for key, (dw, w) in delta_weights(run.model, run.adapter).items():
-                row = amp(dw, w)
-                factors.append(row["factor"])
-                over_random.append(row["proj_delta_dirs"] / row["proj_random"])
-                over_w.append(row["proj_delta_dirs"] / row["proj_w_dirs"])
-        out[f"factor:{arm}"] = statistics.median(factors)
-        out[f"dirs_over_random:{arm}"] = statistics.median(over_random)
-        out[f"dirs_over_w:{arm}"] = statistics.median(over_w)
-    return out
+    def labels(self, settings: dict) -> dict:
+        """The task's validation and test labels (and answer choices) for the gate and the constant predictor."""
+        from ..config import build_config
+        from ..runs import task_data, tokenizer_of
 
-
-def allocation(runs: dict, arm: str) -> dict:
-    """Share of SMT's selected blocks per matrix kind (from smt_allocation.json) and V's lead over the next kind."""
-    shares = {"q": [], "k": [], "v": []}
-    for task, by_arm in runs.items():
-        with open(os.path.join(by_arm[arm].dir, "smt_allocation.json")) as f:
-            rep = json.load(f)
-        per_kind = rep["by_kind"]
-        total = sum(per_kind.values()) or 1
-        for k in shares:
-            shares[k].append(per_kind.get(k, 0) / total)
-    out = {f"share_{k}:{arm}": _mean(v) for k, v in shares.items()}
-    out[f"v_lead:{arm}"] = out[f"share_v:{arm}"] - max(out[f"share_q:{arm}"], out[f"share_k:{arm}"])
-    return out
-
-
-def pretrained_kernel(settings: dict, n: int):
-    """The empirical NTK of a run's slices at the pretrained weights on its first ``n`` training examples."""
-    from ..runs import pretrained
-    from ..analysis.ntk import empirical_ntk
-    from ..config import build_config
-
-    run = pretrained(build_config({**settings, "output_dir": "unused"}), n_train=n, n_eval=1)
-    return empirical_ntk(run.model, run.examples("train", n), run.targets, collator=run.task.collator,
-                         output=run.kernel_output)
+        key = json.dumps({k: v for k, v in settings.items() if k in ("task", "seed", "val_size", "max_train_samples",
+                                                                      "max_eval_samples", "model", "data_dir")},
+                         sort_keys=True, default=str)
+        if key not in self.labels_cache:
+            cfg = build_config({**settings, "output_dir": "unused"})
+            data = task_data(cfg, tokenizer_of(cfg), cfg.max_train_samples, cfg.max_eval_samples)
+            if data.generation_records:
+                recs = data.generation_records
+                val = [r["answer"] for r in recs.get("validation", recs.get("test", []))]
+                test = [r["answer"] for r in recs.get("test", [])]
+            else:
+                val = list(next(iter(data.evals.values()))["labels"])
+                test = list(next(iter(data.tests.values()), data.evals.get("dev", []))["labels"]) if data.tests else []
+            self.labels_cache[key] = {"validation": val, "test": test, "choices": data.answer_choices}
+        return self.labels_cache[key]
 
 
-def sample_slope(runs: dict, arms: dict, kernel_n: int = 256) -> dict:
-    """Slope of log(1 − score) on log n over the arms (arm -> n), against the excess-risk exponent −p/(p+1)
-    that the decay λ_i ~ i^(−p) of the empirical NTK at the pretrained weights predicts."""
-    from ..analysis.ntk import rate_from_decay
-    from ..analysis.samples import fit_slope
-
-    slopes, rates = [], []
-    for task, by_arm in runs.items():
-        ns = [int(n) for n in arms.values()]
-        errors = [1.0 - by_arm[arm].score for arm in arms]
-        slopes.append(fit_slope(ns, errors))
-        with open(os.path.join(by_arm[next(iter(arms))].dir, "claims_run.json")) as f:
-            settings = json.load(f)["settings"]
-        res = pretrained_kernel(settings, kernel_n)
-        rates.append(-rate_from_decay(res.decay_exponent))
-    out = {"error_slope": _mean(slopes), "kernel_rate": _mean(rates)}
-    out["slope_minus_rate"] = out["error_slope"] - out["kernel_rate"]
-    return out
-
-
-def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
-    """Task arithmetic on two tasks' adapters (same seed, same base): the share of each task's gain over the
-    base (task head alone, ΔW = 0) that survives θ₀ + τ₁ + τ₂ (addition) and θ₀ + τ₂ − τ₁ (negation of task 1:
-    the target, whose gain should vanish, and task 2, the control, whose gain should stay)."""
-    from ..runs import open_runs
-    from ..analysis.task_vectors import TaskVector, apply, restore
-    from ..attach import heads_only, set_adapter
-
-    tasks = list(runs)
-    if len(tasks) < 2:
-        return {}
-    dirs = [runs[t][arm].dir for t in tasks[:2]]
-    with open(os.path.join(dirs[0], "claims_run.json")) as f:
-        n_eval = json.load(f)["settings"].get("max_eval_samples")
-    opened = open_runs(dirs, n_eval=n_eval)
-    model = opened[0].model
-    vecs = [TaskVector.from_model(model, r.adapter) for r in opened]
-
-    def score(i):
-        return task_metric(model, opened[i], tasks[i])
-
-    base, tuned = [], []
-    for i in range(2):
-        with heads_only(model, opened[i].adapter):
-            base.append(score(i))
-        set_adapter(model, opened[i].adapter)
-        tuned.append(score(i))
-
-    def retained(i, coefs):
-        for v, c in zip(vecs, coefs):
-            if c:
-                apply(model, v, c)
-        with heads_only(model, opened[i].adapter):
-            s = score(i)
-        restore(model)
-        gain = tuned[i] - base[i]
-        return (s - base[i]) / gain if abs(gain) > 1e-9 else math.nan
-
-    return {"add_retained": _mean([retained(0, [coef, coef]), retained(1, [coef, coef])]),
-            "neg_target_retained": retained(0, [-coef, coef]), "neg_control_retained": retained(1, [-coef, coef]),
-            "base_score": _mean(base), "tuned_score": _mean(tuned)}
-
-
-def task_metric(model, run, task: str, n: int | None = None) -> float:
-    """The task's own dev metric (accuracy, Matthews, Pearson …) of a sequence classifier."""
-    from ..evaluation import task_metrics
-
-    return float(task_metrics(model, run.task, run.examples("eval", n))[score_key(task)[len("eval_"):]])
-
-
-def ntk_stopping(runs: dict, suite: dict, claim: Claim, seed: int, data_dir, out: str, log, arm: str,
-                 n: int = 256, lr_scale: float = 1.0, horizon_factor: float = 3.0, max_steps: int = 480,
-                 eval_points: int = 16) -> dict:
-    """Sun & Raskutti's early-stopping rule against training. The kernel of the arm's matrices at the
-    pretrained weights picks a stable SGD step (lr = lr_scale / λ_max(K/n), the kernel's own scale) and
-    predicts T̂; the run then trains past T̂ (horizon_factor × T̂) evaluating the dev loss, and the observed
-    best step is compared with T̂ as log2(T̂ / best)."""
-    from ..analysis.stopping import predict_stopping
-
-    ratios, preds, obs = [], [], []
-    for task in runs:
-        settings = run_settings(suite, claim, task, arm, seed, data_dir)
-        settings.update(max_train_samples=n)
-        res = pretrained_kernel(settings, n)
-        kernel = res.kernel.double()
-        lam_max = float(torch.linalg.eigvalsh(kernel / len(kernel))[-1])
-        # HF regression uses mean (f − y)², twice the rule's (1/2n)Σ(f − y)²: one step of lr is a kernel step of 2·lr
-        loss_scale = 2.0 if res.labels.is_floating_point() else 1.0
-        lr = float(f"{lr_scale / (loss_scale * lam_max):.3g}")  # rounded: a rerun finds the same run folder
-        probe = predict_stopping(kernel, residuals=res.label_targets() - res.f0, lr=loss_scale * lr, total_steps=max_steps,
-                                 scheduler="constant")
-        t_hat = probe.step
-        horizon = int(min(max_steps, max(32, math.ceil(horizon_factor * max(t_hat, 1)))))
-        settings.update(lr=lr, max_steps=horizon, eval_strategy="steps", eval_steps=max(1, horizon // eval_points),
-                        logging_steps=max(1, horizon // eval_points))
-        run = ensure_run(settings, run_dir(out, settings, f"{task.replace('/', '-')}-s{seed}"), arm, log)
-        curve = [(h["step"], h["eval_loss"]) for h in run.history if "eval_loss" in h]
-        best = min(curve, key=lambda p: p[1])[0] if curve else None
-        if best is None:
-            continue
-        preds.append(t_hat)
-        obs.append(best)
-        ratios.append(abs(math.log2(max(t_hat, 1) / best)))
-        runs[task][arm] = run
-    return {"abs_log2_pred_over_best": _mean(ratios), "predicted_step": _mean(preds), "observed_best_step": _mean(obs)}
-
-
-MEASURES = {"steps_to_target": steps_to_target, "subspace": subspace, "amplification": amplification,
-            "allocation": allocation, "sample_slope": sample_slope, "task_vectors": task_vectors}
-TRAINING_MEASURES = {"ntk_stopping": ntk_stopping}  # these train runs of their own
+def run_settings(suite: dict, claim: Claim, task: str, arm: str, seed: int, data_dir: str | None) -> dict:
+    family = task.split("/")[0]
+    arm_settings = {k: v for k, v in (claim.arms[arm] or {}).items() if k not in ARM_KEYS}
+    settings = {**(suite.get("base") or {}), **((suite.get("families") or {}).get(family) or {}),
+                **claim.base, **arm_settings}
+    for key, value in (suite.get("overrides") or {}).items():  # the command line's key=value, over everything;
+        scope, _, name = key.rpartition(".")                    # glue.model=… applies to one family only
+        if scope in ("", family):
+            settings[name] = value
+    settings.update(task=task, seed=seed)
+    if data_dir:
+        settings["data_dir"] = os.path.abspath(data_dir)
+    return settings
 
 
 # --- the driver -----------------------------------------------------------------------------------------------
@@ -455,14 +355,22 @@ TRAINING_MEASURES = {"ntk_stopping": ntk_stopping}  # these train runs of their 
 @dataclass
 class ClaimResult:
     claim: Claim
-    tasks: list[str]
+    tasks: list[str]  # the claim's tasks, testable or not
     seeds: list[int]
-    runs: dict  # seed -> task -> arm -> Run
+    runs: dict  # seed -> task -> arm -> Run (testable tasks)
     quantities: dict  # name -> [value per seed]
     checks: list[dict]
     verdict: str
+    arms: dict = field(default_factory=dict)  # task -> arm -> ArmResult
+    gates: dict = field(default_factory=dict)  # task -> (passed, why)
+    constants: dict = field(default_factory=dict)  # task -> best constant predictor's test score
+    not_learned: dict = field(default_factory=dict)  # task -> [arms within the margin of the constant predictor]
     skipped: str = ""
     seconds: float = 0.0
+
+    @property
+    def testable(self) -> list[str]:
+        return [t for t in self.tasks if self.gates.get(t, (False,))[0]]
 
 
 def _arm_on(claim: Claim, arm: str, task: str, tasks: dict) -> bool:
@@ -471,74 +379,181 @@ def _arm_on(claim: Claim, arm: str, task: str, tasks: dict) -> bool:
     return slots is None or task in [slot_task(tasks, s) for s in slots]
 
 
-def run_claim(claim: Claim, suite: dict, tasks: dict, seeds: list[int], data_dir, out: str, log) -> ClaimResult:
-    from .verdicts import RULES, combine
+def score_interval(result: ClaimResult, a: str, b: str, reps: int = 2000) -> tuple[Interval, float, str]:
+    """The bootstrap interval of score(a) − score(b) on the test split (seeds and examples), pooled over the
+    testable tasks where at least one of the two arms learned; (interval, test-example part of its error, note)."""
+    from .stats import bootstrap_difference, interval as pct
 
+    pooled, pooled_ex, points, used = [], [], [], []
+    for i, task in enumerate(result.testable):
+        runs_a = [result.runs[s][task].get(a) for s in result.seeds]
+        runs_b = [result.runs[s][task].get(b) for s in result.seeds]
+        if any(r is None for r in runs_a + runs_b):
+            continue
+        if {a, b} <= set(result.not_learned.get(task, [])):
+            continue
+        pa, pb = [r.predictions() for r in runs_a], [r.predictions() for r in runs_b]
+        if any(p is None for p in pa + pb):
+            continue
+        labels = pa[0]["labels"]
+        rows_a = [scores.encode(p["labels"], p["predictions"], task) for p in pa]
+        rows_b = [scores.encode(p["labels"], p["predictions"], task) for p in pb]
+        y = rows_a[0][0]
+        A, B = np.stack([r[1] for r in rows_a]), np.stack([r[1] for r in rows_b])
+        fn = scores.metric(task)
+        pooled.append(bootstrap_difference(A, B, metric=fn, labels=y, reps=reps, seed=i))
+        pooled_ex.append(bootstrap_difference(A, B, metric=fn, labels=y, reps=reps, seed=i, resample_seeds=False))
+        score = (lambda x: float(x.mean())) if fn is None else (lambda x: float(np.mean([fn(y, row) for row in x])))
+        points.append(score(A) - score(B))
+        used.append(task)
+    if not pooled:
+        return Interval(math.nan, -math.inf, math.inf), math.nan, "neither arm learned on any testable task"
+    reps_all, reps_ex = np.mean(pooled, axis=0), np.mean(pooled_ex, axis=0)
+    low, high = pct(reps_all)
+    ci = Interval(float(np.mean(points)), low, high, float(np.std(reps_all)), len(result.seeds), "bootstrap")
+    return ci, float(np.std(reps_ex)), "on " + ", ".join(used)
+
+
+def evaluate_check(result: ClaimResult, c: dict) -> dict:
+    rule, a, b = c["rule"], c["a"], c.get("b")
+    margin = float(c.get("margin", 0.0))
+    part = c.get("part") or f"{rule}({a}{', ' + str(b) if b is not None else ''})"
+    if not result.testable:
+        return {**c, "part": part, "verdict": UNTESTABLE, "interval": Interval(math.nan, -math.inf, math.inf),
+                "power": math.nan, "seeds_needed": None, "note": "no testable task"}
+    note, se_ex = "", math.nan
+    if rule in COMPARISONS and str(a).startswith("score:") and str(b).startswith("score:"):
+        ci, se_ex, note = score_interval(result, a[len("score:"):], b[len("score:"):])
+    else:
+        xs = result.quantities.get(a, [])
+        if isinstance(b, str):
+            ys = result.quantities.get(b, [])
+            xs = [x - y for x, y in zip(xs, ys)]
+        elif b is not None:
+            xs = [x - float(b) for x in xs]
+        ci = t_interval(xs)
+        if ci.n == 0 and len(result.testable) < len(result.tasks):
+            return {**c, "part": part, "verdict": UNTESTABLE, "interval": ci, "power": math.nan,
+                    "seeds_needed": None, "note": "needs " + ", ".join(t for t in result.tasks
+                                                                       if t not in result.testable)}
+    verdict = judge(rule, ci, margin, c.get("threshold"))
+    if note.startswith("neither"):
+        verdict = UNSURE
+    if c.get("requires"):  # e.g. the rate is defined only where the fitted decay allows it
+        name, low = c["requires"]["quantity"], float(c["requires"]["above"])
+        vals = [v for v in result.quantities.get(name, []) if math.isfinite(v)]
+        if not vals or mean(vals) <= low:
+            verdict, note = UNSURE, f"not interpretable: {name} = {mean(vals):.3g} ≤ {low}"
+    pw = power(rule, ci.se, margin)
+    needed = seeds_needed(rule, ci.se, se_ex if math.isfinite(se_ex) else 0.0, max(ci.n, 1), margin) \
+        if math.isfinite(pw) else None
+    return {**c, "part": part, "verdict": verdict, "interval": ci, "power": pw, "seeds_needed": needed, "note": note}
+
+
+def run_claim(claim: Claim, ctx: Context) -> ClaimResult:
     t0 = time.perf_counter()
-    claim_tasks = []
+    seeds, tasks = ctx.seeds, ctx.tasks
+    claim_tasks, missing = [], []
     for slot in claim.tasks:
         t = slot_task(tasks, slot)
         if t is None:
-            return ClaimResult(claim, [], seeds, {}, {}, [], "inconclusive",
-                               skipped=f"no {slot.split('.')[0]} task in the data folder")
-        if t not in claim_tasks:
+            missing.append(slot.split(".")[0])
+        elif t not in claim_tasks:
             claim_tasks.append(t)
-    trained_arms = [a for a in claim.arms if not any(m.get("arm") == a and m["name"] in TRAINING_MEASURES
-                                                     for m in claim.measures)]
-    runs, quantities = {}, {}
+    if not claim_tasks:
+        return ClaimResult(claim, [], seeds, {}, {}, [], UNTESTABLE,
+                           skipped=f"no {' or '.join(sorted(set(missing)))} task in the data folder")
+    trained = [a for a in claim.arms if not any(m.get("arm") == a and m["name"] in TRAINING_MEASURES
+                                                for m in claim.measures)]
+    order = [claim.ref] + [a for a in trained if a != claim.ref] if claim.ref in trained else trained
+    result = ClaimResult(claim, claim_tasks, seeds, {s: {} for s in seeds}, {}, [], UNSURE)
+    for task in claim_tasks:
+        chosen = {}
+        result.arms[task] = {}
+        for arm in order:
+            if not _arm_on(claim, arm, task, tasks):
+                continue
+            if arm == claim.ref:  # the gate reads the search seed's run: an untestable task costs only the search
+                res = ctx.arm(claim, task, arm, chosen, seeds[:1])
+                labels = ctx.labels(ctx.settings(claim, task, arm, seeds[0]))
+                result.gates[task] = scores.gate(task, res.runs[seeds[0]].metrics, labels["validation"],
+                                                 labels["choices"], ctx.suite.get("gate") or {})
+                ctx.log(f"{claim.id} {task}: gate {'passed' if result.gates[task][0] else 'missed'} "
+                        f"({result.gates[task][1]})")
+                if not result.gates[task][0]:
+                    result.arms[task][arm] = res
+                    break
+            res = ctx.arm(claim, task, arm, chosen)
+            chosen[arm] = res.lr
+            result.arms[task][arm] = res
+        if task not in result.gates:  # no reference arm on this task: nothing gates it
+            result.gates[task] = (True, "no reference arm on this task")
+        if result.gates[task][0]:
+            labels = ctx.labels(ctx.settings(claim, task, order[0], seeds[0]))
+            const = scores.constant_score(task, labels["test"], labels["choices"]) if labels["test"] else math.nan
+            result.constants[task] = const
+            margin = float(ctx.suite.get("not_learned", 0.02))
+            result.not_learned[task] = [a for a, r in result.arms[task].items()
+                                        if mean([x.score for x in r.runs.values()]) <= const + margin]
+            for seed in seeds:
+                result.runs[seed][task] = {a: r.runs[seed] for a, r in result.arms[task].items()}
+    quantities = {}
     for seed in seeds:
-        runs[seed] = {t: {} for t in claim_tasks}
-        for task in claim_tasks:
-            for arm in trained_arms:
-                settings = run_settings(suite, claim, task, arm, seed, data_dir)
-                if not _arm_on(claim, arm, task, tasks):
-                    continue
-                label = f"{task.replace('/', '-')}-s{seed}"
-                runs[seed][task][arm] = ensure_run(settings, run_dir(out, settings, label), arm, log)
+        seed_runs = result.runs[seed]
         q = {}
-        for arm in trained_arms:
-            on = [t for t in claim_tasks if arm in runs[seed][t]]
-            q[f"score:{arm}"] = _mean([runs[seed][t][arm].score for t in on])
+        for arm in trained:
+            on = [t for t in result.testable if arm in seed_runs.get(t, {})]
+            if on:
+                q[f"score:{arm}"] = mean([seed_runs[t][arm].score for t in on])
             for t in on:
-                q[f"score:{arm}@{t}"] = runs[seed][t][arm].score
-        for m in claim.measures:
+                q[f"score:{arm}@{t}"] = seed_runs[t][arm].score
+        for m in claim.measures if result.testable else []:
             params = {k: v for k, v in m.items() if k not in ("name", "only_task")}
             only = slot_task(tasks, m["only_task"]) if m.get("only_task") else None
-            seed_runs = {t: r for t, r in runs[seed].items() if only in (None, t)}
+            runs = {t: r for t, r in seed_runs.items() if only in (None, t) and t in result.testable}
             if m["name"] in TRAINING_MEASURES:
-                q.update(TRAINING_MEASURES[m["name"]](seed_runs, suite, claim, seed, data_dir, out, log, **params))
-            elif m["name"] in MEASURES:
-                q.update(MEASURES[m["name"]](seed_runs, **params))
+                if not runs and only in result.testable:
+                    runs = {only: {}}
+                q.update(TRAINING_MEASURES[m["name"]](ctx, claim, seed, runs, **params))
             else:
-                raise ConfigError(f"{claim.path}: measures: unknown measure {m['name']!r} (known: "
-                                  f"{sorted(MEASURES) + sorted(TRAINING_MEASURES)})")
+                q.update(MEASURES[m["name"]](runs, **params))
         for d in claim.derived:
-            a, b = d["of"]
-            q[d["name"]] = q.get(a, math.nan) - q.get(b, math.nan)
+            x, y = d["of"]
+            q[d["name"]] = q.get(x, math.nan) - q.get(y, math.nan)
         for k, v in q.items():
             quantities.setdefault(k, []).append(v)
-        log(f"{claim.id} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in q.items() if "@" not in k))
-    checks = []
-    for c in claim.checks:
-        rule = RULES[c["rule"]]
-        if c["rule"] in ("non_inferior", "superior"):
-            verdict, ci = rule(quantities.get(c["a"], []), quantities.get(c["b"], []), c.get("margin", 0.0))
-        elif c["rule"] == "contains":
-            target = _mean(quantities.get(c["value"], [])) if isinstance(c["value"], str) else float(c["value"])
-            verdict, ci = rule(quantities.get(c["a"], []), target, c.get("margin", 0.0))
-        else:
-            verdict, ci = rule(quantities.get(c["a"], []), float(c["threshold"]))
-        checks.append({**c, "verdict": verdict, "interval": ci})
-    return ClaimResult(claim, claim_tasks, seeds, runs, quantities, checks, combine(c["verdict"] for c in checks),
-                       seconds=time.perf_counter() - t0)
+        ctx.log(f"{claim.id} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in q.items() if "@" not in k))
+    result.quantities = quantities
+    result.checks = [evaluate_check(result, c) for c in claim.checks]
+    result.verdict = combine(c["verdict"] for c in result.checks) if result.testable else UNTESTABLE
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None, only: list[str] | None = None,
-              tasks_spec: str | None = None, overrides: dict | None = None, log=print) -> list[ClaimResult]:
+              tasks_spec: str | None = None, overrides: dict | None = None, log=print,
+              profile: str | None = None) -> list[ClaimResult]:
     suite, claims = load_suite(suite_dir)
+    if profile is None and "default" in (suite.get("profiles") or {}):
+        profile = "default"
+    if profile:
+        profiles = suite.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"--profile: {profile!r} is not one of {sorted(profiles)}")
+        p = profiles[profile] or {}
+        seeds = seeds or p.get("seeds")
+        only = only or p.get("claims")
+        tasks_spec = tasks_spec or p.get("tasks")
+        overrides = {**(p.get("overrides") or {}), **(overrides or {})}
+        for key in ("gate", "lr_grid", "not_learned"):
+            if key in p:
+                suite = {**suite, key: p[key]}
     if overrides:  # e.g. model=roberta-base max_train_samples=null for the papers' scale
         suite = {**suite, "overrides": overrides}
     tasks = parse_tasks(tasks_spec) if tasks_spec else discover_tasks(data_dir, suite.get("prefer"))
+    families = ((suite.get("profiles") or {}).get(profile) or {}).get("families") if profile else None
+    if families:  # e.g. the default profile leaves out commonsense (SmolLM2 runs minutes a run on a CPU)
+        tasks = {f: (v if f in families else []) for f, v in tasks.items()}
     seeds = seeds or list(suite.get("seeds") or [0, 1, 2])
     if only:
         unknown = set(only) - {c.id for c in claims}
@@ -546,7 +561,8 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
             raise ConfigError(f"--claims: unknown claim {sorted(unknown)[0]!r} (have {[c.id for c in claims]})")
         claims = [c for c in claims if c.id in only]
     log(f"tasks: {tasks}; seeds {seeds}")
-    return [run_claim(c, suite, tasks, seeds, data_dir, out, log) for c in claims]
+    ctx = Context(suite, tasks, seeds, data_dir, out, log)
+    return [run_claim(c, ctx) for c in claims]
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
@@ -574,9 +590,17 @@ def cmd_claims(args) -> int:
             f.write(line + "\n")
 
     t0 = time.time()
-    results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log)
+    results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log, args.profile)
     command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else "qkvtune bench claims …"
-    write_report(results, report, command=command, seconds=time.time() - t0, speed_dir=args.speed_results)
+    preface = None
+    if args.preface:
+        try:
+            with open(args.preface, encoding="utf-8") as f:
+                preface = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--preface: {args.preface}: cannot be read ({e})") from None
+    write_report(results, report, command=command, seconds=time.time() - t0, speed_dir=args.speed_results,
+                 preface=preface)
     for r in results:
         print(f"{r.claim.id}: {r.verdict}" + (f" ({r.skipped})" if r.skipped else ""))
     print(f"report: {report}")
@@ -592,8 +616,11 @@ def register(sub) -> None:
     p.add_argument("--tasks", help="task ids instead of those found in the data folder, e.g. glue/rte,commonsense/piqa")
     p.add_argument("--claims", help="only these claims, e.g. C1,C3")
     p.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
+    p.add_argument("--profile", help="a named profile of suite.yaml: quick (a ≤ 15-minute smoke version)")
     p.add_argument("--out", default="runs/claims", help="folder for the runs, the log and the report")
     p.add_argument("--report", help="Markdown report path (default: OUT/REPORT.md); plots go beside it")
+    p.add_argument("--preface", help="a Markdown file placed under the report's header (e.g. what changed since the "
+                   "previous report)")
     p.add_argument("--speed-results", help="folder of speed_*.json from `qkvtune bench speed` to include in the report "
                    "(e.g. benchmarks/results)")
     p.set_defaults(func=cmd_claims)

@@ -1,6 +1,8 @@
-"""The claims report: Markdown with the command, machine and date on top, a verdict table, one section per
-claim (scores per arm and task as mean ± sd over seeds, derived quantities, each check with its interval and
-verdict, the paper's own numbers) and PNG plots beside it; ``claims.json`` holds every figure."""
+"""The claims report: Markdown with the command, machine, date, wall time and the learning-rate search's cost on
+top, a verdict table with each claim's parts, one section per claim (the gate per task, each arm's chosen rate
+and validation curve over the grid, test scores per arm and task as mean ± sd over seeds with the "not learned"
+flag, quantities, each check with its interval, verdict and power, the paper's own numbers) and PNG plots
+beside it; ``claims.json`` holds every figure."""
 
 from __future__ import annotations
 
@@ -54,17 +56,14 @@ def _plot_scores(result, path: str) -> bool:
         hi = max(m + s for m, s in zip(means, sds))
         pad = max(0.02, (hi - lo) * 0.3)
         ax.set_ylim(max(min(lo - pad, 1.0), -1.0), hi + pad)
-    axes[0][0].set_ylabel("dev score (mean ± sd over seeds)")
+    axes[0][0].set_ylabel("test score (mean ± sd over seeds)")
     fig.suptitle(f"{result.claim.id}: {result.claim.title}", fontsize=9)
     save_figure(fig, path)
     return True
 
 
 def _plot_curves(result, path: str) -> bool:
-    """Dev score against step for every arm with an evaluation history (mean over seeds), one panel per task."""
-    plt = pyplot()
-
-
+    """Validation score against step for every arm with an evaluation history (mean over seeds), per task."""
     series = {}
     for seed_runs in result.runs.values():
         for task, by_arm in seed_runs.items():
@@ -76,20 +75,31 @@ def _plot_curves(result, path: str) -> bool:
     if not series:
         return False
     tasks = sorted({t for t, _ in series})
+
+    def draw(ax, task):
+        for (t, arm), curves in sorted(series.items()):
+            if t == task:
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], "o-", ms=3, label=arm)
+
+    _per_task(tasks, draw, "step", f"{result.claim.id}: validation score during training (mean over seeds)", path)
+    return True
+
+
+def _per_task(tasks, draw, xlabel: str, title: str, path: str, log_x: bool = False) -> None:
+    """One panel per task (the task's validation metric on y), ``draw(ax, task)`` filling each."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for (t, arm), curves in sorted(series.items()):
-            if t != task:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], "o-", ms=3, label=arm)
-        ax.set_xlabel("step")
-        ax.set_ylabel(score_key(task)[5:])
+        draw(ax, task)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation " + score_key(task)[5:])
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result.claim.id}: dev score during training (mean over seeds)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
-    return True
 
 
 def _plot_loss_curves(result, path: str) -> bool:
@@ -105,23 +115,41 @@ def _plot_loss_curves(result, path: str) -> bool:
             for arm, run in by_arm.items():
                 pts = [(h["step"], h["eval_loss"]) for h in run.history if "eval_loss" in h]
                 if len(pts) >= 3 and arm in [m.get("arm") for m in result.claim.measures]:
-                    line, = ax.plot(*zip(*pts), "o-", ms=3, label=f"seed {seed} dev loss")
+                    line, = ax.plot(*zip(*pts), "o-", ms=3, label=f"seed {seed}")
                     if i < len(preds) and math.isfinite(preds[i]):
                         ax.axvline(preds[i], color=line.get_color(), ls="--", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("dev loss")
-    ax.set_title(f"{result.claim.id}: dev loss; dashed: the rule's T̂", fontsize=9)
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{result.claim.id}: validation loss; dashed: the rule's T̂", fontsize=9)
     ax.legend(fontsize=7)
     save_figure(fig, path)
     return True
 
 
+def _plot_grid(result, path: str) -> bool:
+    """Validation score over each arm's learning-rate grid (first seed), one panel per task."""
+    panels = {t: {a: r.grid for a, r in arms.items() if r.grid} for t, arms in result.arms.items()}
+    panels = {t: a for t, a in panels.items() if a}
+    if not panels:
+        return False
+
+    def draw(ax, task):
+        for arm, grid in panels[task].items():
+            ax.plot([g[0] for g in grid], [g[1] for g in grid], "o-", ms=4, label=arm)
+
+    _per_task(list(panels), draw, "learning rate (η_Q)", f"{result.claim.id}: learning-rate search (first seed)",
+              path, log_x=True)
+    return True
+
+
 def _rule_text(c: dict) -> str:
-    if c["rule"] in ("non_inferior", "superior"):
-        return f"{c['rule']}({c['a']}, {c['b']}, margin {c.get('margin', 0)})"
-    if c["rule"] == "contains":
-        return f"contains({c['a']}, {c['value']})"
+    if c["rule"] in verdicts.COMPARISONS:
+        return f"{c['rule']}({c['a']}, {c.get('b', 0)}, margin {c.get('margin', 0)})"
     return f"{c['rule']}({c['a']}, {c['threshold']})"
+
+
+def _pct(x) -> str:
+    return "–" if x is None or not isinstance(x, (int, float)) or not math.isfinite(x) else f"{100 * x:.0f}%"
 
 
 SPEED_INTRO = """Measured by `qkvtune bench speed` (one process per model and device, configurations interleaved round by
@@ -150,22 +178,39 @@ def speed_section(folder: str | None) -> list[str]:
     return lines
 
 
-def write_report(results, path: str, command: str, seconds: float, speed_dir: str | None = None) -> None:
+def write_report(results, path: str, command: str, seconds: float, speed_dir: str | None = None,
+                 preface: str | None = None) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     plots = os.path.join(out_dir, "claims_plots")
     os.makedirs(plots, exist_ok=True)
+    unique = {run.dir: run for r in results for t in r.arms.values() for a in t.values() for run in a.runs.values()}
+    searches = {}
+    for r in results:
+        for task, arms in r.arms.items():
+            for arm, a in arms.items():
+                if a.grid:
+                    searches[(task, json.dumps(sorted(a.grid)), arm)] = a.search_seconds
+    search_min = sum(searches.values()) / 60
     lines = ["# qkvtune claims report", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of this invocation {seconds / 60:.1f} min "
-             "(runs already in the run folder are read, not retrained)"]
-    unique = {run.dir: run for r in results for s in r.runs.values() for t in s.values() for run in t.values()}
-    lines += [f"- {len(unique)} training runs, {sum(r.seconds for r in unique.values()) / 60:.1f} min of training "
-              "in all (as timed when each run was trained; analyses and kernels come on top)", ""]
-    lines += ["## Verdicts", "", "| claim | verdict | tasks | seeds | the papers' own numbers |", "|---|---|---|---|---|"]
+             "(runs already in the run folder are read, not retrained)",
+             f"- {len(unique)} training runs at the chosen rates, {sum(r.seconds for r in unique.values()) / 60:.1f} min "
+             f"of training (as timed when each was trained); the learning-rate search's other grid runs: "
+             f"{search_min:.1f} min more; analyses and kernels come on top", "",
+             "Splits: each run's validation split is carved from its training data with its seed (`val_size`); "
+             "learning rate, checkpoint and early stopping read only that. Every score in the tables below is on "
+             "the task's dev/test file (the test split), which nothing selects on.", ""]
+    if preface:
+        lines += [preface.strip(), ""]
+    lines += ["## Verdicts", "", "| claim | verdict | parts | tasks (testable) | seeds | the papers' own numbers |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         v = r.verdict + (f" ({r.skipped})" if r.skipped else "")
-        lines.append(f"| {r.claim.id}: {r.claim.title} | **{v}** | {', '.join(r.tasks) or '–'} | {len(r.seeds)} | "
+        parts = "; ".join(f"{c['part']}: {c['verdict']}" for c in r.checks) or "–"
+        tasks = ", ".join(t + ("" if t in r.testable else " (not testable)") for t in r.tasks) or "–"
+        lines.append(f"| {r.claim.id}: {r.claim.title} | **{v}** | {parts} | {tasks} | {len(r.seeds)} | "
                      f"{(r.claim.paper or '–').strip()} |")
     lines += ["", "### The verdict rule", "", verdicts.__doc__.split("\n\n", 1)[1].strip(), ""]
     lines += speed_section(speed_dir)
@@ -178,38 +223,59 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
             continue
         if c.notes:
             lines += [c.notes.strip(), ""]
-        arms = [a for a in c.arms if f"score:{a}" in r.quantities]
-        if arms:
-            lines += ["| arm | settings | " + " | ".join(r.tasks) + " | mean |",
-                      "|---|---|" + "---|" * (len(r.tasks) + 1)]
-            for a in arms:
-                cells = [_fmt(r.quantities.get(f"score:{a}@{t}", [])) for t in r.tasks]
+        lines += ["| task | gate (reference arm, validation) | best constant predictor (test) |", "|---|---|---|"]
+        for t in r.tasks:
+            ok, why = r.gates.get(t, (False, "not run"))
+            const = r.constants.get(t)
+            lines.append(f"| {t} | {'passed' if ok else '**not testable at this budget**'}: {why} | "
+                         f"{'–' if const is None or not math.isfinite(const) else f'{const:.4g}'} |")
+        lines.append("")
+        lines += ["| arm | task | settings | η_Q chosen | validation over the grid (first seed) | test score | |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, arms in r.arms.items():
+            for a, res in arms.items():
                 settings = ", ".join(f"{k}={v}" for k, v in (c.arms[a] or {}).items())
-                lines.append(f"| {a} | {settings} | " + " | ".join(cells) + f" | {_fmt(r.quantities[f'score:{a}'])} |")
-            lines.append("")
-        extra = [k for k in r.quantities if not k.startswith("score:")]
+                grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res.grid) or \
+                    ("borrowed from " + str((c.arms[a] or {}).get("lr_from")) if (c.arms[a] or {}).get("lr_from")
+                     else "fixed")
+                flags = ["not learned"] if a in r.not_learned.get(t, []) else []
+                if len(res.grid) > 1 and res.lr in (res.grid[0][0], res.grid[-1][0]):
+                    flags.append("rate at the grid's edge")  # a wider grid might find a better one
+                flag = "; ".join(flags)
+                lines.append(f"| {a} | {t} | {settings} | {res.lr:g} | {grid} | "
+                             f"{_fmt([x.score for x in res.runs.values()])} | {flag} |")
+        lines.append("")
+        extra = [k for k in r.quantities if not k.startswith("score:") and "@" not in k]
         if extra:
             lines += ["| quantity | mean ± sd | per seed |", "|---|---|---|"]
             for k in extra:
                 per_seed = ", ".join(f"{v:.4g}" for v in r.quantities[k])
                 lines.append(f"| {k} | {_fmt(r.quantities[k])} | {per_seed} |")
             lines.append("")
-        lines += ["| check | 90% interval | verdict |", "|---|---|---|"]
+        lines += ["| part | check | 90% interval | verdict | power | seeds for 80% power | note |",
+                  "|---|---|---|---|---|---|---|"]
         for chk in r.checks:
-            lines.append(f"| {_rule_text(chk)} | {chk['interval']} | {chk['verdict']} |")
+            ci = chk["interval"]
+            lines.append(f"| {chk['part']} | {_rule_text(chk)} | {ci} ({ci.how}) | {chk['verdict']} | "
+                         f"{_pct(chk.get('power'))} | {chk.get('seeds_needed') or '–'} | {chk.get('note', '')} |")
         lines += ["", f"**Verdict: {r.verdict}.** Paper: {(c.paper or '–').strip()}", ""]
-        for name, fn in (("scores", _plot_scores), ("curves", _plot_curves), ("stopping", _plot_loss_curves)):
+        for name, fn in (("scores", _plot_scores), ("curves", _plot_curves), ("grid", _plot_grid),
+                         ("stopping", _plot_loss_curves)):
             png = os.path.join(plots, f"{c.id}_{name}.png")
             if fn(r, png):
                 lines += [f"![{c.id} {name}]({os.path.relpath(png, out_dir)})", ""]
         minutes = sum(run.seconds for s in r.runs.values() for t in s.values() for run in t.values()) / 60
         lines += [f"Training time of this claim's runs: {minutes:.1f} min (shared runs counted in each claim).", ""]
-        record.append({"id": c.id, "verdict": r.verdict, "tasks": r.tasks, "seeds": r.seeds,
-                       "quantities": r.quantities,
+        record.append({"id": c.id, "verdict": r.verdict, "tasks": r.tasks, "testable": r.testable, "seeds": r.seeds,
+                       "gates": {t: list(g) for t, g in r.gates.items()}, "constants": r.constants,
+                       "not_learned": r.not_learned, "quantities": r.quantities,
+                       "learning_rates": {t: {a: {"lr": x.lr, "grid": x.grid} for a, x in arms.items()}
+                                          for t, arms in r.arms.items()},
                        "checks": [{**{k: v for k, v in chk.items() if k != "interval"},
                                    "interval": vars(chk["interval"])} for chk in r.checks]})
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "claims.json"), "w") as f:
-        json.dump({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "claims": record},
+        json.dump({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                   "wall_minutes": seconds / 60, "search_minutes": search_min, "claims": record},
                   f, indent=2, default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x))

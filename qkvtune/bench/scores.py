@@ -1,20 +1,98 @@
-"""Which score a claim reads for a task: the task's main dev metric, under the name Trainer logs it."""
+"""What a claim reads of a run: the task's main metric on a split (validation: ``eval_*``, what selection
+reads; test: ``test_*``, what is reported), per-example test scores for the bootstrap, the score of the best
+constant predictor, and the testability gate."""
 
 from __future__ import annotations
 
+import numpy as np
 
-def score_key(task: str) -> str:
+
+def metric_name(task: str) -> str:
     from ..data.metrics import glue_metrics
 
     family, _, name = task.partition("/")
-    return f"eval_{glue_metrics(name)[1]}" if family == "glue" else "eval_accuracy"
+    return glue_metrics(name)[1] if family == "glue" else "accuracy"
 
 
-def score_of(record: dict, task: str):
-    """The task's dev score in a metrics / log record; with several dev sets (MNLI's matched and mismatched)
-    Trainer names them eval_<set>_<metric>, and the first set's counts."""
-    key = score_key(task)
+def score_key(task: str, split: str = "eval") -> str:
+    return f"{split}_{metric_name(task)}"
+
+
+def score_of(record: dict, task: str, split: str = "eval"):
+    """The task's score on ``split`` in a metrics / log record; with several dev sets (MNLI's matched and
+    mismatched) Trainer names them <split>_<set>_<metric>, and the first set's counts."""
+    key = score_key(task, split)
     if key in record:
         return record[key]
-    metric = key[len("eval_"):]
-    return next((v for k, v in record.items() if k.startswith("eval_") and k.endswith("_" + metric)), None)
+    metric = key[len(split) + 1:]
+    return next((v for k, v in record.items() if k.startswith(split + "_") and k.endswith("_" + metric)), None)
+
+
+def metric(task: str):
+    """``fn(labels, predictions) -> score`` for the task's main metric, or None where it is a mean of per-example
+    correctness (accuracy; generation accuracy), which the bootstrap then resamples directly."""
+    name = metric_name(task)
+    return {"f1": f1, "matthews_correlation": matthews, "pearson": pearson}.get(name)
+
+
+# numpy forms of sklearn's / scipy's (the bootstrap calls them thousands of times); tests hold them to those
+def f1(y, p) -> float:
+    y, p = np.asarray(y) == 1, np.asarray(p) == 1
+    tp = float(np.sum(y & p))
+    denom = 2 * tp + float(np.sum(~y & p)) + float(np.sum(y & ~p))
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews(y, p) -> float:
+    y, p = np.asarray(y) == 1, np.asarray(p) == 1
+    tp, tn = float(np.sum(y & p)), float(np.sum(~y & ~p))
+    fp, fn = float(np.sum(~y & p)), float(np.sum(y & ~p))
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def pearson(y, p) -> float:
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    if np.std(p) == 0 or np.std(y) == 0:
+        return 0.0
+    return float(np.corrcoef(y, p)[0, 1])
+
+
+def encode(labels: list, predictions: list, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, row) for the bootstrap: per-example correctness (0/1) where the metric is a mean of it,
+    else the predictions themselves (class ids, scores) next to numeric labels."""
+    if metric(task) is None:
+        return np.zeros(len(labels)), np.array([float(p == y) for p, y in zip(predictions, labels)])
+    return np.asarray(labels, dtype=float), np.asarray([np.nan if p is None else p for p in predictions], dtype=float)
+
+
+def constant_score(task: str, labels: list, choices: list | None = None) -> float:
+    """The best score a constant prediction gets on these labels (majority-class accuracy, the F1 of always
+    answering the positive class, 0 for correlations and MCC, the most frequent answer's rate)."""
+    if metric_name(task) in ("pearson", "matthews_correlation"):
+        return 0.0
+    candidates = sorted(set(labels) | set(choices or []), key=str)
+    fn = metric(task)
+    if fn is None:
+        return max(sum(y == c for y in labels) / len(labels) for c in candidates)
+    return max(fn(np.asarray(labels), np.full(len(labels), c)) for c in candidates)
+
+
+def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dict) -> tuple[bool, str]:
+    """Whether the reference arm clearly learned, by its *validation* metrics: accuracy ``rule['over_constant']``
+    above the majority class (tasks scored by accuracy or F1), MCC ≥ ``rule['matthews_correlation']``, Pearson
+    ≥ ``rule['pearson']``, generation accuracy ``over_constant`` above max(chance, the most frequent answer)."""
+    name = metric_name(task)
+    margin = float(rule.get("over_constant", 0.10))
+    if name in ("matthews_correlation", "pearson"):
+        value, need = metrics.get(f"eval_{name}"), float(rule.get(name, 0.2 if name == "matthews_correlation" else 0.5))
+        what = name
+    else:
+        value = metrics.get("eval_accuracy")
+        base = max(sum(y == c for y in labels) / len(labels) for c in set(labels))
+        if task.startswith("commonsense/") and choices:
+            base = max(base, 1 / len(choices))
+        need, what = base + margin, f"accuracy (constant {base:.3f} + {margin:.2f})"
+    if value is None:
+        return False, f"no validation {name}"
+    return value >= need, f"validation {what}: {value:.3f} vs needed {need:.3f}"

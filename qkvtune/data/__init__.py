@@ -28,7 +28,7 @@ class TaskData:
     num_labels: int  # classes; 1 for regression; 0 for causal LM kinds
     label_names: list[str] | None
     train: datasets.Dataset  # tokenized; only the columns the model takes
-    evals: dict[str, datasets.Dataset]
+    evals: dict[str, datasets.Dataset]     # what selection reads: evaluation during training, best checkpoint
     collator: Callable
     compute_metrics: Callable | None  # keys without the "eval_" prefix
     metric_for_best: str
@@ -36,6 +36,8 @@ class TaskData:
     generation_records: dict[str, list[dict]] | None = None  # qa_generation: {"test": [{"prompt", "answer"}]}
     answer_choices: list[str] | None = None  # qa_generation: distinct answer labels
     info: dict = field(default_factory=dict)  # counts worth reporting with the metrics (sft: num_truncated)
+    tests: dict[str, datasets.Dataset] = field(default_factory=dict)  # val_size: the task's own dev/test set,
+                                                                       # scored once at the end, never selected on
 
 
 class PadCollator:
@@ -124,11 +126,50 @@ def subsample(columns: dict[str, list], n: int | None, seed: int | None) -> dict
     return {k: [v[i] for i in idx] for k, v in columns.items()}
 
 
+def split_train(columns: dict[str, list], max_train_samples: int | None, val_size: int | float | None,
+                seed: int) -> tuple[dict[str, list], dict[str, list] | None]:
+    """(training rows, validation rows or None): with ``val_size`` (a count, or a fraction in (0, 1)) a seeded
+    validation split is carved out of the training rows first, and the training subset is drawn from the rest,
+    so the two never share a row and ``max_train_samples`` still counts training rows."""
+    if not val_size:
+        return subsample(columns, max_train_samples, seed), None
+    total = len(next(iter(columns.values())))
+    k = round(total * val_size) if isinstance(val_size, float) else int(val_size)
+    if not 1 <= k < total:
+        raise DataError(f"val_size: {val_size!r} leaves no training rows or no validation rows of {total}")
+    held = set(random.Random(f"val_size:{seed}").sample(range(total), k))
+    rest = [i for i in range(total) if i not in held]
+    pick = lambda idx: {c: [v[i] for i in idx] for c, v in columns.items()}
+    return subsample(pick(rest), max_train_samples, seed), pick(sorted(held))
+
+
+VAL_SIZE_FAMILIES = ("glue", "commonsense", "classification", "regression")
+
+
 def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: int = 128,
               max_train_samples: int | None = None, max_eval_samples: int | None = None,
-              seed: int = 0, train_on_inputs: bool = False, files=None) -> TaskData:
+              seed: int = 0, train_on_inputs: bool = False, files=None, val_size: int | float | None = None,
+              shuffle_labels: bool = False) -> TaskData:
     """Load, subsample and tokenize a task. See the module docstring for task ids; ``classification`` and
-    ``regression`` read the user's own files or dataset as ``files`` (a ``files.FileSpec``) describes."""
+    ``regression`` read the user's own files or dataset as ``files`` (a ``files.FileSpec``) describes.
+
+    ``val_size``: hold out that many training rows (or that fraction) as the validation split that selection
+    reads; the task's own dev/test set becomes ``tests``. ``shuffle_labels``: permute the training labels
+    (seeded), a control run whose labels carry no information about the texts."""
+    data = _load_task(task, tokenizer, data_dir=data_dir, max_length=max_length, max_train_samples=max_train_samples,
+                      max_eval_samples=max_eval_samples, seed=seed, train_on_inputs=train_on_inputs, files=files,
+                      val_size=val_size)
+    if shuffle_labels:
+        if data.kind not in ("classification", "regression"):
+            raise DataError(f"shuffle_labels: needs a classification or regression task, not {data.kind}")
+        labels = list(data.train["labels"])
+        random.Random(f"shuffle_labels:{seed}").shuffle(labels)
+        data.train = data.train.remove_columns("labels").add_column("labels", labels)
+    return data
+
+
+def _load_task(task: str, tokenizer, *, data_dir, max_length, max_train_samples, max_eval_samples, seed,
+               train_on_inputs, files, val_size) -> TaskData:
     if tokenizer.pad_token_id is None:
         raise DataError(no_pad_message(tokenizer))
     if max_length < 1:
@@ -137,6 +178,11 @@ def load_task(task: str, tokenizer, *, data_dir: str | None = None, max_length: 
     family = family.lower()
     opts = dict(max_length=max_length, max_train_samples=max_train_samples,
                 max_eval_samples=max_eval_samples, seed=seed)
+    if val_size:
+        if family not in VAL_SIZE_FAMILIES:
+            raise DataError(f"val_size: holds out a validation split for {', '.join(VAL_SIZE_FAMILIES)} tasks, "
+                            f"not {task}")
+        opts["val_size"] = val_size
     # Submodules are imported here, not at the top, because they import from this module.
     if family in ("classification", "regression") and not rest:
         from .files import FileSpec, load_files_task

@@ -6,14 +6,14 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from . import DataError, TaskData, find_dir, subsample
+from . import DataError, TaskData, find_dir, split_train, subsample
 from .text import alpaca_prompt, causal_task, encode_prompts, read_json_records, tokenize_sft
 
 FIELDS = ("instruction", "input", "output", "answer")
 
 
 def load_commonsense(name: str, tokenizer, data_dir: str, *, max_length: int, max_train_samples, max_eval_samples,
-                     seed, train_on_inputs: bool) -> TaskData:
+                     seed, train_on_inputs: bool, val_size: int | float | None = None) -> TaskData:
     folder = find_dir(os.path.join(data_dir, "commonsense"), name)
     test = read_json_records(os.path.join(folder, "test.json"), FIELDS)
     train = read_json_records(os.path.join(folder, "train.json"), FIELDS)
@@ -24,14 +24,20 @@ def load_commonsense(name: str, tokenizer, data_dir: str, *, max_length: int, ma
                 "response": [r["output"] for r in records], "answer": [r["answer"] for r in records]}
 
     task = f"commonsense/{os.path.basename(folder)}"
-    train = subsample(columns(train), max_train_samples, seed)
+    train, validation = split_train(columns(train), max_train_samples, val_size, seed)
     test = subsample(columns(test), max_eval_samples, None)
+    sets = {"test": (test, "test.json")} if validation is None else \
+        {"validation": (validation, "train.json"), "test": (test, "test.json")}
+    tokenized = {k: tokenize_sft(v, tokenizer, max_length, train_on_inputs, f"{task} {k}", os.path.join(folder, f))
+                 for k, (v, f) in sets.items()}
     data = causal_task(task, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{task} train",
                                           os.path.join(folder, "train.json")),
-                       {"test": tokenize_sft(test, tokenizer, max_length, train_on_inputs, f"{task} test",
-                                             os.path.join(folder, "test.json"))},
+                       {k: v for k, v in tokenized.items() if validation is None or k == "validation"},
                        tokenizer, kind="qa_generation")
-    data.generation_records = {"test": [{"prompt": p, "answer": a} for p, a in zip(test["prompt"], test["answer"])]}
+    if validation is not None:  # test.json becomes the test split: scored once, never selected on
+        data.tests = {"test": tokenized["test"]}
+    data.generation_records = {k: [{"prompt": p, "answer": a} for p, a in zip(v["prompt"], v["answer"])]
+                               for k, (v, _) in sets.items()}
     data.answer_choices = choices
     return data
 

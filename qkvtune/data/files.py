@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from ..errors import first_line
-from . import DataError, PadCollator, TaskData, subsample
+from . import DataError, PadCollator, TaskData, split_train, subsample
 from .glue import tokenize_texts
 
 FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -236,8 +236,10 @@ def regression_metrics(p) -> dict:
 # --- the task -------------------------------------------------------------------------------------------
 
 def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples,
-                    seed: int) -> TaskData:
-    """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read."""
+                    seed: int, val_size: int | float | None = None) -> TaskData:
+    """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read.
+    With ``val_size`` the validation rows come out of the training rows and the validation data becomes the
+    test split."""
     text_cols = _text_columns(spec)
     train, dev, source = read_splits(spec, kind, seed)
     needed = text_cols + [spec.label_column]
@@ -259,13 +261,15 @@ def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, ma
             out["text_b"] = texts(t, text_cols[1])
         return out
 
-    tr = subsample(columns(train, "train"), max_train_samples, seed)
+    tr, val = split_train(columns(train, "train"), max_train_samples, val_size, seed)
     dv = subsample(columns(dev, "dev"), max_eval_samples, None)
     name = kind
+    evals, tests = ({"validation": val}, {"test": dv}) if val is not None else ({"dev": dv}, {})
+    tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"{name} {k}") for k, v in sets.items()}
     return TaskData(
         name=name, kind=kind, num_labels=len(names) if names else 1, label_names=names,
         train=tokenize_texts(tr, tokenizer, max_length, f"{name} train"),
-        evals={"dev": tokenize_texts(dv, tokenizer, max_length, f"{name} dev")},
+        evals=tokenize(evals), tests=tokenize(tests),
         collator=PadCollator(tokenizer),
         compute_metrics=classification_metrics(len(names)) if names else regression_metrics,
         metric_for_best="accuracy" if names else "pearson", greater_is_better=True)

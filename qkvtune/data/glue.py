@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, find_dir, read_text, subsample
+from . import DataError, PadCollator, TaskData, find_dir, read_text, split_train, subsample
 from .metrics import glue_metrics
 
 
@@ -137,7 +137,7 @@ def tokenize_texts(columns: dict[str, list], tokenizer, max_length: int, desc: s
 
 
 def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, max_train_samples: int | None,
-              max_eval_samples: int | None, seed: int) -> TaskData:
+              max_eval_samples: int | None, seed: int, val_size: int | float | None = None) -> TaskData:
     task = name.lower().replace("-", "").replace("_", "")  # "SST-2" -> "sst2", "STS-B" -> "stsb"
     if task not in TASKS:
         raise DataError(f"unknown GLUE task {name!r}; known: {', '.join(TASKS)}")
@@ -153,16 +153,21 @@ def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, ma
         evals = {k: read_tsv(os.path.join(folder, f), spec) for k, f in files.items()}
         train = read_tsv(os.path.join(folder, "train.tsv"), spec)
 
-    train = subsample(train, max_train_samples, seed)
+    train, validation = split_train(train, max_train_samples, val_size, seed)
     evals = {k: subsample(v, max_eval_samples, None) for k, v in evals.items()}
+    tests = {}
+    if validation is not None:  # the dev files become the test split: scored once, never selected on
+        tests, evals = evals, {"validation": validation}
     compute_metrics, best = glue_metrics(task)
+    tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in sets.items()}
     return TaskData(
         name=f"glue/{task}",
         kind="regression" if spec.values is None else "classification",
         num_labels=1 if spec.values is None else len(spec.values),
         label_names=list(spec.names) if spec.names else None,
         train=tokenize_texts(train, tokenizer, max_length, f"glue/{task} train"),
-        evals={k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in evals.items()},
+        evals=tokenize(evals),
+        tests=tokenize(tests),
         collator=PadCollator(tokenizer),
         compute_metrics=compute_metrics,
         metric_for_best=best,
