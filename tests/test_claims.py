@@ -122,7 +122,7 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir):
         "profiles": {"strict": {"claims": ["C1"], "gate": {"over_constant": 2.0}}}})
     _write(suite, "c1.yaml", {
         "id": "C1", "title": "qv vs qkv", "source": "test", "paper": "85.06 vs 83.25", "tasks": ["glue.0"],
-        "base": {"method": "lora", "rank": 2, "alpha": 4},
+        "base": {"method": "lora", "rank": 2, "alpha": 4}, "reference": "qv",
         "arms": {"qv": {"targets": ["q", "v"]}, "qkv": {"targets": ["q", "k", "v"]},
                  "qv4": {"targets": ["q", "v"], "rank": 4, "alpha": 8},
                  "qv_shuffled": {"targets": ["q", "v"], "shuffle_labels": True, "lr_from": "qv"}},
