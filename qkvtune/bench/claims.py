@@ -330,7 +330,7 @@ class Context:
                 test = [r["answer"] for r in recs.get("test", [])]
             else:
                 val = list(next(iter(data.evals.values()))["labels"])
-                test = list(next(iter(data.tests.values()), data.evals.get("dev", []))["labels"]) if data.tests else []
+                test = list(next(iter(data.tests.values()))["labels"]) if data.tests else []
             self.labels_cache[key] = {"validation": val, "test": test, "choices": data.answer_choices}
         return self.labels_cache[key]
 

@@ -157,7 +157,8 @@ def kernel_curve(runs: dict, arm: str, n_test: int = 128, sizes=(32, 64, 128, 25
     regression on the first n training examples, ridge chosen per n on the held-out examples, as early
     stopping would) against the rate −p/(p+1) that the kernel's eigenvalue decay λ_i ~ i^(−p) gives. The raw
     error also holds an irreducible part, which flattens the slope; the rate is defined for p > 1 only."""
-    from ..analysis.ntk import rate_from_decay
+    from ..analysis.kernel_regression import kernel_ridge
+    from ..analysis.ntk import eigenvalues, fit_decay, rate_from_decay
     from ..analysis.samples import fit_slope
 
     slopes, rates, decays = [], [], []
@@ -175,17 +176,11 @@ def kernel_curve(runs: dict, arm: str, n_test: int = 128, sizes=(32, 64, 128, 25
         for n in sizes:
             idx = train_idx[:n]
             knn, ktn = k[idx][:, idx], k[test_idx][:, idx]
-            scale = float(knn.diagonal().mean())
-            best = math.inf
-            for rho in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0):
-                alpha = torch.linalg.solve(knn + rho * scale * torch.eye(n, dtype=k.dtype), r[idx])
-                best = min(best, float(((ktn @ alpha - r[test_idx]) ** 2).mean()))
+            best = min(float(((kernel_ridge(knn, r[idx], ktn, ridge=rho) - r[test_idx]) ** 2).mean())
+                       for rho in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0))
             errors.append(best)
         slopes.append(fit_slope(list(sizes), errors))
-        eig = torch.linalg.eigvalsh(k[train_idx][:, train_idx]).flip(0).clamp(min=0)
-        from ..analysis.ntk import fit_decay
-
-        p = fit_decay(eig)[0]
+        p = fit_decay(eigenvalues(k[train_idx][:, train_idx]))[0]
         decays.append(p)
         rates.append(-rate_from_decay(p))
     out = {"kernel_error_slope": mean(slopes), "kernel_rate": mean(rates), "decay_p": mean(decays)}

@@ -71,11 +71,16 @@ def constant_score(task: str, labels: list, choices: list | None = None) -> floa
     answering the positive class, 0 for correlations and MCC, the most frequent answer's rate)."""
     if metric_name(task) in ("pearson", "matthews_correlation"):
         return 0.0
-    candidates = sorted(set(labels) | set(choices or []), key=str)
     fn = metric(task)
     if fn is None:
-        return max(sum(y == c for y in labels) / len(labels) for c in candidates)
+        return majority(labels)
+    candidates = sorted(set(labels) | set(choices or []), key=str)
     return max(fn(np.asarray(labels), np.full(len(labels), c)) for c in candidates)
+
+
+def majority(labels: list) -> float:
+    """The accuracy of always answering the most frequent label."""
+    return max(sum(y == c for y in labels) / len(labels) for c in set(labels))
 
 
 def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dict) -> tuple[bool, str]:
@@ -89,7 +94,7 @@ def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dic
         what = name
     else:
         value = metrics.get("eval_accuracy")
-        base = max(sum(y == c for y in labels) / len(labels) for c in set(labels))
+        base = majority(labels)
         if task.startswith("commonsense/") and choices:
             base = max(base, 1 / len(choices))
         need, what = base + margin, f"accuracy (constant {base:.3f} + {margin:.2f})"
