@@ -1,6 +1,7 @@
-"""Trainer callbacks that drive training: ``early_stopping: ntk`` (Sun & Raskutti, arXiv 2602.13942).
+"""Trainer callbacks that drive training: ``patience`` and ``early_stopping: ntk`` (Sun & Raskutti,
+arXiv 2602.13942).
 
-The prediction itself is pure math in ``analysis.stopping``; this module turns it into a stop at the
+The NTK prediction itself is pure math in ``analysis.stopping``; this module turns it into a stop at the
 predicted step for a run's own slices and schedule, and records predicted against observed best step.
 """
 
@@ -17,6 +18,35 @@ from .analysis.plots import write_json
 from .analysis.stopping import StoppingPrediction, predict_stopping, steps_per_epoch
 from .config import ConfigError
 from .targets import Target
+
+
+class PatienceCallback(TrainerCallback):
+    """``patience: N``: stop after N evaluations in a row at which neither the selection metric nor the validation
+    loss improved. Trainer's EarlyStoppingCallback watches the metric alone, and a classifier on the majority-class
+    plateau looks converged by its accuracy while its loss still falls (MRPC: validation accuracy equals the
+    majority share for the first ~100 steps of MiniLM, and that callback stopped every run there). ``metric`` and
+    ``loss`` are the keys without ``eval_`` (``metric`` may be the loss itself)."""
+
+    def __init__(self, patience: int, metric: str, loss: str = "loss", greater_is_better: bool = True):
+        self.patience, self.metric, self.loss, self.greater = patience, metric, loss, greater_is_better
+        self.best_metric: float | None = None
+        self.best_loss: float | None = None
+        self.waited = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        value, loss = metrics.get(f"eval_{self.metric}"), metrics.get(f"eval_{self.loss}")
+        if value is None and loss is None:  # another evaluation (e.g. a test split), not the validation split
+            return
+        better = False
+        if value is not None and math.isfinite(value):
+            if self.best_metric is None or (value > self.best_metric if self.greater else value < self.best_metric):
+                self.best_metric, better = value, True
+        if loss is not None and math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
+            self.best_loss, better = loss, True
+        self.waited = 0 if better else self.waited + 1
+        if self.waited >= self.patience:
+            control.should_training_stop = True
 
 
 class NTKEarlyStoppingCallback(TrainerCallback):

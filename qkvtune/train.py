@@ -1,7 +1,7 @@
 """A thin layer over ``transformers.Trainer``: our parameter groups in, our adapter files out.
 
-Trainer does the loop, gradient accumulation, evaluation, best-checkpoint selection, resume, early
-stopping (``EarlyStoppingCallback``), logging and multi-process training (torchrun / accelerate launch).
+Trainer does the loop, gradient accumulation, evaluation, best-checkpoint selection, resume, logging and
+multi-process training (torchrun / accelerate launch); ``patience`` is ``callbacks.PatienceCallback``.
 ``QkvTrainer`` changes only what is ours: the optimizer's groups (per matrix kind), and checkpoints,
 which hold the adapter (qkvtune + PEFT layout) instead of the whole model.
 """
@@ -14,11 +14,11 @@ import os
 
 import torch
 from accelerate.utils import save_fsdp_optimizer
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
 from . import attach, checkpoints, io, runs, sharding
-from .callbacks import ntk_stopping
+from .callbacks import PatienceCallback, ntk_stopping
 from .config import ConfigError, TrainConfig
 from .errors import QkvtuneError, check_output_dir
 from .evaluation import evaluate_all, metric_key
@@ -244,7 +244,8 @@ def _train(cfg: TrainConfig) -> dict:
     metric = task.metric_for_best if task.metric_for_best == "loss" else metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals),
                               sharding.layer_classes(model, [t.module for t in run.targets]) if cfg.fsdp else ())
-    callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience else []
+    callbacks = [PatienceCallback(cfg.patience, metric, metric_key(task, "loss"), task.greater_is_better)] \
+        if cfg.patience else []
     if cfg.early_stopping == "ntk":
         callbacks.append(ntk_stopping(run))
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)

@@ -104,3 +104,30 @@ def tiny_gpt2_dir(tmp_path_factory):
                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.cls_token_id,
                                   eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), transformers.GPT2LMHeadModel, cfg, tok)
+
+
+def run_cli(*args, env: dict | None = None):
+    """``qkvtune ARGS`` in this process (no interpreter start-up: ~8 s a call saved), as a CompletedProcess with
+    the exit code, stdout and stderr. Tests of the real ``python -m qkvtune`` entry point keep a subprocess."""
+    import contextlib
+    import io
+    import subprocess
+
+    from qkvtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["qkvtune", *args], code, out.getvalue(), err.getvalue())

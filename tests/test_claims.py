@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import data_dir
+from conftest import data_dir, run_cli
 from qkvtune.bench import verdicts as V
 from qkvtune.bench.claims import discover_tasks, load_suite, parse_tasks, slot_task
 from qkvtune.config import ConfigError
@@ -119,7 +119,7 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir):
                               "eval_steps": 2, "logging_steps": 2}},
         "lr_grid": {"lora": [1e-3, 1e-2]},
         "gate": {"over_constant": -1.0, "matthews_correlation": -1.0}, "not_learned": -1.0,
-        "profiles": {"strict": {"claims": ["C1"], "gate": {"over_constant": 2.0}}}})
+        "profiles": {"strict": {"claims": ["C1"], "gate": {"over_constant": 2.0}, "budgets": [1, 2]}}})
     _write(suite, "c1.yaml", {
         "id": "C1", "title": "qv vs qkv", "source": "test", "paper": "85.06 vs 83.25", "tasks": ["glue.0"],
         "base": {"method": "lora", "rank": 2, "alpha": 4}, "reference": "qv",
@@ -137,9 +137,9 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir):
         "measures": [{"name": "task_vectors", "arm": "lora"}],
         "checks": [{"rule": "above", "a": "add_retained", "threshold": 0.5}]})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "qkvtune", "bench", "claims", "--suite", str(suite), "--data-dir", data_dir(),
+    cmd = ["bench", "claims", "--suite", str(suite), "--data-dir", data_dir(),
            "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = run_cli(*cmd)  # in process (the one-line error test below runs the real entry point)
     assert r.returncode == 0, r.stderr[-2000:]
     report = (out / "REPORT.md").read_text()
     assert "## C1: qv vs qkv" in report and "85.06 vs 83.25" in report and "| qv | glue/sst2 |" in report
@@ -182,14 +182,23 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir):
     c8 = record["C8"]
     assert c8["tasks"] == ["glue/sst2", "glue/cola"] and len(c8["quantities"]["add_retained"]) == 2
     assert os.path.exists(out / "claims_plots" / "C1_scores.png") and os.path.exists(out / "claims_plots" / "C1_grid.png")
-    # a second invocation reads every finished run; a gate the reference arm misses makes the task not testable,
-    # and no other arm trains for it
+    # a second invocation reads every finished run; a gate the reference arm misses at budget ×1 raises the budget
+    # (examples, steps, evaluation interval ×2) and probes it at the chosen rate; missed there, the largest
+    # budget, the rest of the grid is tried too (two new runs in all); missed by every rate, the task is not
+    # testable, and no other arm trains for it
     before = (out / "claims.log").read_text().count(" train ")
-    r = subprocess.run(cmd + ["--profile", "strict"], capture_output=True, text=True)
+    r = run_cli(*cmd, "--profile", "strict")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "claims.log").read_text().count(" train ") == before
+    log = (out / "claims.log").read_text()
+    assert log.count(" train ") == before + 2
+    assert log.index(f"probe at lr={lrs['qv']['lr']:g}") < log.rindex(" train ")  # the probe first, then the grid
+    grown = [json.load(open(p))["settings"] for p in out.glob("runs/*/claims_run.json")
+             if json.load(open(p))["settings"]["max_steps"] != 6]
+    assert sorted(g["lr"] for g in grown) == [1e-3, 1e-2] and all(g["targets"] == ["q", "v"] for g in grown)
+    assert all((g["max_steps"], g["max_train_samples"], g["eval_steps"]) == (12, 96, 4) for g in grown)
     c1 = json.load(open(out / "claims.json"))["claims"][0]
     assert c1["verdict"] == V.UNTESTABLE and c1["testable"] == [] and list(c1["learning_rates"]["glue/sst2"]) == ["qv"]
+    assert c1["budgets"]["glue/sst2"] == {"factor": 2, "max_train_samples": 96, "max_steps": 12, "eval_steps": 4}
 
 
 def test_unknown_claim_is_one_line_error(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import REPO, data_dir
+from conftest import REPO, data_dir, run_cli
 from qkvtune import attach, io
 from qkvtune.config import build_config
 from qkvtune.runs import open_run
@@ -96,14 +96,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
         assert torch.equal(a[k], b[k]), k
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qkvtune", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+_cli = run_cli  # in process; the test below runs the real entry point
 
 
 def test_cli_bad_config_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    r = _cli("train", f"output_dir={out}", "lr_ration=4")
+    r = subprocess.run([sys.executable, "-m", "qkvtune", "train", f"output_dir={out}", "lr_ration=4"],
+                       capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["qkvtune: error: unknown config key 'lr_ration' (did you mean 'lr_ratio'?)"]
     assert not out.exists()
@@ -232,3 +231,37 @@ def test_ntk_early_stopping_callback_records_prediction(tmp_path, tiny_bert_dir)
 def test_cli_analyze_is_wired():
     r = _cli("analyze", "--help")
     assert r.returncode == 0 and "ntk" in r.stdout and "task-vectors" in r.stdout
+
+
+def _stops_at(callback, evaluations):
+    """The 1-based evaluation at which ``callback`` asks Trainer to stop (None: never)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args, state = TrainingArguments(output_dir="unused", report_to=[]), TrainerState()
+    for i, metrics in enumerate(evaluations, 1):
+        control = TrainerControl()
+        callback.on_evaluate(args, state, control, metrics=metrics)
+        if control.should_training_stop:
+            return i
+    return None
+
+
+def test_patience_counts_a_falling_loss_as_progress():
+    """A flat accuracy (the majority-class plateau) with a falling loss is progress; patience runs out only
+    after ``patience`` evaluations with neither better; the loss alone (metric = loss) and a lower-is-better
+    metric follow the same count; other evaluations (test splits) are not counted."""
+    from qkvtune.callbacks import PatienceCallback
+
+    plateau = [{"eval_accuracy": 0.7, "eval_loss": 0.6 - 0.01 * i} for i in range(10)]
+    assert _stops_at(PatienceCallback(2, "accuracy"), plateau) is None
+    rising = plateau[:3] + [{"eval_accuracy": 0.7, "eval_loss": 0.9}] * 5
+    assert _stops_at(PatienceCallback(2, "accuracy"), rising) == 5
+    better_acc = rising[:4] + [{"eval_accuracy": 0.8, "eval_loss": 0.9}] + rising[4:]
+    assert _stops_at(PatienceCallback(2, "accuracy"), better_acc) == 7
+    loss_only = [{"eval_loss": v} for v in (0.5, 0.4, 0.45, 0.41, 0.39, 0.5, 0.5, 0.5)]
+    assert _stops_at(PatienceCallback(3, "loss"), loss_only) == 8
+    lower = [{"eval_rmse": v, "eval_loss": 1.0} for v in (3.0, 2.0, 2.5, 2.1)]
+    assert _stops_at(PatienceCallback(2, "rmse", greater_is_better=False), lower) == 4
+    with_tests = [plateau[0], {"test_accuracy": 0.5}, {"eval_accuracy": 0.6, "eval_loss": 0.9}, {"test_accuracy": 0.5},
+                  {"eval_accuracy": 0.6, "eval_loss": 0.9}]
+    assert _stops_at(PatienceCallback(2, "accuracy"), with_tests) == 5

@@ -58,7 +58,8 @@ FAMILIES = ("glue", "commonsense")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "stsb", "qnli", "rte", "mnli", "qqp", "wnli")
 CLAIM_KEYS = {"id", "title", "source", "paper", "tasks", "base", "arms", "measures", "checks", "derived", "notes",
               "reference"}
-SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "gate", "not_learned", "profiles"}
+SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "gate", "not_learned", "profiles", "budgets"}
+BUDGET_KEYS = ("max_train_samples", "max_steps", "eval_steps")  # what a budget factor multiplies
 ARM_KEYS = {"only_tasks", "lr_from", "lr_search"}  # the suite's own arm keys; the rest are TrainConfig keys
 METHOD_FAMILY = {"lora": "lora", "dora": "lora", "dense": "dense", "smt": "smt"}
 
@@ -104,8 +105,8 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def load_suite(folder: str) -> tuple[dict, list[Claim]]:
-    """suite.yaml and every c*.yaml of ``folder``, checked: unknown keys, arms, slots, check operands."""
+def load_settings(folder: str) -> dict:
+    """suite.yaml of ``folder`` alone (seeds, shared and family settings, lr grid, gate), keys checked."""
     path = os.path.join(folder, "suite.yaml")
     if not os.path.exists(path):
         raise ConfigError(f"--suite: {path} not found")
@@ -113,6 +114,12 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
     for key in suite:
         if key not in SUITE_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (expected {sorted(SUITE_KEYS)})")
+    return suite
+
+
+def load_suite(folder: str) -> tuple[dict, list[Claim]]:
+    """suite.yaml and every c*.yaml of ``folder``, checked: unknown keys, arms, slots, check operands."""
+    suite = load_settings(folder)
     claims = []
     for cpath in sorted(glob.glob(os.path.join(folder, "c*.yaml"))):
         data = _read_yaml(cpath)
@@ -279,12 +286,51 @@ class Context:
     def __init__(self, suite: dict, tasks: dict, seeds: list[int], data_dir, out: str, log):
         self.suite, self.tasks, self.seeds, self.data_dir, self.out, self.log = suite, tasks, seeds, data_dir, out, log
         self.labels_cache: dict = {}
+        self.budget: dict[str, float] = {}  # task -> the budget factor its reference arms have needed so far
 
     def settings(self, claim: "Claim", task: str, arm: str, seed: int, lr: float | None = None) -> dict:
         settings = run_settings(self.suite, claim, task, arm, seed, self.data_dir)
+        factor = self.budget.get(task, 1)
+        for key in BUDGET_KEYS if factor != 1 else ():
+            if settings.get(key) is not None:
+                settings[key] = int(round(settings[key] * factor))
         if lr is not None:
             settings["lr"] = lr
         return settings
+
+    def reference(self, claim: "Claim", task: str, arm: str) -> tuple[ArmResult, tuple[bool, str]]:
+        """The reference arm's search on the first seed and its gate, at the task's budget; where it misses the
+        gate, the next budget factor of ``budgets`` (examples, steps and evaluation interval multiplied) is
+        tried: first at the rate the last budget chose (one run), and only if that passes, over the whole grid.
+        At the largest budget a missed probe is followed by the whole grid: a task is untestable only when no
+        rate of the grid passes there (a rate chosen where nothing was learned yet is a guess). The factor
+        reached is the task's budget for every arm of this claim and the start of later claims'."""
+        factors = [float(f) for f in self.suite.get("budgets") or [1]]
+        start = self.budget.get(task, factors[0])
+        res, passed, lr, spent = None, (False, ""), None, 0.0  # spent: runs at budgets that missed the gate
+        for factor in [f for f in factors if f >= start]:
+            self.budget[task] = factor
+            if res is not None:  # a cheap probe at the last rate before a whole grid at this budget
+                spent += res.search_seconds + res.runs[self.seeds[0]].seconds
+                probe = self.run(self.settings(claim, task, arm, self.seeds[0], lr), task, arm)
+                passed = self.gate(claim, task, arm, probe)
+                self.log(f"{claim.id} {task}: budget ×{factor:g}, probe at lr={lr:g}: gate "
+                         f"{'passed' if passed[0] else 'missed'} ({passed[1]})")
+                if not passed[0] and factor != factors[-1]:
+                    res = ArmResult(lr, [], {self.seeds[0]: probe})
+                    continue
+            res = self.arm(claim, task, arm, {}, self.seeds[:1])
+            lr, passed = res.lr, self.gate(claim, task, arm, res.runs[self.seeds[0]])
+            self.log(f"{claim.id} {task}: budget ×{factor:g}: gate {'passed' if passed[0] else 'missed'} "
+                     f"({passed[1]})")
+            if passed[0]:
+                break
+        res.search_seconds += spent
+        return res, passed
+
+    def gate(self, claim: "Claim", task: str, arm: str, run: Run) -> tuple[bool, str]:
+        labels = self.labels(self.settings(claim, task, arm, self.seeds[0]))
+        return scores.gate(task, run.metrics, labels["validation"], labels["choices"], self.suite.get("gate") or {})
 
     def run(self, settings: dict, task: str, arm: str) -> Run:
         label = f"{task.replace('/', '-')}-s{settings['seed']}"
@@ -363,6 +409,7 @@ class ClaimResult:
     verdict: str
     arms: dict = field(default_factory=dict)  # task -> arm -> ArmResult
     gates: dict = field(default_factory=dict)  # task -> (passed, why)
+    budgets: dict = field(default_factory=dict)  # task -> {"factor", max_train_samples, max_steps, eval_steps}
     constants: dict = field(default_factory=dict)  # task -> best constant predictor's test score
     not_learned: dict = field(default_factory=dict)  # task -> [arms within the margin of the constant predictor]
     skipped: str = ""
@@ -474,16 +521,16 @@ def run_claim(claim: Claim, ctx: Context) -> ClaimResult:
             if not _arm_on(claim, arm, task, tasks):
                 continue
             if arm == claim.ref:  # the gate reads the search seed's run: an untestable task costs only the search
-                res = ctx.arm(claim, task, arm, chosen, seeds[:1])
-                labels = ctx.labels(ctx.settings(claim, task, arm, seeds[0]))
-                result.gates[task] = scores.gate(task, res.runs[seeds[0]].metrics, labels["validation"],
-                                                 labels["choices"], ctx.suite.get("gate") or {})
-                ctx.log(f"{claim.id} {task}: gate {'passed' if result.gates[task][0] else 'missed'} "
-                        f"({result.gates[task][1]})")
+                res, result.gates[task] = ctx.reference(claim, task, arm)
+                first = ctx.settings(claim, task, arm, seeds[0])
+                result.budgets[task] = {"factor": ctx.budget[task], **{k: first.get(k) for k in BUDGET_KEYS}}
                 if not result.gates[task][0]:
                     result.arms[task][arm] = res
                     break
+                escalation = res.search_seconds
             res = ctx.arm(claim, task, arm, chosen)
+            if arm == claim.ref:  # the grid's other runs and any budgets that missed the gate
+                res.search_seconds = escalation
             chosen[arm] = res.lr
             result.arms[task][arm] = res
         if task not in result.gates:  # no reference arm on this task: nothing gates it
@@ -534,6 +581,7 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
               tasks_spec: str | None = None, overrides: dict | None = None, log=print,
               profile: str | None = None) -> list[ClaimResult]:
     suite, claims = load_suite(suite_dir)
+    named = tasks_spec is not None  # tasks the user named are run as named, whatever the profile's families
     if profile is None and "default" in (suite.get("profiles") or {}):
         profile = "default"
     if profile:
@@ -545,15 +593,17 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
         only = only or p.get("claims")
         tasks_spec = tasks_spec or p.get("tasks")
         overrides = {**(p.get("overrides") or {}), **(overrides or {})}
-        for key in ("gate", "lr_grid", "not_learned"):
+        for key in ("gate", "lr_grid", "not_learned", "budgets"):
             if key in p:
                 suite = {**suite, key: p[key]}
     if overrides:  # e.g. model=roberta-base max_train_samples=null for the papers' scale
         suite = {**suite, "overrides": overrides}
     tasks = parse_tasks(tasks_spec) if tasks_spec else discover_tasks(data_dir, suite.get("prefer"))
     families = ((suite.get("profiles") or {}).get(profile) or {}).get("families") if profile else None
-    if families:  # e.g. the default profile leaves out commonsense (SmolLM2 runs minutes a run on a CPU)
-        tasks = {f: (v if f in families else []) for f, v in tasks.items()}
+    if families and not named:  # a list of families, or family -> how many of its tasks (slots wrap around
+        # within them): the default profile takes one GLUE task and no commonsense one (SmolLM2: minutes a run)
+        counts = families if isinstance(families, dict) else {f: None for f in families}
+        tasks = {f: (v[:counts[f]] if counts[f] else v) if f in counts else [] for f, v in tasks.items()}
     seeds = seeds or list(suite.get("seeds") or [0, 1, 2])
     if only:
         unknown = set(only) - {c.id for c in claims}

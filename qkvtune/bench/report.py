@@ -223,11 +223,15 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
             continue
         if c.notes:
             lines += [c.notes.strip(), ""]
-        lines += ["| task | gate (reference arm, validation) | best constant predictor (test) |", "|---|---|---|"]
+        lines += ["| task | budget | gate (reference arm, validation) | best constant predictor (test) |",
+                  "|---|---|---|---|"]
         for t in r.tasks:
             ok, why = r.gates.get(t, (False, "not run"))
             const = r.constants.get(t)
-            lines.append(f"| {t} | {'passed' if ok else '**not testable at this budget**'}: {why} | "
+            b = r.budgets.get(t)
+            budget = "–" if not b else (f"×{b['factor']:g}: {b['max_train_samples'] or 'all'} examples, "
+                                        f"≤ {b['max_steps']} steps, evaluated every {b['eval_steps']}")
+            lines.append(f"| {t} | {budget} | {'passed' if ok else '**not testable at this budget**'}: {why} | "
                          f"{'–' if const is None or not math.isfinite(const) else f'{const:.4g}'} |")
         lines.append("")
         lines += ["| arm | task | settings | η_Q chosen | validation over the grid (first seed) | test score | |",
@@ -267,7 +271,8 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
         minutes = sum(run.seconds for s in r.runs.values() for t in s.values() for run in t.values()) / 60
         lines += [f"Training time of this claim's runs: {minutes:.1f} min (shared runs counted in each claim).", ""]
         record.append({"id": c.id, "verdict": r.verdict, "tasks": r.tasks, "testable": r.testable, "seeds": r.seeds,
-                       "gates": {t: list(g) for t, g in r.gates.items()}, "constants": r.constants,
+                       "gates": {t: list(g) for t, g in r.gates.items()}, "budgets": r.budgets,
+                       "constants": r.constants,
                        "not_learned": r.not_learned, "quantities": r.quantities,
                        "learning_rates": {t: {a: {"lr": x.lr, "grid": x.grid} for a, x in arms.items()}
                                           for t, arms in r.arms.items()},

@@ -60,11 +60,13 @@ def interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _phi(x: float) -> float:
+def normal_cdf(x: float) -> float:
+    """Φ(x) of the standard normal."""
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
 
-def _z(p: float) -> float:
+def normal_quantile(p: float) -> float:
+    """Φ⁻¹(p) of the standard normal."""
     from scipy.stats import norm
 
     return float(norm.ppf(p))
@@ -75,4 +77,4 @@ def equivalence_power(margin: float, se: float, alpha: float = 0.05) -> float:
     is d ± z₁₋α·se: P(|d| < margin − z·se) = 2Φ(margin/se − z) − 1 (0 when the interval alone is wider)."""
     if se <= 0:
         return 1.0
-    return max(0.0, 2 * _phi(margin / se - _z(1 - alpha)) - 1)
+    return max(0.0, 2 * normal_cdf(margin / se - normal_quantile(1 - alpha)) - 1)

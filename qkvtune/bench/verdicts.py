@@ -92,13 +92,13 @@ def judge(rule: str, ci: Interval, margin: float = 0.0, threshold: float | None 
 def power(rule: str, se: float, margin: float, alpha: float = 0.05) -> float:
     """P(the check passes) for truly equal arms (at_least, equivalent) or arms truly ``margin`` apart (better),
     with the estimate ~ N(truth, se²) (normal approximation of the interval)."""
-    from .stats import _phi, _z, equivalence_power
+    from .stats import equivalence_power, normal_cdf, normal_quantile
 
     if rule not in COMPARISONS or not math.isfinite(se) or margin <= 0:
         return math.nan
     if rule == "equivalent":
         return equivalence_power(margin, se, alpha)
-    return _phi(margin / se - _z(1 - alpha)) if se > 0 else 1.0
+    return normal_cdf(margin / se - normal_quantile(1 - alpha)) if se > 0 else 1.0
 
 
 def seeds_needed(rule: str, se: float, se_examples: float, n_seeds: int, margin: float, target: float = 0.8,
