@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     from .lmeval import register as register_lm_eval
 
     register_lm_eval(sub)  # qkvtune lm-eval-task OUT_DIR [CONFIG] [key=value ...]
+    from .plan import register as register_plan
+
+    register_plan(sub)  # qkvtune plan [CONFIG] [key=value ...] --out DIR
     args = parser.parse_args(argv)
     try:
         return args.func(args)

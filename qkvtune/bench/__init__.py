@@ -3,7 +3,8 @@
 ``speed``: step time, tokens/s and peak memory of qkvtune next to PEFT, full fine-tuning and the bare model,
 measured side by side in one run (``speed.py``). ``memory``: peak memory with gradient checkpointing and a 4-bit base
 next to PEFT's, a fresh process per configuration (``memory.py``). ``claims``: one experiment per claim of the four papers,
-3 seeds each, a verdict by a stated rule, and a Markdown report with plots (``claims.py``).
+3 seeds each, a verdict by a stated rule, and a Markdown report with plots (``claims.py``). ``plan``: ``qkvtune
+plan``'s predictions against a real grid trained with the claims suite's fair rates (``plan.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import argparse
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: speed against PEFT, reproduction of the papers' claims")
     sub = p.add_subparsers(dest="bench", required=True)
-    from . import claims, memory, speed
+    from . import claims, memory, plan, speed
 
     speed.register(sub)
     memory.register(sub)
     claims.register(sub)
+    plan.register(sub)
     return p

@@ -1,0 +1,231 @@
+"""``qkvtune bench plan`` — how good are ``qkvtune plan``'s predictions, measured against a real grid.
+
+Per task, the plan's candidate grid (targets × λ) is trained for real with the claims suite's fair settings
+(``configs/claims/suite.yaml``: its family settings and validation split, each candidate's learning rate
+searched on its method family's grid, runs cached by their settings), and the plan is made on the same task at
+the reference candidate's (q, v, λ = 1) chosen rate. Reported against the targets of the issue:
+- Spearman correlation of predicted and real validation scores across candidates (target ≥ 0.6);
+- the test score of the plan's pick (``plan.yaml`` trained as it is) against the test score of the candidate
+  with the best real validation score (target: within 1 point);
+- the real best step of the pick's candidate against the planned stop;
+- the compute of the plan (+ the one run of its pick) against the grid's (target: ≥ 5× less).
+``--cost-ns``: the plan's kernel time against one LoRA epoch over the same n, side by side, for each n.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from ..config import ConfigError
+from ..errors import check_output_dir, check_output_file
+from ..plan import Candidate, add_candidate_options, parse_candidates
+
+REFERENCE = Candidate(("q", "v"), 1.0)  # the plan's calibration candidate; its searched rate is the plan's η_Q
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def best_step(run, task: str) -> int | None:
+    """The evaluation step with the best validation score (the first of equal ones)."""
+    from .scores import score_of
+
+    curve = [(h["step"], v) for h in run.history if (v := score_of(h, task)) is not None]
+    return max(curve, key=lambda p: (p[1], -p[0]))[0] if curve else None
+
+
+def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None, cands: list, log) -> dict:
+    from ..config import build_config
+    from ..plan import plan
+    from .claims import Claim
+
+    arms = {c.name: {"targets": list(c.targets), "lr_ratio": c.lr_ratio} for c in cands}
+    claim = Claim(id="plan", title="plan against a real grid", tasks=[], arms=arms,
+                  base={"method": "lora", "rank": 8, "alpha": 16}, reference=REFERENCE.name)
+    seed = ctx.seeds[0]
+    res, gate = ctx.reference(claim, task, claim.ref)
+    log(f"{task}: gate {'passed' if gate[0] else 'missed'} ({gate[1]})")
+    real = {}
+    grid_seconds = 0.0
+    for c in cands:
+        arm = ctx.arm(claim, task, c.name, {}, [seed])
+        run = arm.runs[seed]
+        real[c.name] = {"lr": arm.lr, "val_score": run.val_score, "test_score": run.score,
+                        "best_step": best_step(run, task), "seconds": run.seconds + arm.search_seconds}
+        grid_seconds += real[c.name]["seconds"]
+    settings = ctx.settings(claim, task, claim.ref, seed, real[claim.ref]["lr"])
+    plan_dir = os.path.join(out, "plans", task.replace("/", "-"))
+    cfg = build_config({**settings, "output_dir": os.path.join(out, "unused")})
+    summary = plan(cfg, plan_dir, n=n, m=m, sketch_dim=sketch_dim, cands=cands, log=log)
+    rec = summary["recommended"]
+    pick = next(c.name for c in cands if list(c.targets) == rec["targets"] and c.lr_ratio == rec["lr_ratio"])
+    # the plan's pick trained as plan.yaml says (the plan's rate, its max_steps), the same seed and splits
+    picked = ctx.run({**settings, "targets": rec["targets"], "lr_ratio": rec["lr_ratio"],
+                      "max_steps": rec["max_steps"], "patience": None}, task, "plan")
+    by_name = {r["name"]: r for r in summary["candidates"]}
+    names = [c.name for c in cands]
+    grid_best = max(names, key=lambda k: real[k]["val_score"])
+    plan_seconds = summary["seconds"]["total"]
+    return {
+        "task": task, "gate": list(gate), "seed": seed, "candidates": names,
+        "predicted": {k: by_name[k]["best_score"] for k in names}, "planned_step": {k: by_name[k]["best_step"]
+                                                                                  for k in names},
+        "real": real, "spearman": spearman([by_name[k]["best_score"] for k in names],
+                                           [real[k]["val_score"] for k in names]),
+        "pick": pick, "pick_test": picked.score, "pick_steps": rec["max_steps"],
+        "grid_best": grid_best, "grid_best_test": real[grid_best]["test_score"],
+        "pick_minus_grid_best": picked.score - real[grid_best]["test_score"],
+        "pick_real_best_step": real[pick]["best_step"], "time_scale": summary["time_scale"]["scale"],
+        "plan_seconds": plan_seconds, "pick_run_seconds": picked.seconds, "grid_seconds": grid_seconds,
+        "compute_ratio": grid_seconds / (plan_seconds + picked.seconds),
+        "plan_dir": os.path.relpath(plan_dir, out),
+    }
+
+
+def cost_rows(cfg_settings: dict, ns: list[int], m: int, sketch_dim: int | None, out: str, log) -> list[dict]:
+    """The plan's kernel (all four kinds) on n + m examples against one LoRA epoch over the same n, measured one
+    after the other in this process, for each n."""
+    from ..analysis.ntk import empirical_ntk
+    from ..config import build_config
+    from ..plan import ALL_KINDS
+    from ..runs import pretrained
+    from ..train import train
+
+    rows = []
+    for n in ns:
+        cfg = build_config({**cfg_settings, "max_train_samples": n, "output_dir": os.path.join(out, "cost", f"n{n}"),
+                            "overwrite": True})
+        run = pretrained(cfg, n_train=n, n_eval=m, kinds=ALL_KINDS)
+        data = run.examples("train", n) + run.examples("eval", m)
+        t0 = time.perf_counter()
+        empirical_ntk(run.model, data, run.targets, collator=run.task.collator, output=run.kernel_output,
+                      sketch_dim=sketch_dim, seed=cfg.seed)
+        kernel = time.perf_counter() - t0
+        del run
+        epoch_cfg = build_config({**cfg.to_dict(), "targets": ["q", "v"], "max_steps": None, "epochs": 1,
+                                  "eval_strategy": "no", "patience": None})
+        t0 = time.perf_counter()
+        train(epoch_cfg)
+        epoch = time.perf_counter() - t0
+        rows.append({"n": n, "m": m, "kernel_seconds": kernel, "lora_epoch_seconds": epoch,
+                     "ratio": kernel / epoch, "sketch_dim": sketch_dim})
+        log(f"cost n={n}: kernel {kernel:.1f} s, one LoRA epoch {epoch:.1f} s")
+    return rows
+
+
+def write_report(results: list[dict], cost: list[dict], path: str, command: str, seconds: float) -> None:
+    from ..analysis.plots import plot_lines
+
+    out_dir = os.path.dirname(os.path.abspath(path))
+    lines = ["# qkvtune plan against a real grid", "",
+             f"- command: `{command}`", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"wall time {seconds / 60:.1f} min (runs already in the run folder are read, not retrained)", "",
+             "Targets: Spearman ≥ 0.6; the pick's test score within 1 point of the grid's best; ≥ 5× less compute.",
+             ""]
+    for r in results:
+        ok = lambda b: "met" if b else "**not met**"  # noqa: E731
+        lines += [f"## {r['task']}", "", f"Gate: {r['gate'][1]}. Seed {r['seed']}; time scale s = {r['time_scale']:.4g}.",
+                  "", "| | measured | target |", "|---|---|---|",
+                  f"| Spearman(predicted, real validation) over {len(r['candidates'])} candidates | "
+                  f"{r['spearman']:.3f} | ≥ 0.6: {ok(r['spearman'] >= 0.6)} |",
+                  f"| pick ({r['pick']}, {r['pick_steps']} steps) test − grid's best ({r['grid_best']}) test | "
+                  f"{r['pick_test']:.4f} − {r['grid_best_test']:.4f} = {r['pick_minus_grid_best']:+.4f} | "
+                  f"≥ −0.01: {ok(r['pick_minus_grid_best'] >= -0.01)} |",
+                  f"| planned stop against the pick's real best step | {r['pick_steps']} vs {r['pick_real_best_step']} | – |",
+                  f"| compute: grid {r['grid_seconds'] / 60:.1f} min / (plan {r['plan_seconds']:.0f} s + its run "
+                  f"{r['pick_run_seconds']:.0f} s) | {r['compute_ratio']:.1f}× | ≥ 5×: {ok(r['compute_ratio'] >= 5)} |",
+                  "", "| candidate | predicted validation score | planned step | real validation score | real lr | "
+                  "real best step | real test score |", "|---|---|---|---|---|---|---|"]
+        for k in r["candidates"]:
+            x = r["real"][k]
+            lines.append(f"| {k} | {r['predicted'][k]:.3f} | {r['planned_step'][k]} | {x['val_score']:.3f} | "
+                         f"{x['lr']:g} | {x['best_step']} | {x['test_score']:.4f} |")
+        lines += ["", f"The plan itself: `{r['plan_dir']}/plan.md`.", ""]
+    if cost:
+        lines += ["## Cost of a plan's kernel against one LoRA epoch", "",
+                  "| n (+ m validation) | kernel (q, k, v, o) | one LoRA epoch over n | ratio |", "|---|---|---|---|"]
+        for c in cost:
+            lines.append(f"| {c['n']} (+{c['m']}) | {c['kernel_seconds']:.1f} s | {c['lora_epoch_seconds']:.1f} s | "
+                         f"{c['ratio']:.2f} |")
+        png = os.path.join(out_dir, "plan_cost.png")
+        plot_lines({"kernel": ([c["n"] for c in cost], [c["kernel_seconds"] for c in cost]),
+                    "one LoRA epoch": ([c["n"] for c in cost], [c["lora_epoch_seconds"] for c in cost])},
+                   png, title="seconds against n", xlabel="n", ylabel="seconds", log="xy")
+        lines += ["", f"![cost]({os.path.relpath(png, out_dir)})", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
+        json.dump({"tasks": results, "cost": cost}, f, indent=2, default=str)
+
+
+def cmd_plan(args) -> int:
+    import sys
+
+    from .claims import Claim, Context, discover_tasks, load_settings, parse_tasks, run_settings
+
+    check_output_dir(args.out, "--out")
+    report = args.report or os.path.join(args.out, "PLAN.md")
+    check_output_file(report, "--report")
+    for name in ("n", "m"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    try:
+        ns = [int(x) for x in args.cost_ns.split(",")] if args.cost_ns else []
+    except ValueError:
+        raise ConfigError(f"--cost-ns: expected comma-separated integers, got {args.cost_ns!r}") from None
+    suite = load_settings(args.suite)
+    tasks = parse_tasks(args.tasks) if args.tasks else discover_tasks(args.data_dir, suite.get("prefer"))
+    glue = (tasks.get("glue") or [])[:1] if not args.tasks else tasks.get("glue") or []
+    if not glue:
+        raise ConfigError("--tasks: bench plan needs a GLUE task (none found in the data folder)")
+    os.makedirs(args.out, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    t0 = time.time()
+    ctx = Context(suite, tasks, [args.seed], args.data_dir, args.out, log)
+    cands = parse_candidates(args.kinds, args.lambdas)
+    if REFERENCE not in cands:
+        raise ConfigError(f"--kinds/--lambdas: the grid must hold the reference candidate {REFERENCE.name!r}")
+    results = [bench_task(ctx, t, args.out, args.n, args.m, args.sketch_dim, cands, log) for t in glue]
+    cost = []
+    if ns:
+        claim = Claim(id="cost", title="", tasks=[], arms={"lora": {}}, base={"method": "lora", "rank": 8, "alpha": 16})
+        settings = run_settings(suite, claim, glue[0], "lora", args.seed, args.data_dir)
+        cost = cost_rows(settings, ns, args.m, args.sketch_dim, args.out, log)
+    command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else \
+        "qkvtune bench plan …"
+    write_report(results, cost, report, command, time.time() - t0)
+    for r in results:
+        print(f"{r['task']}: spearman {r['spearman']:.3f}, pick − grid best {r['pick_minus_grid_best']:+.4f}, "
+              f"compute ×{r['compute_ratio']:.1f}")
+    print(f"report: {report}")
+    return 0
+
+
+def register(sub) -> None:
+    from .claims import default_suite_dir
+
+    p = sub.add_parser("plan", help="qkvtune plan's predictions against a real grid trained with fair rates")
+    p.add_argument("--suite", default=default_suite_dir(), help="the claims suite whose settings and lr grid the "
+                   "real grid uses (default: configs/claims)")
+    p.add_argument("--data-dir", help="folder laid out like shared/datasets")
+    p.add_argument("--tasks", help="GLUE task ids (default: the first GLUE task found)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=256, help="training examples in the plan's kernel")
+    p.add_argument("--m", type=int, default=128, help="validation examples the plan scores on")
+    p.add_argument("--sketch-dim", type=int)
+    add_candidate_options(p)
+    p.add_argument("--cost-ns", help="also time the kernel against one LoRA epoch at these n, e.g. 256,1024,4096")
+    p.add_argument("--out", default="runs/bench-plan", help="folder for the runs, plans and the report")
+    p.add_argument("--report", help="Markdown report path (default: OUT/PLAN.md); a JSON beside it")
+    p.set_defaults(func=cmd_plan)
