@@ -96,45 +96,29 @@ def kernel_time(step_sizes: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * torch.cumsum(step_sizes.double(), 0)
 
 
-def match_time(kernel: torch.Tensor, n: int, f0: torch.Tensor, y: torch.Tensor, moved: float) -> float:
+def match_time(kernel: torch.Tensor, n: int, f0: torch.Tensor, y: torch.Tensor, moved: float) -> tuple[float, str]:
     """The kernel time τ at which the linearised model's training outputs have moved ‖f_τ − f₀‖ = ``moved``
-    (gradient flow; the movement grows with τ, so bisection on log τ)."""
-    from .analysis.kernel_sim import simulate
+    (gradient flow), and how it was found. One eigendecomposition; the movement grows with τ, so bisection on
+    log τ ("matched"). The square loss stops moving the outputs once they reach the targets (its limit is
+    r₀'s part in the kernel's range); a real run that moved them further (cross-entropy on a language model's
+    label words keeps growing the margin) is matched on the movement's initial, linear speed ‖K r₀‖/n instead
+    ("linear")."""
+    from .analysis.kernel_sim import decompose
 
-    r0 = y.double().reshape(n, -1) - f0[:n].double().reshape(n, -1)
-
-    def movement(tau):  # f_τ − f₀ = r₀ − r_τ on the training points
-        return float((r0 - simulate(kernel[:n, :n], n, f0[:n], y, [tau], flow=True).train_residuals[0]).norm())
-
+    basis = decompose(kernel[:n, :n], n, f0[:n], y)
+    movement = lambda tau: float(basis.train_movement([tau])[0])  # noqa: E731
+    limit = float(((basis.mu > 1e-12 * float(basis.mu.max()))[:, None] * basis.a).norm())
+    if moved >= 0.999 * limit:
+        return moved * n / float((basis.mu[:, None] * basis.a).norm()), "linear"
     lo, hi = 1e-12, 1.0
     while movement(hi) < moved:
         hi *= 10
-        if hi > 1e12:
-            raise AnalysisError(f"calibration: the kernel cannot move the outputs by {moved:.3g} (its limit "
-                                f"is {movement(hi):.3g})")
-    for _ in range(100):
+    for _ in range(200):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if movement(mid) < moved else (lo, mid)
         if hi / lo < 1 + 1e-6:
             break
-    return math.sqrt(lo * hi)
-
-
-def outputs(model, examples: list, collator, output: str, batch_size: int = 32) -> torch.Tensor:
-    """f (margin or logits) of ``model`` on ``examples`` in evaluation mode, (N, C) float64."""
-    from .analysis.ntk import model_outputs
-
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
-            batch.pop("labels", None)
-            out.append(model_outputs(model(**batch), batch, output).double().cpu())
-    model.train(was)
-    return torch.cat(out)
+    return math.sqrt(lo * hi), "matched"
 
 
 def calibration_config(cfg: TrainConfig, out_dir: str, steps: int, n: int) -> TrainConfig:
@@ -158,12 +142,59 @@ def horizon(cfg: TrainConfig, tokenizer) -> int:
     return max(1, math.ceil(cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.grad_accum)))
 
 
+def kernel_examples(run, n: int, m: int, label_words: str | None, log=print) -> tuple[list, list, str, list | None]:
+    """The examples the kernel is computed on and how the model's output is read: a classifier's margin or
+    logits, or (a causal LM, ``label_words``) the label words' logits at the end of each prompt
+    (``analysis.ntk.label_word_examples``). Returns (training examples, validation examples, output, label
+    token ids)."""
+    from .analysis.ntk import label_word_examples
+
+    train_ex, val_ex = run.examples("train", n), run.examples("eval", m)
+    if run.info.kind in ("classification", "regression"):
+        if label_words:
+            raise ConfigError(f"--label-words: only for causal LM tasks; {run.cfg.task} has a {run.info.kind} head")
+        return train_ex, val_ex, run.kernel_output, None
+    if run.info.kind not in ("causal_lm", "qa_generation"):
+        raise ConfigError(f"task: plan needs a classification, regression or prompted task, not {run.info.kind}")
+    if run.cfg.train_on_inputs:
+        raise ConfigError("train_on_inputs: the label-word output needs the prompt/response boundary; set it false")
+    ids = run.label_token_ids(label_words)
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"--label-words: {label_words!r} start with the same token; use words that differ there")
+    (train_ex, dropped), (val_ex, dropped_val) = label_word_examples(train_ex, ids), label_word_examples(val_ex, ids)
+    if dropped or dropped_val:
+        log(f"plan: {dropped} training and {dropped_val} validation examples have no label word in their "
+            f"response; left out")
+    if len(train_ex) < 2:
+        raise ConfigError(f"--label-words: {len(train_ex)} training responses of {run.cfg.task} contain one of "
+                          f"{label_words!r} (as a word after a space)")
+    return train_ex, val_ex, "margin" if len(ids) == 2 else "logits", ids
+
+
+def kernels(run, data: list, *, output: str, label_token_ids=None, sketch_dim: int | None = None,
+            sketch: str = "kron", chunk_size: int = 16, log=print):
+    """The eNTK of q, k, v and o on ``data``, sketched (``AUTO_SKETCH_DIM``) when the per-example gradients
+    would pass ``AUTO_SKETCH_BYTES``: what a plan costs, and what ``bench plan --cost-ns`` times. Returns the
+    ``NTKResult`` and the sketch dimension used."""
+    from .analysis.ntk import empirical_ntk
+
+    stored = len(data) * sum(t.shape[0] * t.shape[1] for t in run.targets) * 4
+    if sketch_dim is None and stored > AUTO_SKETCH_BYTES:
+        sketch_dim = AUTO_SKETCH_DIM
+        log(f"plan: {stored / 2**30:.1f} GiB of per-example gradients: sketched to {sketch_dim} coordinates a slice")
+    return empirical_ntk(run.model, data, run.targets, collator=run.task.collator, output=output,
+                         label_token_ids=label_token_ids, sketch_dim=sketch_dim, sketch=sketch,
+                         chunk_size=chunk_size, seed=run.cfg.seed), sketch_dim
+
+
 def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: int | None = None,
          calibration_steps: int = 20, chunk_size: int = 16, cands: list[Candidate] | None = None,
-         log=print) -> dict:
-    """Kernels, calibration, simulation and the recommendation; writes plan.json, plan.md (+ PNG), plan.yaml."""
-    from .analysis.ntk import empirical_ntk, eigenvalues, fit_decay, label_targets, rate_from_decay
-    from .analysis.kernel_sim import rate_kernel, simulate
+         label_words: str | None = None, other_rates=(), sketch: str = "kron", log=print) -> dict:
+    """Kernels, calibration, simulation and the recommendation; writes plan.json, plan.md (+ PNG), plan.yaml.
+    ``other_rates``: also predict every candidate's best score and step at these η_Q (``by_rate`` in
+    plan.json; the same kernels and time scale, kernel time ∝ the rate)."""
+    from .analysis.ntk import eigenvalues, fit_decay, label_targets, outputs, rate_from_decay
+    from .analysis.kernel_sim import decompose, rate_kernel
     from .analysis.stopping import predict_stopping, step_sizes
     from .runs import open_run, pretrained
     from .train import train
@@ -173,20 +204,13 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     cands = cands or candidates()
     t0 = time.perf_counter()
     run = pretrained(cfg, n_train=n, n_eval=m, kinds=ALL_KINDS)
-    if run.info.kind not in ("classification", "regression"):
-        raise ConfigError(f"task: plan needs a classification or regression task, not {run.info.kind}")
-    train_ex, val_ex = run.examples("train", n), run.examples("eval", m)
+    train_ex, val_ex, output, label_ids = kernel_examples(run, n, m, label_words, log)
     if not val_ex:
         raise ConfigError("val_size: plan scores candidates on validation examples; the task has none")
     n, m = len(train_ex), len(val_ex)
-    output = run.kernel_output
-    stored = (n + m) * sum(t.shape[0] * t.shape[1] for t in run.targets) * 4
-    if sketch_dim is None and stored > AUTO_SKETCH_BYTES:  # the per-example gradients would not fit comfortably
-        sketch_dim = AUTO_SKETCH_DIM
-        log(f"plan: {stored / 2**30:.1f} GiB of per-example gradients: sketched to {sketch_dim} coordinates a slice")
     log(f"plan: eNTK of {len(run.targets)} slices (q, k, v, o) on {n} training + {m} validation examples")
-    res = empirical_ntk(run.model, train_ex + val_ex, run.targets, collator=run.task.collator, output=output,
-                        sketch_dim=sketch_dim, chunk_size=chunk_size, seed=cfg.seed)
+    res, sketch_dim = kernels(run, train_ex + val_ex, output=output, label_token_ids=label_ids,
+                              sketch_dim=sketch_dim, sketch=sketch, chunk_size=chunk_size, log=log)
     if res.labels is None:
         raise AnalysisError("labels: the examples carry no per-example labels")
     n_out = res.f0.shape[1]
@@ -199,13 +223,13 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     calib_dir = os.path.join(out, "calibration")
     log(f"plan: calibration run, {calibration_steps} steps of {cfg.method} on q, v ({cfg.optim}, lr {cfg.lr:g})")
     train(calibration_config(cfg, calib_dir, calibration_steps, n))
-    real = open_run(calib_dir, n_train=n, n_eval=1)
-    moved = float((outputs(real.model, train_ex, run.task.collator, output)[:, :n_out] - res.f0[:n]).norm())
+    real = open_run(calib_dir, with_task=False)
+    moved = float((outputs(real.model, train_ex, run.task.collator, output, label_ids) - res.f0[:n]).norm())
     ref = rate_kernel(per_kind, Candidate(("q", "v"), 1.0).rates())
-    tau = match_time(ref, n, res.f0, y, moved)
+    tau, matched = match_time(ref, n, res.f0, y, moved)
     scale = tau / (cfg.lr * calibration_steps)
     calibration_seconds = time.perf_counter() - t1
-    log(f"plan: time scale s = {scale:.4g} (kernel time per unit of Σ lr)")
+    log(f"plan: time scale s = {scale:.4g} (kernel time per unit of Σ lr; {matched})")
 
     # every candidate at every evaluation step of the config's schedule
     t2 = time.perf_counter()
@@ -219,9 +243,14 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     val_labels = res.labels[n:]
     y_val = label_targets(val_labels, n_out)
     rows = []
+    by_rate = {float(r): {} for r in other_rates}
     for c in cands:
-        k = rate_kernel(per_kind, c.rates())
-        sim = simulate(k, n, res.f0, y, times, flow=True)
+        basis = decompose(rate_kernel(per_kind, c.rates()), n, res.f0, y)
+        for r, out_r in by_rate.items():
+            curve_r = scores(basis.at(kernel_time(lrs * (r / cfg.lr), scale)[torch.tensor(steps) - 1],
+                                      flow=True).val_outputs, val_labels)
+            out_r[c.name] = {"best_score": float(curve_r.max()), "best_step": steps[int(torch.argmax(curve_r))]}
+        sim = basis.at(times, flow=True)
         curve = scores(sim.val_outputs, val_labels)
         val_loss = 0.5 * (sim.val_outputs - y_val[None]).pow(2).sum((1, 2)) / m
         best = int(torch.argmax(curve))  # the first of equal maxima: the earliest step
@@ -240,10 +269,11 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     p, rng = fit_decay(eigs)
     summary = {
         "model": cfg.model, "task": cfg.task, "method": cfg.method, "optimizer": cfg.optim, "lr": cfg.lr,
-        "n_train": n, "n_val": m, "output": output, "horizon": total,
+        "n_train": n, "n_val": m, "output": output, "label_words": label_words, "horizon": total,
         "time_scale": {"scale": scale, "kernel_time": tau, "calibration_steps": calibration_steps,
-                       "moved": moved, "rule": "kernel time after S steps = scale · Σ_{i≤S} lr_i"},
+                       "moved": moved, "matched": matched, "rule": "kernel time after S steps = scale · Σ_{i≤S} lr_i"},
         "candidates": rows, "ranking": [r["name"] for r in ranking],
+        "by_rate": {f"{r:g}": v for r, v in by_rate.items()},
         "recommended": {"targets": pick["targets"], "lr_ratio": pick["lr_ratio"], "max_steps": pick["best_step"],
                         "predicted_val_score": pick["best_score"]},
         "rwy_stopping_step": rwy.step, "rwy_crossed": rwy.crossed,
@@ -253,7 +283,7 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
                      "per_kind_trace": {k: float(v[:n, :n].trace()) for k, v in per_kind.items()}},
         "seconds": {"kernel": kernel_seconds, "calibration": calibration_seconds, "simulation": simulate_seconds,
                     "total": time.perf_counter() - t0},
-        "sketch_dim": sketch_dim,
+        "sketch_dim": sketch_dim, "sketch": sketch if sketch_dim else None,
     }
     write_plan(summary, cfg, out)
     return summary
@@ -287,7 +317,10 @@ def write_plan(summary: dict, cfg: TrainConfig, out: str) -> None:
              f"{summary['output']}; decay exponent p = {spec['decay_exponent']:.3g}; RWY stopping step "
              f"{summary['rwy_stopping_step']} (the recommended kernel, this schedule).", "",
              f"Time scale: s = {ts['scale']:.4g} from {ts['calibration_steps']} real steps ({summary['method']}, "
-             f"{summary['optimizer']}, lr {summary['lr']:g}); {ts['rule']}.", "",
+             f"{summary['optimizer']}, lr {summary['lr']:g}; {ts['matched']}: "
+             + ("the kernel moves the training outputs as far" if ts["matched"] == "matched" else
+                "the real run moved the outputs past the square loss's reach; matched on the initial speed")
+             + f"); {ts['rule']}.", "",
              "| rank | candidate | best step | predicted validation score | predicted validation loss there |",
              "|---|---|---|---|---|"]
     by_name = {r["name"]: r for r in summary["candidates"]}
@@ -327,7 +360,8 @@ def cmd_plan(args) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         summary = plan(cfg, partial, n=args.n, m=args.m, sketch_dim=args.sketch_dim,
-                       calibration_steps=args.calibration_steps, chunk_size=args.chunk_size, cands=cands)
+                       calibration_steps=args.calibration_steps, chunk_size=args.chunk_size, cands=cands,
+                       label_words=args.label_words, sketch=args.sketch)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(partial, out)
@@ -349,9 +383,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder for plan.json, plan.md (+ PNG) and plan.yaml")
     p.add_argument("--n", type=int, default=256, help="training examples in the kernel")
     p.add_argument("--m", type=int, default=128, help="validation examples the candidates are scored on")
-    p.add_argument("--sketch-dim", type=int, help="keep k sketched gradient coordinates per matrix (large n)")
+    p.add_argument("--sketch-dim", type=int, help="keep k sketched gradient coordinates per matrix (large n; "
+                   f"automatic above {AUTO_SKETCH_BYTES // 2**30} GiB of gradients)")
+    p.add_argument("--sketch", choices=("kron", "srht"), default="kron",
+                   help="kron: √k×√k Kronecker sketch, never forms a gradient (default); srht: tighter, slower")
     p.add_argument("--calibration-steps", type=int, default=20, help="real steps that set the time scale")
     p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--label-words", help="a causal LM task: the label words its responses contain, e.g. "
+                   "false,true; the kernel reads their logits where the first of them is predicted")
     add_candidate_options(p)
     p.set_defaults(func=cmd_plan)
 

@@ -260,6 +260,7 @@ def _train(cfg: TrainConfig) -> dict:
     metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg, predictions)
     metrics.update(task.info)  # e.g. sft's num_truncated
     metrics.update({"train_loss": result.training_loss, "global_step": result.global_step,
+                    "train_runtime": result.metrics.get("train_runtime"),
                     "trainable_parameters": attach.trainable_parameters(model)[0]})
     with sharding.gathered(model):  # FSDP: every rank gathers, rank 0 writes
         if trainer.is_world_process_zero():

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call, jacrev
 
 from qkvtune.analysis import AnalysisError
-from qkvtune.analysis.kernel_sim import kernel_gd, rate_kernel, simulate
+from qkvtune.analysis.kernel_sim import decompose, kernel_gd, rate_kernel, simulate
 
 
 def _kernels(n_points=14, seed=0):
@@ -33,6 +33,28 @@ def test_closed_form_equals_kernel_gradient_descent_step_by_step():
     euler = kernel_gd(k, n, f0, y, steps=1500, step=1 / 200)
     assert torch.allclose(flow.val_outputs[0], euler[600, n:], atol=2e-3)
     assert torch.allclose(flow.val_outputs[1], euler[1500, n:], atol=2e-3)
+
+
+def test_training_movement_from_the_eigenbasis_and_the_calibration_time():
+    """‖f_τ − f₀‖ on the training points read off one eigendecomposition equals the explicit residuals', and
+    the plan's calibration inverts it: the τ it finds moves the outputs by what was measured."""
+    from qkvtune.plan import match_time
+
+    per_kind, f0, g = _kernels()
+    n = 10
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    k = rate_kernel(per_kind, {"q": 1.0, "v": 2.0})
+    taus = [0.3, 2.0, 17.0]
+    sim = simulate(k, n, f0, y, taus, flow=True)
+    explicit = ((y - f0[:n])[None] - sim.train_residuals).flatten(1).norm(dim=1)
+    assert torch.allclose(decompose(k, n, f0, y).train_movement(taus), explicit, atol=1e-12)
+    moved = float(explicit[1])
+    tau, how = match_time(k, n, f0, y, moved)
+    assert how == "matched" and tau == pytest.approx(2.0, rel=1e-5)
+    # past the square loss's reach (‖r₀‖ here: K has full rank): matched on the initial speed ‖K r₀‖/n
+    far = float((y - f0[:n]).norm()) * 2
+    tau, how = match_time(k, n, f0, y, far)
+    assert how == "linear" and tau == pytest.approx(far * n / float((k[:n, :n] @ (y - f0[:n])).norm()), rel=1e-9)
 
 
 def test_untuned_kinds_drop_out_and_zero_modes_move_linearly():

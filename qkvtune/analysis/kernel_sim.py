@@ -48,12 +48,44 @@ class Simulation:
         return 0.5 * self.train_residuals.pow(2).sum((1, 2)) / self.train_residuals.shape[1]
 
 
-def simulate(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor, times, *,
-             flow: bool = False) -> Simulation:
-    """Train the linearised model for each of ``times`` (steps): ``kernel`` is K_η on the n_train training
-    points followed by the m validation points ((n+m)², or n² for no validation points), ``f0`` the outputs
-    there ((n+m, C) or (n+m,)), ``y`` the training targets ((n, C) or (n,)). Full-batch GD at a constant step
-    (``flow=False``) needs every μ ≤ 2n for stability; larger μ diverge as the real run would."""
+@dataclass
+class Eigenbasis:
+    """K_η on the training points decomposed once, K_η = U diag(μ) Uᵀ, with r₀ = y − f₀ in that basis: every
+    time t after is two matrix products (``at``), and the training movement ‖f_t − f₀‖ a vector norm."""
+
+    n: int
+    mu: torch.Tensor      # (n,) eigenvalues ≥ 0, ascending (``torch.linalg.eigh``'s order)
+    u: torch.Tensor       # (n, n) eigenvectors
+    a: torch.Tensor       # (n, C) Uᵀ r₀
+    cross: torch.Tensor   # (m, n) K_η(X′, X) U
+    f0_val: torch.Tensor  # (m, C) f₀ on the validation points
+
+    def decay(self, times, flow: bool) -> torch.Tensor:
+        """d_t(μ), (T, n)."""
+        t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+        if flow:
+            return torch.exp(-self.mu[None, :] * t[:, None] / self.n)
+        return (1.0 - self.mu[None, :] / self.n) ** t[:, None]
+
+    def train_movement(self, times, flow: bool = True) -> torch.Tensor:
+        """‖f_t − f₀‖ over the training outputs at each time: ‖diag(1 − d_t)·Uᵀr₀‖ (U is orthogonal), (T,)."""
+        return ((1.0 - self.decay(times, flow))[:, :, None] * self.a[None]).flatten(1).norm(dim=1)
+
+    def at(self, times, flow: bool = False) -> "Simulation":
+        t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+        decay = self.decay(t, flow)                                   # (T, n)
+        mu = self.mu
+        small = mu < 1e-12 * max(float(mu.max()), 1e-300)
+        gain = torch.where(small[None, :], t[:, None] / self.n, (1.0 - decay) / torch.where(small, 1.0, mu)[None, :])
+        residuals = torch.einsum("ij,tj,jc->tic", self.u, decay, self.a)
+        val = self.f0_val[None] + torch.einsum("mj,tj,jc->tmc", self.cross, gain, self.a)
+        return Simulation(t, val, residuals, mu.flip(0))
+
+
+def decompose(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor) -> Eigenbasis:
+    """``kernel`` is K_η on the n_train training points followed by the m validation points ((n+m)², or n² for
+    no validation points), ``f0`` the outputs there ((n+m, C) or (n+m,)), ``y`` the training targets ((n, C)
+    or (n,))."""
     kernel = kernel.double()
     n = int(n_train)
     if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] < n or n < 1:
@@ -62,20 +94,16 @@ def simulate(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tens
     y = y.double().reshape(n, -1)
     if y.shape[1] != f0.shape[1]:
         raise AnalysisError(f"y: {y.shape[1]} outputs per example, f0 has {f0.shape[1]}")
-    t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     mu, u = torch.linalg.eigh((kernel[:n, :n] + kernel[:n, :n].T) / 2)
-    mu = mu.clamp(min=0.0)
-    a = u.T @ (y - f0[:n])                                        # r₀ in the eigenbasis (n, C)
-    if flow:
-        decay = torch.exp(-mu[None, :] * t[:, None] / n)          # (T, n)
-    else:
-        decay = (1.0 - mu[None, :] / n) ** t[:, None]
-    small = mu < 1e-12 * max(float(mu.max()), 1e-300)
-    gain = torch.where(small[None, :], t[:, None] / n, (1.0 - decay) / torch.where(small, 1.0, mu)[None, :])
-    residuals = torch.einsum("ij,tj,jc->tic", u, decay, a)
-    cross = kernel[n:, :n] @ u                                    # (m, n)
-    val = f0[n:][None] + torch.einsum("mj,tj,jc->tmc", cross, gain, a)
-    return Simulation(t, val, residuals, mu.flip(0))
+    return Eigenbasis(n, mu.clamp(min=0.0), u, u.T @ (y - f0[:n]), kernel[n:, :n] @ u, f0[n:])
+
+
+def simulate(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor, times, *,
+             flow: bool = False) -> Simulation:
+    """Train the linearised model for each of ``times`` (steps); arguments as for ``decompose``. Full-batch GD
+    at a constant step (``flow=False``) needs every μ ≤ 2n for stability; larger μ diverge as the real run
+    would."""
+    return decompose(kernel, n_train, f0, y).at(times, flow)
 
 
 def kernel_gd(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor, steps: int,

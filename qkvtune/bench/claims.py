@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -619,7 +618,7 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
 
 def cmd_claims(args) -> int:
     from ..config import parse_override
-    from .report import write_report
+    from .report import command_line, write_report
 
     check_output_dir(args.out, "--out")
     report = args.report or os.path.join(args.out, "REPORT.md")
@@ -641,7 +640,7 @@ def cmd_claims(args) -> int:
 
     t0 = time.time()
     results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log, args.profile)
-    command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else "qkvtune bench claims …"
+    command = command_line("qkvtune bench claims …")
     preface = None
     if args.preface:
         try:

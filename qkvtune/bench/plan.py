@@ -34,6 +34,18 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def reliability(values: list[float], m: int) -> float:
+    """How much of the spread of accuracies measured on m examples is real: 1 − mean binomial variance
+    p(1 − p)/m over the variance across candidates (≤ 0: the spread is no larger than sampling error, and no
+    ranking, predicted or not, can correlate with it reliably)."""
+    import statistics
+
+    if len(values) < 2 or not m or statistics.pvariance(values) == 0:
+        return math.nan
+    noise = sum(v * (1 - v) / m for v in values) / len(values)
+    return 1.0 - noise / statistics.pvariance(values)
+
+
 def best_step(run, task: str) -> int | None:
     """The evaluation step with the best validation score (the first of equal ones)."""
     from .scores import score_of
@@ -42,10 +54,12 @@ def best_step(run, task: str) -> int | None:
     return max(curve, key=lambda p: (p[1], -p[0]))[0] if curve else None
 
 
-def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None, cands: list, log) -> dict:
+def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None, cands: list, log,
+               label_words: str | None = None, sketch: str = "kron") -> dict:
     from ..config import build_config
     from ..plan import plan
     from .claims import Claim
+    from .scores import metric_name
 
     arms = {c.name: {"targets": list(c.targets), "lr_ratio": c.lr_ratio} for c in cands}
     claim = Claim(id="plan", title="plan against a real grid", tasks=[], arms=arms,
@@ -59,12 +73,16 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
         arm = ctx.arm(claim, task, c.name, {}, [seed])
         run = arm.runs[seed]
         real[c.name] = {"lr": arm.lr, "val_score": run.val_score, "test_score": run.score,
-                        "best_step": best_step(run, task), "seconds": run.seconds + arm.search_seconds}
+                        "best_step": best_step(run, task), "seconds": run.seconds + arm.search_seconds,
+                        "grid": [list(p) for p in arm.grid]}
         grid_seconds += real[c.name]["seconds"]
     settings = ctx.settings(claim, task, claim.ref, seed, real[claim.ref]["lr"])
     plan_dir = os.path.join(out, "plans", task.replace("/", "-"))
     cfg = build_config({**settings, "output_dir": os.path.join(out, "unused")})
-    summary = plan(cfg, plan_dir, n=n, m=m, sketch_dim=sketch_dim, cands=cands, log=log)
+    grid_rates = sorted({lr for k in real for lr, _ in real[k]["grid"]})
+    summary = plan(cfg, plan_dir, n=n, m=m, sketch_dim=sketch_dim, cands=cands, log=log,
+                   label_words=label_words if task.startswith("commonsense/") else None, other_rates=grid_rates,
+                   sketch=sketch)
     rec = summary["recommended"]
     pick = next(c.name for c in cands if list(c.targets) == rec["targets"] and c.lr_ratio == rec["lr_ratio"])
     # the plan's pick trained as plan.yaml says (the plan's rate, its max_steps), the same seed and splits
@@ -72,14 +90,26 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
                       "max_steps": rec["max_steps"], "patience": None}, task, "plan")
     by_name = {r["name"]: r for r in summary["candidates"]}
     names = [c.name for c in cands]
+    # the kernel's own question: every candidate at one η_Q, predicted at that rate, against the grid's runs there
+    by_rate = []
+    for lr in grid_rates:
+        pairs = [(summary["by_rate"][f"{lr:g}"][k]["best_score"], v) for k in names
+                 for g, v in real[k]["grid"] if g == lr]
+        by_rate.append({"lr": lr, "spearman": spearman(*map(list, zip(*pairs))) if pairs else math.nan,
+                        "predicted": {k: summary["by_rate"][f"{lr:g}"][k]["best_score"] for k in names},
+                        "real": {k: v for k in names for g, v in real[k]["grid"] if g == lr}})
     grid_best = max(names, key=lambda k: real[k]["val_score"])
     plan_seconds = summary["seconds"]["total"]
     return {
-        "task": task, "gate": list(gate), "seed": seed, "candidates": names,
+        "task": task, "output": summary["output"], "label_words": summary["label_words"], "gate": list(gate),
+        "seed": seed, "candidates": names,
         "predicted": {k: by_name[k]["best_score"] for k in names}, "planned_step": {k: by_name[k]["best_step"]
                                                                                   for k in names},
         "real": real, "spearman": spearman([by_name[k]["best_score"] for k in names],
                                            [real[k]["val_score"] for k in names]),
+        "plan_lr": cfg.lr, "by_rate": by_rate,
+        "reliability": reliability([real[k]["val_score"] for k in names], len(ctx.labels(settings)["validation"]))
+        if metric_name(task) in ("accuracy", "generation_accuracy") else math.nan,
         "pick": pick, "pick_test": picked.score, "pick_steps": rec["max_steps"],
         "grid_best": grid_best, "grid_best_test": real[grid_best]["test_score"],
         "pick_minus_grid_best": picked.score - real[grid_best]["test_score"],
@@ -90,75 +120,101 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
     }
 
 
-def cost_rows(cfg_settings: dict, ns: list[int], m: int, sketch_dim: int | None, out: str, log) -> list[dict]:
+def cost_rows(cfg_settings: dict, ns: list[int], m: int, sketch_dim: int | None, out: str, log,
+              sketch: str = "kron") -> list[dict]:
     """The plan's kernel (all four kinds) on n + m examples against one LoRA epoch over the same n, measured one
     after the other in this process, for each n."""
-    from ..analysis.ntk import empirical_ntk
     from ..config import build_config
-    from ..plan import ALL_KINDS
+    from ..plan import ALL_KINDS, kernels
     from ..runs import pretrained
     from ..train import train
 
     rows = []
     for n in ns:
-        cfg = build_config({**cfg_settings, "max_train_samples": n, "output_dir": os.path.join(out, "cost", f"n{n}"),
+        folder = f"{os.path.basename(str(cfg_settings['model']).rstrip('/'))}-n{n}"
+        cfg = build_config({**cfg_settings, "max_train_samples": n, "output_dir": os.path.join(out, "cost", folder),
                             "overwrite": True})
         run = pretrained(cfg, n_train=n, n_eval=m, kinds=ALL_KINDS)
         data = run.examples("train", n) + run.examples("eval", m)
         t0 = time.perf_counter()
-        empirical_ntk(run.model, data, run.targets, collator=run.task.collator, output=run.kernel_output,
-                      sketch_dim=sketch_dim, seed=cfg.seed)
+        _, used = kernels(run, data, output=run.kernel_output, sketch_dim=sketch_dim, sketch=sketch, log=log)
         kernel = time.perf_counter() - t0
         del run
         epoch_cfg = build_config({**cfg.to_dict(), "targets": ["q", "v"], "max_steps": None, "epochs": 1,
                                   "eval_strategy": "no", "patience": None})
         t0 = time.perf_counter()
-        train(epoch_cfg)
-        epoch = time.perf_counter() - t0
-        rows.append({"n": n, "m": m, "kernel_seconds": kernel, "lora_epoch_seconds": epoch,
-                     "ratio": kernel / epoch, "sketch_dim": sketch_dim})
-        log(f"cost n={n}: kernel {kernel:.1f} s, one LoRA epoch {epoch:.1f} s")
+        metrics = train(epoch_cfg)
+        wall = time.perf_counter() - t0
+        epoch = float(metrics["train_runtime"])  # Trainer's loop: no model loading, no final evaluations
+        rows.append({"model": cfg.model, "n": n, "m": m, "kernel_seconds": kernel, "lora_epoch_seconds": epoch,
+                     "lora_run_wall_seconds": wall, "ratio": kernel / epoch, "sketch_dim": used,
+                     "sketch": sketch if used else None, "examples": len(data)})
+        log(f"cost {cfg.model} n={n}: kernel {kernel:.1f} s, one LoRA epoch {epoch:.1f} s ({wall:.1f} s with "
+            f"loading and final evaluations)")
     return rows
 
 
 def write_report(results: list[dict], cost: list[dict], path: str, command: str, seconds: float) -> None:
     from ..analysis.plots import plot_lines
+    from .report import machine
 
     out_dir = os.path.dirname(os.path.abspath(path))
     lines = ["# qkvtune plan against a real grid", "",
-             f"- command: `{command}`", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"- command: `{command}`", f"- machine: {machine()}",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"wall time {seconds / 60:.1f} min (runs already in the run folder are read, not retrained)", "",
              "Targets: Spearman ≥ 0.6; the pick's test score within 1 point of the grid's best; ≥ 5× less compute.",
              ""]
     for r in results:
         ok = lambda b: "met" if b else "**not met**"  # noqa: E731
-        lines += [f"## {r['task']}", "", f"Gate: {r['gate'][1]}. Seed {r['seed']}; time scale s = {r['time_scale']:.4g}.",
+        read = f"the label words' margin ({r['label_words']}) at the end of the prompt" if r.get("label_words") \
+            else f"the classification head's {r.get('output', 'margin')} (the head itself is not in the kernel)"
+        lines += [f"## {r['task']}", "", f"Gate: {r['gate'][1]}. Seed {r['seed']}; time scale s = {r['time_scale']:.4g}; "
+                  f"the kernel reads {read}.",
                   "", "| | measured | target |", "|---|---|---|",
-                  f"| Spearman(predicted, real validation) over {len(r['candidates'])} candidates | "
-                  f"{r['spearman']:.3f} | ≥ 0.6: {ok(r['spearman'] >= 0.6)} |",
+                  f"| Spearman(predicted, real validation) over {len(r['candidates'])} candidates, each at its "
+                  f"searched rate | {r['spearman']:.3f} | ≥ 0.6: {ok(r['spearman'] >= 0.6)} |",
+                  f"| reliability of those real scores: 1 − (sampling variance) / (variance across candidates) | "
+                  f"{r['reliability']:.2f} | – (≤ 0: the candidates' differences are within sampling error) |",
+                  *[f"| Spearman at one η_Q = {b['lr']:g} for all, predicted at that rate{' (the plan' + chr(39) + 's)' if b['lr'] == r['plan_lr'] else ''} | "
+                    f"{b['spearman']:.3f} | – |" for b in r["by_rate"]],
                   f"| pick ({r['pick']}, {r['pick_steps']} steps) test − grid's best ({r['grid_best']}) test | "
                   f"{r['pick_test']:.4f} − {r['grid_best_test']:.4f} = {r['pick_minus_grid_best']:+.4f} | "
                   f"≥ −0.01: {ok(r['pick_minus_grid_best'] >= -0.01)} |",
                   f"| planned stop against the pick's real best step | {r['pick_steps']} vs {r['pick_real_best_step']} | – |",
                   f"| compute: grid {r['grid_seconds'] / 60:.1f} min / (plan {r['plan_seconds']:.0f} s + its run "
                   f"{r['pick_run_seconds']:.0f} s) | {r['compute_ratio']:.1f}× | ≥ 5×: {ok(r['compute_ratio'] >= 5)} |",
-                  "", "| candidate | predicted validation score | planned step | real validation score | real lr | "
-                  "real best step | real test score |", "|---|---|---|---|---|---|---|"]
+                  "", "| candidate | predicted validation score | planned step | real validation score, searched | "
+                  "its lr | real best step | real test score | " + " | ".join(
+                      f"predicted / real at {b['lr']:g}" for b in r["by_rate"]) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(r["by_rate"])]
         for k in r["candidates"]:
             x = r["real"][k]
+            at = " | ".join(f"{b['predicted'][k]:.3f} / {b['real'].get(k, math.nan):.3f}" for b in r["by_rate"])
             lines.append(f"| {k} | {r['predicted'][k]:.3f} | {r['planned_step'][k]} | {x['val_score']:.3f} | "
-                         f"{x['lr']:g} | {x['best_step']} | {x['test_score']:.4f} |")
+                         f"{x['lr']:g} | {x['best_step']} | {x['test_score']:.4f} | {at} |")
         lines += ["", f"The plan itself: `{r['plan_dir']}/plan.md`.", ""]
     if cost:
         lines += ["## Cost of a plan's kernel against one LoRA epoch", "",
-                  "| n (+ m validation) | kernel (q, k, v, o) | one LoRA epoch over n | ratio |", "|---|---|---|---|"]
+                  "Measured one after the other in one process: the eNTK of q, k, v and o of every layer on n "
+                  "training + m validation examples (sketched where the gradients would pass 6 GiB) against one "
+                  "epoch of LoRA (r = 8, q and v) over the same n training examples: Trainer's training loop, "
+                  "without loading the model or the final evaluations (the whole run's wall time beside it).", "",
+                  "| model | n (+ m validation) | sketch | kernel (q, k, v, o) | one LoRA epoch over n (whole run) | "
+                  "kernel / epoch |", "|---|---|---|---|---|---|"]
         for c in cost:
-            lines.append(f"| {c['n']} (+{c['m']}) | {c['kernel_seconds']:.1f} s | {c['lora_epoch_seconds']:.1f} s | "
+            sk = f"{c.get('sketch') or ''} {c['sketch_dim']}" if c["sketch_dim"] else "none"
+            lines.append(f"| {c['model']} | {c['n']} (+{c['m']}) | {sk} | {c['kernel_seconds']:.1f} s | "
+                         f"{c['lora_epoch_seconds']:.1f} s ({c.get('lora_run_wall_seconds', math.nan):.1f} s) | "
                          f"{c['ratio']:.2f} |")
         png = os.path.join(out_dir, "plan_cost.png")
-        plot_lines({"kernel": ([c["n"] for c in cost], [c["kernel_seconds"] for c in cost]),
-                    "one LoRA epoch": ([c["n"] for c in cost], [c["lora_epoch_seconds"] for c in cost])},
-                   png, title="seconds against n", xlabel="n", ylabel="seconds", log="xy")
+        curves = {}
+        for model in dict.fromkeys(c["model"] for c in cost):
+            rows = [c for c in cost if c["model"] == model]
+            name = os.path.basename(str(model).rstrip("/"))
+            curves[f"{name}: kernel"] = ([c["n"] for c in rows], [c["kernel_seconds"] for c in rows])
+            curves[f"{name}: one LoRA epoch"] = ([c["n"] for c in rows], [c["lora_epoch_seconds"] for c in rows])
+        plot_lines(curves, png, title="seconds against n", xlabel="n", ylabel="seconds", log="xy")
         lines += ["", f"![cost]({os.path.relpath(png, out_dir)})", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -167,8 +223,8 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
 
 
 def cmd_plan(args) -> int:
-    import sys
-
+    from ..config import parse_override
+    from .report import command_line
     from .claims import Claim, Context, discover_tasks, load_settings, parse_tasks, run_settings
 
     check_output_dir(args.out, "--out")
@@ -182,10 +238,23 @@ def cmd_plan(args) -> int:
     except ValueError:
         raise ConfigError(f"--cost-ns: expected comma-separated integers, got {args.cost_ns!r}") from None
     suite = load_settings(args.suite)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if overrides:
+        suite = {**suite, "overrides": {**(suite.get("overrides") or {}), **overrides}}
+    try:  # a smaller grid where runs are expensive (a causal LM on CPU): one rate, no budget ladder
+        if args.lr_grid:
+            suite = {**suite, "lr_grid": {**(suite.get("lr_grid") or {}), "lora": [float(x) for x in args.lr_grid.split(",")]}}
+        if args.budgets:
+            suite = {**suite, "budgets": [float(x) for x in args.budgets.split(",")]}
+    except ValueError:
+        raise ConfigError(f"--lr-grid/--budgets: expected comma-separated numbers, got {args.lr_grid or args.budgets!r}") from None
     tasks = parse_tasks(args.tasks) if args.tasks else discover_tasks(args.data_dir, suite.get("prefer"))
-    glue = (tasks.get("glue") or [])[:1] if not args.tasks else tasks.get("glue") or []
-    if not glue:
-        raise ConfigError("--tasks: bench plan needs a GLUE task (none found in the data folder)")
+    chosen = [t for family in tasks.values() for t in family] if args.tasks else (tasks.get("glue") or [])[:1]
+    if not chosen:
+        raise ConfigError("--tasks: bench plan needs a task (no GLUE task found in the data folder)")
+    if any(t.startswith("commonsense/") for t in chosen) and not args.label_words:
+        raise ConfigError("--label-words: commonsense tasks are planned through their label words, e.g. "
+                          "--label-words false,true")
     os.makedirs(args.out, exist_ok=True)
 
     def log(msg: str) -> None:
@@ -196,14 +265,21 @@ def cmd_plan(args) -> int:
     cands = parse_candidates(args.kinds, args.lambdas)
     if REFERENCE not in cands:
         raise ConfigError(f"--kinds/--lambdas: the grid must hold the reference candidate {REFERENCE.name!r}")
-    results = [bench_task(ctx, t, args.out, args.n, args.m, args.sketch_dim, cands, log) for t in glue]
+    results = [bench_task(ctx, t, args.out, args.n, args.m, args.sketch_dim, cands, log, args.label_words,
+                          args.sketch) for t in chosen]
     cost = []
     if ns:
+        cost_task = next((t for t in chosen if t.startswith("glue/")), None) or \
+            next(iter(discover_tasks(args.data_dir, suite.get("prefer")).get("glue") or []), None)
+        if cost_task is None:
+            raise ConfigError("--cost-ns: times the kernel of a GLUE task's classifier; none found")
         claim = Claim(id="cost", title="", tasks=[], arms={"lora": {}}, base={"method": "lora", "rank": 8, "alpha": 16})
-        settings = run_settings(suite, claim, glue[0], "lora", args.seed, args.data_dir)
-        cost = cost_rows(settings, ns, args.m, args.sketch_dim, args.out, log)
-    command = "qkvtune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qkvtune") else \
-        "qkvtune bench plan …"
+        settings = run_settings(suite, claim, cost_task, "lora", args.seed, args.data_dir)
+        for model in args.cost_models.split(",") if args.cost_models else [settings["model"]]:
+            # another model is read through its own sequence-classification head (mean pooling is BERT-only)
+            own = settings if model == settings["model"] else {**settings, "model": model, "pooling": "cls"}
+            cost += cost_rows(own, ns, args.m, args.sketch_dim, args.out, log, args.sketch)
+    command = command_line("qkvtune bench plan …")
     write_report(results, cost, report, command, time.time() - t0)
     for r in results:
         print(f"{r['task']}: spearman {r['spearman']:.3f}, pick − grid best {r['pick_minus_grid_best']:+.4f}, "
@@ -219,13 +295,21 @@ def register(sub) -> None:
     p.add_argument("--suite", default=default_suite_dir(), help="the claims suite whose settings and lr grid the "
                    "real grid uses (default: configs/claims)")
     p.add_argument("--data-dir", help="folder laid out like shared/datasets")
-    p.add_argument("--tasks", help="GLUE task ids (default: the first GLUE task found)")
+    p.add_argument("--tasks", help="task ids, glue/<task> or commonsense/<name> (default: the first GLUE task "
+                   "found)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=256, help="training examples in the plan's kernel")
     p.add_argument("--m", type=int, default=128, help="validation examples the plan scores on")
     p.add_argument("--sketch-dim", type=int)
+    p.add_argument("--sketch", choices=("kron", "srht"), default="kron", help="as for qkvtune plan")
     add_candidate_options(p)
+    p.add_argument("--lr-grid", help="the LoRA rates each candidate searches (default: the suite's lora grid)")
+    p.add_argument("--budgets", help="the budget ladder (default: the suite's), e.g. 1 for none")
     p.add_argument("--cost-ns", help="also time the kernel against one LoRA epoch at these n, e.g. 256,1024,4096")
+    p.add_argument("--cost-models", help="the models timed (default: the GLUE family's), e.g. minilm,smollm2-135m")
+    p.add_argument("--label-words", help="for commonsense tasks: the label words the plan reads, e.g. false,true")
+    p.add_argument("overrides", nargs="*", help="key=value for every run, or family.key=value for one family, "
+                   "as for bench claims")
     p.add_argument("--out", default="runs/bench-plan", help="folder for the runs, plans and the report")
     p.add_argument("--report", help="Markdown report path (default: OUT/PLAN.md); a JSON beside it")
     p.set_defaults(func=cmd_plan)

@@ -30,6 +30,16 @@ def _fmt(values) -> str:
     return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}"
 
 
+def command_line(default: str) -> str:
+    """The command as the user typed it (``qkvtune …`` or ``python -m qkvtune …``), else ``default``."""
+    import sys
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.endswith("qkvtune") or argv0.endswith(os.path.join("qkvtune", "__main__.py")):
+        return "qkvtune " + " ".join(sys.argv[1:])
+    return default
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     dev = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU only, {torch.get_num_threads()} threads"
