@@ -146,7 +146,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     for cost in record["cost"]:
         assert cost["n"] == 16 and cost["kernel_seconds"] > 0 and cost["lora_epoch_seconds"] > 0
         assert cost["examples"] == 16 + 16 and cost["sketch_dim"] is None
-    assert (out / "PLAN.md").exists() and (out / "plan_cost.png").exists()
+    assert (out / "PLAN.md").exists() and (out / "PLAN_cost.png").exists()
     r = run_cli("bench", "plan", "--suite", str(suite), "--data-dir", data_dir(), "--out", str(tmp_path / "cs"),
                 "--tasks", "commonsense/boolq")
     assert r.returncode == 2 and "--label-words" in r.stderr.strip().splitlines()[-1]

@@ -181,7 +181,8 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
                   f"| pick ({r['pick']}, {r['pick_steps']} steps) test − grid's best ({r['grid_best']}) test | "
                   f"{r['pick_test']:.4f} − {r['grid_best_test']:.4f} = {r['pick_minus_grid_best']:+.4f} | "
                   f"≥ −0.01: {ok(r['pick_minus_grid_best'] >= -0.01)} |",
-                  f"| planned stop against the pick's real best step | {r['pick_steps']} vs {r['pick_real_best_step']} | – |",
+                  f"| planned stop against the pick's real best step | {r['pick_steps']} vs "
+                  f"{r['pick_real_best_step'] or '– (no score during training)'} | – |",
                   f"| compute: grid {r['grid_seconds'] / 60:.1f} min / (plan {r['plan_seconds']:.0f} s + its run "
                   f"{r['pick_run_seconds']:.0f} s) | {r['compute_ratio']:.1f}× | ≥ 5×: {ok(r['compute_ratio'] >= 5)} |",
                   "", "| candidate | predicted validation score | planned step | real validation score, searched | "
@@ -192,7 +193,7 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
             x = r["real"][k]
             at = " | ".join(f"{b['predicted'][k]:.3f} / {b['real'].get(k, math.nan):.3f}" for b in r["by_rate"])
             lines.append(f"| {k} | {r['predicted'][k]:.3f} | {r['planned_step'][k]} | {x['val_score']:.3f} | "
-                         f"{x['lr']:g} | {x['best_step']} | {x['test_score']:.4f} | {at} |")
+                         f"{x['lr']:g} | {x['best_step'] or '–'} | {x['test_score']:.4f} | {at} |")
         lines += ["", f"The plan itself: `{r['plan_dir']}/plan.md`.", ""]
     if cost:
         lines += ["## Cost of a plan's kernel against one LoRA epoch", "",
@@ -207,7 +208,7 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
             lines.append(f"| {c['model']} | {c['n']} (+{c['m']}) | {sk} | {c['kernel_seconds']:.1f} s | "
                          f"{c['lora_epoch_seconds']:.1f} s ({c.get('lora_run_wall_seconds', math.nan):.1f} s) | "
                          f"{c['ratio']:.2f} |")
-        png = os.path.join(out_dir, "plan_cost.png")
+        png = os.path.splitext(os.path.abspath(path))[0] + "_cost.png"  # beside its report, named after it
         curves = {}
         for model in dict.fromkeys(c["model"] for c in cost):
             rows = [c for c in cost if c["model"] == model]
