@@ -107,9 +107,8 @@ def match_time(kernel: torch.Tensor, n: int, f0: torch.Tensor, y: torch.Tensor, 
 
     basis = decompose(kernel[:n, :n], n, f0[:n], y)
     movement = lambda tau: float(basis.train_movement([tau])[0])  # noqa: E731
-    limit = float(((basis.mu > 1e-12 * float(basis.mu.max()))[:, None] * basis.a).norm())
-    if moved >= 0.999 * limit:
-        return moved * n / float((basis.mu[:, None] * basis.a).norm()), "linear"
+    if moved >= 0.999 * basis.reach:
+        return moved / basis.initial_speed, "linear"
     lo, hi = 1e-12, 1.0
     while movement(hi) < moved:
         hi *= 10
@@ -239,16 +238,17 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     steps = list(range(every, total + 1, every))
     if steps[-1] != total:
         steps.append(total)
-    times = kernel_time(lrs, scale)[torch.tensor(steps) - 1]
+    at_steps = torch.tensor(steps) - 1
+    times = kernel_time(lrs, scale)[at_steps]
+    rate_times = {float(r): kernel_time(lrs * (float(r) / cfg.lr), scale)[at_steps] for r in other_rates}
     val_labels = res.labels[n:]
     y_val = label_targets(val_labels, n_out)
     rows = []
-    by_rate = {float(r): {} for r in other_rates}
+    by_rate = {r: {} for r in rate_times}
     for c in cands:
         basis = decompose(rate_kernel(per_kind, c.rates()), n, res.f0, y)
         for r, out_r in by_rate.items():
-            curve_r = scores(basis.at(kernel_time(lrs * (r / cfg.lr), scale)[torch.tensor(steps) - 1],
-                                      flow=True).val_outputs, val_labels)
+            curve_r = scores(basis.at(rate_times[r], flow=True).val_outputs, val_labels)
             out_r[c.name] = {"best_score": float(curve_r.max()), "best_step": steps[int(torch.argmax(curve_r))]}
         sim = basis.at(times, flow=True)
         curve = scores(sim.val_outputs, val_labels)

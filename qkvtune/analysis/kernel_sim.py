@@ -67,15 +67,29 @@ class Eigenbasis:
             return torch.exp(-self.mu[None, :] * t[:, None] / self.n)
         return (1.0 - self.mu[None, :] / self.n) ** t[:, None]
 
+    @property
+    def null(self) -> torch.Tensor:
+        """(n,) the modes the kernel does not move (μ ≈ 0 relative to the largest)."""
+        return self.mu < 1e-12 * max(float(self.mu.max()), 1e-300)
+
     def train_movement(self, times, flow: bool = True) -> torch.Tensor:
         """‖f_t − f₀‖ over the training outputs at each time: ‖diag(1 − d_t)·Uᵀr₀‖ (U is orthogonal), (T,)."""
         return ((1.0 - self.decay(times, flow))[:, :, None] * self.a[None]).flatten(1).norm(dim=1)
 
+    @property
+    def reach(self) -> float:
+        """lim_{t→∞} ‖f_t − f₀‖ on the training points: r₀'s part in the kernel's range."""
+        return float((~self.null[:, None] * self.a).norm())
+
+    @property
+    def initial_speed(self) -> float:
+        """d‖f_t − f₀‖/dt at t = 0 under gradient flow: ‖K r₀‖/n."""
+        return float((self.mu[:, None] * self.a).norm()) / self.n
+
     def at(self, times, flow: bool = False) -> "Simulation":
         t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
         decay = self.decay(t, flow)                                   # (T, n)
-        mu = self.mu
-        small = mu < 1e-12 * max(float(mu.max()), 1e-300)
+        mu, small = self.mu, self.null
         gain = torch.where(small[None, :], t[:, None] / self.n, (1.0 - decay) / torch.where(small, 1.0, mu)[None, :])
         residuals = torch.einsum("ij,tj,jc->tic", self.u, decay, self.a)
         val = self.f0_val[None] + torch.einsum("mj,tj,jc->tmc", self.cross, gain, self.a)

@@ -134,7 +134,6 @@ class KronSketch:
         g = torch.Generator().manual_seed(seed)
         self.s_out = (torch.randn(self.k_out, out_features, generator=g) / math.sqrt(self.k_out)).to(device)
         self.s_in = (torch.randn(self.k_in, in_features, generator=g) / math.sqrt(self.k_in)).to(device)
-        self.k = self.k_out * self.k_in
 
     def gradients(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """(B, k_out·k_in) sketched per-example gradients from inputs x (B,T,in) and output gradients d (B,T,out)."""

@@ -93,11 +93,10 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
     # the kernel's own question: every candidate at one η_Q, predicted at that rate, against the grid's runs there
     by_rate = []
     for lr in grid_rates:
-        pairs = [(summary["by_rate"][f"{lr:g}"][k]["best_score"], v) for k in names
-                 for g, v in real[k]["grid"] if g == lr]
-        by_rate.append({"lr": lr, "spearman": spearman(*map(list, zip(*pairs))) if pairs else math.nan,
-                        "predicted": {k: summary["by_rate"][f"{lr:g}"][k]["best_score"] for k in names},
-                        "real": {k: v for k in names for g, v in real[k]["grid"] if g == lr}})
+        predicted = {k: summary["by_rate"][f"{lr:g}"][k]["best_score"] for k in names}
+        at_lr = {k: v for k in names for g, v in real[k]["grid"] if g == lr}
+        by_rate.append({"lr": lr, "spearman": spearman([predicted[k] for k in at_lr], list(at_lr.values())),
+                        "predicted": predicted, "real": at_lr})
     grid_best = max(names, key=lambda k: real[k]["val_score"])
     plan_seconds = summary["seconds"]["total"]
     return {
@@ -109,7 +108,7 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
                                            [real[k]["val_score"] for k in names]),
         "plan_lr": cfg.lr, "by_rate": by_rate,
         "reliability": reliability([real[k]["val_score"] for k in names], len(ctx.labels(settings)["validation"]))
-        if metric_name(task) in ("accuracy", "generation_accuracy") else math.nan,
+        if metric_name(task) == "accuracy" else math.nan,  # binomial sampling error: accuracies only
         "pick": pick, "pick_test": picked.score, "pick_steps": rec["max_steps"],
         "grid_best": grid_best, "grid_best_test": real[grid_best]["test_score"],
         "pick_minus_grid_best": picked.score - real[grid_best]["test_score"],
@@ -168,7 +167,7 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
     for r in results:
         ok = lambda b: "met" if b else "**not met**"  # noqa: E731
         read = f"the label words' margin ({r['label_words']}) at the end of the prompt" if r.get("label_words") \
-            else f"the classification head's {r.get('output', 'margin')} (the head itself is not in the kernel)"
+            else f"the classification head's {r['output']} (the head itself is not in the kernel)"
         lines += [f"## {r['task']}", "", f"Gate: {r['gate'][1]}. Seed {r['seed']}; time scale s = {r['time_scale']:.4g}; "
                   f"the kernel reads {read}.",
                   "", "| | measured | target |", "|---|---|---|",
@@ -204,9 +203,9 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
                   "| model | n (+ m validation) | sketch | kernel (q, k, v, o) | one LoRA epoch over n (whole run) | "
                   "kernel / epoch |", "|---|---|---|---|---|---|"]
         for c in cost:
-            sk = f"{c.get('sketch') or ''} {c['sketch_dim']}" if c["sketch_dim"] else "none"
+            sk = f"{c['sketch']} {c['sketch_dim']}" if c["sketch_dim"] else "none"
             lines.append(f"| {c['model']} | {c['n']} (+{c['m']}) | {sk} | {c['kernel_seconds']:.1f} s | "
-                         f"{c['lora_epoch_seconds']:.1f} s ({c.get('lora_run_wall_seconds', math.nan):.1f} s) | "
+                         f"{c['lora_epoch_seconds']:.1f} s ({c['lora_run_wall_seconds']:.1f} s) | "
                          f"{c['ratio']:.2f} |")
         png = os.path.splitext(os.path.abspath(path))[0] + "_cost.png"  # beside its report, named after it
         curves = {}
