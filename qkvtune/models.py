@@ -192,6 +192,10 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
         # a corrupt or edited config.json (unknown activation, a list, sizes that do not fit the weights),
         # a corrupt weights file, an unknown model type: the model folder is at fault, not qkvtune
         raise ModelError(f"model: cannot load {name!r} ({type(e).__name__}: {first_line(e)})") from None
+    if quantize:
+        from .quant import standard_layout
+
+        standard_layout(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind in ("classification", "regression"):

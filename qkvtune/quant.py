@@ -52,11 +52,29 @@ def is_quantized(module: nn.Module) -> bool:
     return bool(classes) and isinstance(module, classes)
 
 
+def standard_layout(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer of ``model`` on bitsandbytes' standard layout and kernels.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) repacks a ``Linear4bit``'s weight in place, on its first
+    no-grad forward in eval mode, into another layout for a bf16 kernel. qkvtune reads the weights
+    (``dequantized``: DoRA's norms, merge, export, analysis) in the standard layout, evaluation would compute
+    in bf16 what training computed in fp32, and the repacking fails outright for layers narrower than a
+    quantization block. Training never takes that path; this keeps evaluation and inference on it too.
+    ``support_avx512bf16_for_cpu`` is the layer's own (public) switch for it."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def dequantized(module: nn.Module) -> torch.Tensor:
     """The weight of a bitsandbytes layer as a plain (out, in) tensor in its compute dtype (a copy)."""
     import bitsandbytes.functional as F
 
     w = module.weight
+    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+        raise QuantizeError("a 4-bit layer was repacked for bitsandbytes' AVX512-BF16 CPU kernel before qkvtune "
+                            "wrapped it; call qkvtune.quant.standard_layout(model) right after loading")
     if type(w).__name__ == "Params4bit":
         out = F.dequantize_4bit(w.data, w.quant_state)
     else:  # Int8Params: int8 rows and their absmax scales (moved to the layer's state after its first forward)

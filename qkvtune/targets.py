@@ -298,7 +298,7 @@ def _bigcode_rows(out: int, model: nn.Module) -> dict[str, Rows]:
 
 
 def _falcon_rows(out: int, model: nn.Module) -> dict[str, Rows]:
-    """Falcon's query_key_value, as modeling_falcon's ``_split_heads`` reads it: grouped (new decoder
+    """Falcon's query_key_value, as modeling_falcon's attention splits it: grouped (new decoder
     architecture: per kv group, its query heads then one key and one value head), per head (q, k, v of each
     head side by side), or multi-query ([all query heads | one key | one value])."""
     cfg = _text_config(model)

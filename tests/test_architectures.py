@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 from qkvtune import attach, io
+from own_attention import own_qkv
 from qkvtune.targets import Rows, TargetError, find_targets
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
@@ -54,32 +55,17 @@ ARCHS = ["deberta-v2", "modernbert", "mpt", "falcon-grouped", "falcon-per-head",
          "bigcode-mq", "bigcode", "phi", "gemma", "gemma2", "qwen2", "mistral"]
 
 
-def _split(arch, module, y):
-    """q, k, v as the model's own attention code splits the fused output y (…, out), each flattened (…, rows)."""
-    if arch in ("modernbert",):
-        qkv = y.view(*y.shape[:-1], 3, -1)
-        return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-    if arch == "mpt":
-        return y.chunk(3, dim=-1)
-    if arch.startswith("falcon"):
-        attn = module
-        if attn.new_decoder_architecture:  # key/value before broadcasting to the query heads
-            qkv = y.view(*y.shape[:-1], -1, attn.num_heads // attn.num_kv_heads + 2, attn.head_dim)
-            return qkv[..., :-2, :].flatten(-3), qkv[..., -2, :].flatten(-2), qkv[..., -1, :].flatten(-2)
-        return tuple(t.flatten(-2) for t in attn._split_heads(y))
-    if arch.startswith("bigcode"):
-        if module.multi_query:
-            return y.split((module.embed_dim, module.kv_dim, module.kv_dim), dim=-1)
-        q, k, v = y.view(*y.shape[:-1], module.num_heads, 3 * module.head_dim).split(3 * [module.head_dim], dim=-1)
-        return q.flatten(-2), k.flatten(-2), v.flatten(-2)
-    if arch == "bloom":
-        q, k, v = module._reshape(y)  # (b, heads, s, hd)
-        return tuple(t.transpose(1, 2).flatten(-2) for t in (q, k, v))
-    raise AssertionError(arch)
+# how each fused architecture's attention gets its q, k, v (own_attention.py): through transformers'
+# AttentionInterface, or as operands of its hand-written eager attention's products
+ROUTE = {"modernbert": "interface", "falcon-grouped": "interface", "falcon-per-head": "interface",
+         "falcon-multi-query": "interface", "bigcode-mq": "interface", "bigcode": "interface",
+         "mpt": "products", "bloom": "products"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_slices_match_the_models_own_split(arch):
+    """Each fused slice, cut from the fused projection's real output, is exactly the q, k or v that the model's
+    own attention receives in the same forward pass (per head, kv heads before any broadcasting)."""
     model = _model(arch)
     targets = find_targets(model, ["q", "k", "v", "o"])
     layers = {t.layer for t in targets}
@@ -91,12 +77,19 @@ def test_slices_match_the_models_own_split(arch):
         o = [t.module for t in targets if t.kind == "o"]
         assert all(m.endswith(("attention.output.dense", "self_attn.dense", "self_attn.o_proj")) for m in o), o
         return
-    module_name = fused[0].module
-    parent = model.get_submodule(module_name.rsplit(".", 1)[0])
-    y = torch.randn(2, 3, fused[0].out_features)
-    expected = _split(arch, parent, y)
-    for t, want in zip([t for t in fused if t.module == module_name], expected):
-        assert torch.equal(t.outputs(y), want), (arch, t.kind)
+    layer0 = [t for t in fused if t.module == fused[0].module]
+    assert [t.kind for t in layer0] == ["q", "k", "v"]
+    attention = model.get_submodule(fused[0].module.rsplit(".", 1)[0])
+    ys = []
+    hook = model.get_submodule(fused[0].module).register_forward_hook(lambda m, i, o: ys.append(o))
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    try:
+        received = own_qkv(model, attention, ids, ROUTE[arch])
+    finally:
+        hook.remove()
+    for t, want in zip(layer0, received):  # want: (batch, heads, seq, head_dim)
+        mine = t.outputs(ys[0]).unflatten(-1, (-1, want.shape[-1])).transpose(1, 2)
+        assert mine.shape == want.shape and torch.equal(mine, want), (arch, t.kind)
 
 
 @pytest.mark.parametrize("arch", ["modernbert", "mpt", "falcon-grouped", "falcon-multi-query", "bloom", "bigcode-mq",
@@ -138,24 +131,6 @@ def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("arch", ["bigcode-mq", "bigcode"])
-def test_gpt_bigcode_rows_are_what_its_attention_receives(arch, monkeypatch):
-    """No rotary in GPT-BigCode: q, k, v enter the attention function exactly as sliced from c_attn."""
-    from transformers.models.gpt_bigcode import modeling_gpt_bigcode as mb
-
-    model = _model(arch)
-    used, outs, eager = [], [], mb.eager_attention_forward
-    monkeypatch.setattr(mb, "eager_attention_forward",
-                        lambda mod, q, k, v, *a, **kw: (used.append((q, k, v)), eager(mod, q, k, v, *a, **kw))[1])
-    hook = model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, i, o: outs.append(o))
-    with torch.no_grad():
-        model(input_ids=torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0)))
-    hook.remove()
-    ts = {t.kind: t for t in find_targets(model, ["q", "k", "v"]) if t.layer == 0}
-    for kind, ref in zip("qkv", used[0]):  # (batch, heads, seq, head_dim); one k/v head under multi-query
-        assert torch.equal(ts[kind].outputs(outs[0]).unflatten(-1, (-1, 8)).transpose(1, 2), ref), kind
 
 
 def test_fused_projections_that_do_not_fit_the_config_are_refused():

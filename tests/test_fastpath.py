@@ -132,22 +132,30 @@ def test_eval_mode_logits_and_gradients_equal_eager(ids):
         torch.testing.assert_close(gf[n], ge[n], atol=1e-5, rtol=1e-5)
 
 
+def _train_logits(model, ids, seed=5):
+    torch.manual_seed(seed)
+    return model.train()(input_ids=ids).logits
+
+
 def test_train_mode_dropout_is_live_and_disable_restores_eager(ids):
     model = _lora(_dropout_bert())
+    eager = copy.deepcopy(model)
     fastpath.enable(model)
-    model.train()
-    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    a, b = _train_logits(model, ids), _train_logits(model, ids, seed=6)
     assert not torch.equal(a, b)  # masks are drawn
+    assert not torch.equal(a, _train_logits(eager, ids))  # from another random stream than eager's
     fastpath.disable(model)
     assert not any(isinstance(m, fastpath.FastDropout) for m in model.modules())
-    assert model.config._attn_implementation == "sdpa"
+    # eager again, attention included: the same seed draws the same masks as a copy that never had the fast path
+    assert torch.equal(_train_logits(model, ids), _train_logits(eager, ids))
     assert not hasattr(model, "qkvtune_fastpath")
 
 
 def test_llama_without_dropout_is_left_alone(ids):
     model = tiny("llama")
+    untouched = copy.deepcopy(model)
     assert fastpath.enable(model) == []
-    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(_train_logits(model, ids), _train_logits(untouched, ids))
 
 
 def test_merge_save_load_with_fast_path_on(ids, tmp_path):

@@ -115,9 +115,11 @@ def test_quantize_refusals():
 def _quantized_llama(folder, quantize):
     from transformers import AutoModelForCausalLM
 
-    from qkvtune.quant import bnb_config
+    from qkvtune.quant import bnb_config, standard_layout
 
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config(quantize, torch.float32)).eval()
+    # standard_layout: the reference (PEFT on this base) runs bitsandbytes' standard kernels, as qkvtune's runs do
+    return standard_layout(AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=bnb_config(quantize, torch.float32)).eval())
 
 
 @needs_bnb
