@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from .analysis import AnalysisError
 from .analysis.ntk import empirical_ntk
-from .analysis.plots import write_json
+from .files import write_json
 from .analysis.stopping import StoppingPrediction, predict_stopping, steps_per_epoch
 from .config import ConfigError
 from .targets import Target
@@ -131,7 +131,7 @@ def ntk_stopping(run) -> NTKEarlyStoppingCallback:
     """``early_stopping: ntk`` for a built run: the kernel of the slices the run trains (``run.targets``), at
     the weights before the first step, for the run's own schedule; the record goes to ntk_stopping.json."""
     cfg = run.cfg
-    if run.info.kind not in ("classification", "regression"):
+    if not run.info.sequence_classifier:
         raise ConfigError(f"early_stopping: ntk needs a classification or regression task, not {run.info.kind}")
     if run.method.needs_selection:
         raise ConfigError(f"early_stopping: ntk is not available with method={cfg.method} (its blocks are chosen "

@@ -14,8 +14,8 @@ import os
 import re
 import shutil
 
-from .errors import QkvtuneError
-from .io import read_json, sha256_file, write_json
+from .errors import OutputError, QkvtuneError
+from .files import read_json, sha256_file, write_json
 
 MANIFEST = "qkvtune_checkpoint.json"
 LOCK = ".qkvtune.lock"
@@ -32,8 +32,11 @@ class CheckpointError(QkvtuneError):
 
 def lock_output_dir(output_dir: str):
     """Take the run lock (returns the open file; keep it alive for the run's lifetime)."""
-    os.makedirs(output_dir, exist_ok=True)
-    handle = open(os.path.join(output_dir, LOCK), "a+")
+    try:  # a path the access check let through can still refuse a folder (/proc, a read-only mount)
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(os.path.join(output_dir, LOCK), "a+")
+    except OSError as e:
+        raise OutputError(f"output_dir: {output_dir} cannot be written ({e.strerror})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 
+from .config import DATA_KEYS, LOADING_KEYS
 from .errors import QkvtuneError, check_output_dir
 
 
@@ -44,7 +45,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .io import AdapterError, export_merged
+    from .errors import AdapterError
+    from .io import export_merged
     from .runs import open_run
 
     check_output_dir(args.out_dir, "OUT_DIR")
@@ -67,6 +69,43 @@ def cmd_export(args) -> int:
     return 0
 
 
+# --- the one command-line rule: key=value overrides anywhere among the flags, each one used or refused ---------
+
+def place_overrides(args, extras: list[str], parser) -> None:
+    """Words argparse left over: ``key=value`` overrides given after a flag (``predict RUN IN --output OUT
+    max_length=64``) join the command's overrides; a config file given after a flag becomes its config."""
+    for word in extras:
+        if "=" in word and not word.startswith("-") and hasattr(args, "overrides"):
+            args.overrides = [*(args.overrides or []), word]
+        elif word.endswith((".yaml", ".yml")) and getattr(args, "config", False) is None:
+            args.config = word
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def refuse_unused(args) -> None:
+    """A key the command cannot honour is refused by name (one line, exit 2), never silently ignored. Commands
+    that build a whole run config honour every key; the others declare theirs with ``honours=(keys, what)``."""
+    from .config import ConfigError, canonical, parse_override
+
+    honours = getattr(args, "honours", None)
+    words = [w for w in [*(getattr(args, "overrides", None) or []), *(getattr(args, "adapters", None) or [])]
+             if "=" in w]
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        words.append(args.config)
+    if honours is None or not words:
+        return
+    keys, what = honours
+    for key in canonical(dict(parse_override(w) for w in words)):
+        if key not in keys:
+            command = " ".join(filter(None, (args.command, getattr(args, "analysis", None), getattr(args, "bench", None))))
+            raise ConfigError(f"{key}: qkvtune {command} does not use it (it takes {what})")
+
+
+EVAL_HONOURS = ({*DATA_KEYS, *LOADING_KEYS, "eval_batch_size", "max_new_tokens", "seed"},
+                "data, evaluation and model-loading keys")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkvtune", description="Attention-centric fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a finished run: qkvtune eval RUN_DIR [key=value ...]")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="e.g. task=glue/rte data_dir=... max_eval_samples=200")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, honours=EVAL_HONOURS)
     p = sub.add_parser("export", help="write a merged Hugging Face model: qkvtune export RUN_DIR OUT_DIR")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
@@ -97,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import register as register_plan
 
     register_plan(sub)  # qkvtune plan [CONFIG] [key=value ...] --out DIR
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
     try:
+        place_overrides(args, extras, parser)
+        refuse_unused(args)
         return args.func(args)
     except QkvtuneError as e:  # every user-caused failure, from every command: one line, exit 2
         print(f"qkvtune: error: {e}", file=sys.stderr)

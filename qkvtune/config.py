@@ -16,36 +16,20 @@ from dataclasses import dataclass, field
 import yaml
 
 from .deltas import METHODS
-from .errors import QkvtuneError
-
-
-class ConfigError(QkvtuneError):
-    """A configuration that cannot run; the message names the key."""
+from .data.spec import DataSpec
+from .errors import ConfigError  # noqa: F401 (defined with the other errors; callers import it from here too)
+from .files import atomic_write
+from .targets import ATTENTION_KINDS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataSpec):
+    """Every key of a run. The data keys (task, data_dir, your own files and columns, splits, max_length, …) are
+    ``DataSpec``'s (``data/spec.py``), defined and checked there; these are the model's, the method's, the
+    schedule's and the run's."""
+
     # what to tune
     model: str = "minilm"                  # hub id, local folder, or alias: minilm, smollm2-135m
-    task: str = "builtin/vader"            # classification | regression | sft (your own files or dataset), glue/<task>,
-                                           # commonsense/<task>, text/<file>, builtin/vader, builtin/pydoc
-    data_dir: str | None = None            # folder laid out like shared/datasets; else $QKVTUNE_DATA; else the hub
-    # your own data (task: classification | regression), as in transformers' run_glue.py
-    train_file: typing.Any = None          # CSV, TSV, JSON, JSONL or Parquet (by extension), or a list of files
-    validation_file: typing.Any = None     # same; without it (and without validation_split) a fraction is held out
-    dataset: str | None = None             # a hub dataset id or a local dataset folder, instead of train_file
-    dataset_config: str | None = None
-    train_split: str = "train"
-    validation_split: str | None = None
-    text_columns: typing.Any = None        # one column, or two for sentence pairs: [premise, hypothesis]
-    label_column: str = "label"
-    labels: list | None = None             # class names in id order (default: the sorted distinct labels)
-    validation_fraction: float = 0.1      # held out of the training rows (seeded) when no validation data is given
-    val_size: typing.Any = None            # a count or fraction of training rows held out (seeded) as the validation
-                                           # split that selection reads; the dev/test set becomes the test split
-                                           # (test_* metrics, test_predictions.json), never selected on
-    shuffle_labels: bool = False           # permute the training labels (seeded): a control run that cannot learn
-    chat_template: str | None = None       # a Jinja chat template file (task: sft with messages; predict)
     pooling: str = "cls"                   # classifiers: cls (the model's own head) | mean (masked mean of the last
                                            # hidden states: how sentence-transformers models such as minilm pool)
     method: str = "lora"                   # lora | dora | dense | smt
@@ -85,10 +69,6 @@ class TrainConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    max_length: int = 128
-    train_on_inputs: bool = False          # causal LM: also learn the prompt tokens
     # evaluation, checkpoints, stopping
     eval_strategy: str = "epoch"           # epoch | steps | no
     eval_steps: int | None = None
@@ -122,6 +102,8 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
+LOADING_KEYS = ("model", "dtype", "trust_remote_code", "allow_pickle")  # how a model is loaded, not trained
 
 # The names users know from transformers' Trainer / TrainingArguments, PEFT's LoraConfig, TRL and LLaMA-Factory.
 ALIASES = {
@@ -192,19 +174,18 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.targets is not None and (not cfg.targets or not all(isinstance(t, str) for t in cfg.targets)):
         raise ConfigError(f"targets: expected a non-empty list such as [q, v], got {cfg.targets!r}")
     if not cfg.target_modules:
-        bad = [t for t in cfg.targets if t not in ("q", "k", "v", "o")]
+        bad = [t for t in cfg.targets if t not in ATTENTION_KINDS]
         if bad:
             raise ConfigError(f"targets: {bad} are not attention matrices (q, k, v, o)")
     if cfg.targets is not None and len(set(cfg.targets)) != len(cfg.targets):
         raise ConfigError(f"targets: {cfg.targets} names a matrix twice")
-    _validate_data(cfg)
+    cfg.check()  # the data keys (DataSpec)
     positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
-                "max_length": cfg.max_length, "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
+                "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
     if cfg.lr_head is not None and cfg.lr_head < 0:
         raise ConfigError(f"lr_head: must be >= 0 (0 keeps the task head fixed), got {cfg.lr_head!r}")
-    for key in ("lr_q", "lr_k", "lr_v", "lr_o", "loraplus_ratio", "max_steps", "max_train_samples",
-                "max_eval_samples", "eval_steps", "patience"):
+    for key in ("lr_q", "lr_k", "lr_v", "lr_o", "loraplus_ratio", "max_steps", "eval_steps", "patience"):
         if getattr(cfg, key) is not None:
             positive[key] = getattr(cfg, key)
     for key, value in positive.items():
@@ -294,41 +275,6 @@ def _validate_integrations(cfg: TrainConfig) -> None:
             raise ConfigError(f"report_to: {name} is not installed{hint}")
 
 
-def _validate_data(cfg: TrainConfig) -> None:
-    """Your own data: the keys a classification/regression task needs, checked before any work."""
-    if cfg.task in ("classification", "regression", "sft"):
-        if not cfg.train_file and not cfg.dataset:
-            raise ConfigError(f"task: {cfg.task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
-    if cfg.task in ("classification", "regression"):
-        if cfg.text_columns is None:
-            raise ConfigError(f"text_columns: task {cfg.task} needs the text column(s), e.g. text_columns: [sentence]")
-    for key in ("train_file", "validation_file"):
-        value = getattr(cfg, key)
-        if value is not None and not (isinstance(value, str) and value) and not (
-                isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            raise ConfigError(f"{key}: expected a file path or a list of paths, got {value!r}")
-    tc = cfg.text_columns  # a comma string was split by canonical()
-    if tc is not None and (not isinstance(tc, list) or not 1 <= len(tc) <= 2 or
-                           not all(isinstance(c, str) and c for c in tc)):
-        raise ConfigError(f"text_columns: one column name, or two for sentence pairs; got {tc!r}")
-    if cfg.labels is not None and (len(cfg.labels) < 2 or len({str(v) for v in cfg.labels}) != len(cfg.labels)):
-        raise ConfigError(f"labels: expected at least two distinct class names, got {cfg.labels!r}")
-    if cfg.chat_template is not None and not os.path.isfile(cfg.chat_template):
-        raise ConfigError(f"chat_template: {cfg.chat_template} is not a file")
-    if not 0 < cfg.validation_fraction < 1:
-        raise ConfigError(f"validation_fraction: must be in (0, 1), got {cfg.validation_fraction!r}")
-    v = cfg.val_size
-    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1) and \
-            not (isinstance(v, float) and 0 < v < 1):
-        raise ConfigError(f"val_size: expected a row count >= 1 or a fraction in (0, 1), got {v!r}")
-    family = cfg.task.split("/")[0]
-    if v is not None and family not in ("glue", "commonsense", "classification", "regression"):
-        raise ConfigError(f"val_size: holds out a validation split for glue/…, commonsense/…, classification and "
-                          f"regression tasks, not {cfg.task}")
-    if cfg.shuffle_labels and family not in ("glue", "classification", "regression", "builtin"):
-        raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {cfg.task}")
-
-
 def parse_override(item: str) -> tuple[str, typing.Any]:
     """``key=value`` with the value read as YAML (``targets=[q,v]``, ``lr=1e-4``, ``resume=true``)."""
     if "=" not in item:
@@ -410,6 +356,14 @@ def build_config(values: dict) -> TrainConfig:
     return cfg
 
 
+def save_config(cfg: TrainConfig, path: str) -> None:
+    """A run's resolved config as YAML (``config.yaml``, ``plan.yaml``), atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    atomic_write(path, write)
+
+
 def load_command_config(first: str | None, overrides: list[str]) -> TrainConfig:
     """``[CONFIG.yaml] [key=value …]`` as a command line gives it: a first word that is a key=value (and not a
     YAML path) is the first override, as in ``qkvtune train lr=1e-4``."""
@@ -418,28 +372,33 @@ def load_command_config(first: str | None, overrides: list[str]) -> TrainConfig:
     return load_config(first, overrides)
 
 
+def read_yaml(path: str) -> dict:
+    """A YAML file of settings (a config, the claims suite's files) as a mapping ({} when empty), or a
+    ``ConfigError`` naming the file (and the line of a syntax error)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return values
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    values = {}
-    if path:
-        if os.path.isdir(path):
-            raise ConfigError(f"{path}: is a folder, not a config file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: nested too deeply to be a config") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
+    values = read_yaml(path) if path else {}
     for item in overrides:
         key, value = parse_override(item)
         values[key] = value

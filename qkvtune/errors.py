@@ -25,6 +25,19 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
+class ConfigError(QkvtuneError):
+    """A configuration that cannot run; the message names the key."""
+
+
+class DataError(QkvtuneError):
+    """Bad or missing data. The message names the file and the row (1-based line number),
+    JSON record (0-based index) or field at fault."""
+
+
+class AdapterError(QkvtuneError):
+    """An adapter file that does not fit the model (or is not a valid adapter)."""
+
+
 class OutputError(QkvtuneError):
     """An output path that cannot be written (a file where a folder is wanted, no permission, …)."""
 

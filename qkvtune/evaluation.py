@@ -9,6 +9,8 @@ import math
 import torch
 from transformers import EvalPrediction, Trainer
 
+from .inference import batches, forward
+
 
 def metric_key(task, name: str) -> str:
     """The key Trainer reports ``name`` under: eval_<name>, or eval_<set>_<name> with several dev sets."""
@@ -29,14 +31,14 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
         prefix = "test" if len(task.tests) == 1 else f"test_{name}"
         out = trainer.predict(ds, metric_key_prefix=prefix)
         metrics.update(out.metrics)
-        if predictions is not None and out.label_ids is not None and task.kind in ("classification", "regression"):
+        if predictions is not None and out.label_ids is not None and task.sequence_classifier:
             preds = out.predictions[0] if isinstance(out.predictions, (tuple, list)) else out.predictions
             preds = preds.reshape(len(preds), -1)
-            preds = preds[:, 0] if task.kind == "regression" else preds.argmax(-1)
+            preds = preds[:, 0] if task.regression else preds.argmax(-1)
             predictions[name] = {"labels": out.label_ids.reshape(-1).tolist(), "predictions": preds.tolist()}
-    if task.kind == "causal_lm" and "eval_loss" in metrics:
+    if task.causal_lm and not task.scored_by_generation and "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    if task.kind == "qa_generation" and task.generation_records:
+    if task.scored_by_generation and task.generation_records:
         from .data.commonsense import generation_accuracy
 
         for name, records in task.generation_records.items():
@@ -54,17 +56,10 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-@torch.no_grad()
 def predict(model, examples: list[dict], collator, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a sequence classifier on tokenized examples, in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(examples[s:s + batch_size]).items()}
-        labels.append(batch.pop("labels").cpu())
-        logits.append(model(**batch).logits.float().cpu())
-    return torch.cat(logits), torch.cat(labels)
+    chunks = batches(examples, collator, batch_size)
+    return forward(model, chunks), torch.cat([b["labels"] for b in chunks])
 
 
 def accuracy(model, examples: list[dict], collator, batch_size: int = 64) -> float:

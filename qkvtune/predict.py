@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
@@ -32,49 +31,34 @@ OUTPUT_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # --- the model ------------------------------------------------------------------------------------------
 
 def load_predictor(source: str, overrides: dict):
-    """(model, tokenizer, kind, label_names, cfg or None) for a run folder or a model folder."""
+    """(model, tokenizer, task info, cfg) for a run folder or a model folder."""
     from .runs import open_run
 
     if os.path.exists(os.path.join(source, "config.yaml")):
         run = open_run(source, overrides, with_task=False)
-        return run.model.eval(), run.tokenizer, run.info.kind, run.info.label_names, run.cfg
+        return run.model.eval(), run.tokenizer, run.info, run.cfg
     from .config import build_config
-    from .io import read_json
-    from .models import load_model, load_tokenizer, resolve
+    from .models import load_model, resolve
+    from .runs import tokenizer_of
+    from .task import TaskInfo
 
     name, source = source, resolve(source)  # an offline alias (smollm2-135m, minilm) names a folder too
     if not os.path.isdir(source) or not os.path.exists(os.path.join(source, "config.json")):
         raise PredictError(f"{name}: neither a qkvtune run folder (config.yaml) nor a model folder (config.json)")
-
     cfg = build_config({"model": source, **overrides})
-    archs = read_json(os.path.join(source, "config.json"), PredictError).get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        kind, names = "causal_lm", None
-    elif any(a.endswith("ForSequenceClassification") for a in archs):
-        config = read_json(os.path.join(source, "config.json"), PredictError)
-        id2label = config.get("id2label") or {}
-        names = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))] or None
-        kind = "regression" if config.get("problem_type") == "regression" or len(id2label) == 1 else "classification"
-    else:
-        raise PredictError(f"{source}/config.json: architectures {archs} are neither a sequence classifier nor a causal LM")
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    from .data.sft import set_chat_template
-
-    set_chat_template(tokenizer, cfg.chat_template)
-    model, tokenizer, _ = load_model(source, kind, len(names) if names else 1, cfg.dtype, cfg.trust_remote_code,
-                                     tokenizer, cfg.allow_pickle)
-    if kind == "regression":
-        names = None
-    return model.eval(), tokenizer, kind, names, cfg
+    info = TaskInfo.of_model(source, PredictError, trained_head=True)
+    model, tokenizer, _ = load_model(source, info.kind, info.model_labels(), cfg.dtype, cfg.trust_remote_code,
+                                     tokenizer_of(cfg), cfg.allow_pickle)
+    return model.eval(), tokenizer, info, cfg
 
 
 # --- the input ------------------------------------------------------------------------------------------
 
 def read_input(path: str):
-    """The input rows as a ``data.files.Table``: a data file, or one text per line of a .txt file (column
+    """The input rows as a ``data.own.Table``: a data file, or one text per line of a .txt file (column
     ``text``, rows numbered by line)."""
     from .data import DataError, read_text
-    from .data.files import FORMATS, Table, read_table
+    from .data.own import FORMATS, Table, read_table
 
     if path.lower().endswith(".txt"):
         kept = [(i + 1, line) for i, line in enumerate(read_text(path).splitlines()) if line.strip()]
@@ -86,43 +70,27 @@ def read_input(path: str):
     return read_table(path, "INPUT")
 
 
-def _text_columns(columns: dict, cfg) -> list[str]:
-    wanted = list(cfg.text_columns or []) if cfg is not None else []
-    if not wanted:
-        wanted = [next((c for c in ("text", "sentence", "prompt") if c in columns), None)]
-        if wanted[0] is None:
-            raise PredictError(f"text_columns: name the input's text column(s); the columns are {', '.join(columns)}")
-    for c in wanted:
-        if c not in columns:
-            raise PredictError(f"text_columns: no column {c!r}; the columns are {', '.join(columns)}")
-    return wanted
-
-
 # --- predicting -----------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def classify(model, tokenizer, texts: list[list[str]], *, batch_size: int, max_length: int, progress: bool = True):
     """Logits of a sequence classifier for each text (or text pair), batched in input order."""
-    from tqdm.auto import tqdm
-
     from .data import PadCollator
+    from .inference import forward
 
-    device = next(model.parameters()).device
-    keep = set(tokenizer.model_input_names)
-    collate = PadCollator(tokenizer)
-    out = []
-    for s in tqdm(range(0, len(texts[0]), batch_size), desc="predict", unit="batch", disable=not progress):
-        parts = [t[s:s + batch_size] for t in texts]
-        enc = tokenizer(*parts, truncation=True, max_length=max_length)
-        feats = [{k: enc[k][i] for k in enc if k in keep} for i in range(len(parts[0]))]
-        batch = {k: v.to(device) for k, v in collate(feats).items()}
-        out.append(model(**batch).logits.float().cpu())
-    return torch.cat(out)
+    keep, collate = set(tokenizer.model_input_names), PadCollator(tokenizer)
+
+    def chunks():
+        for s in range(0, len(texts[0]), batch_size):
+            parts = [t[s:s + batch_size] for t in texts]
+            enc = tokenizer(*parts, truncation=True, max_length=max_length)
+            yield collate([{k: enc[k][i] for k in enc if k in keep} for i in range(len(parts[0]))])
+
+    return forward(model, chunks(), desc="predict" if progress else None)
 
 
 def _prompts(table, tokenizer) -> list[str]:
     from .data import DataError
-    from .data.files import texts
+    from .data.own import texts
 
     columns = table.columns
     if "messages" in columns:
@@ -141,49 +109,32 @@ def _prompts(table, tokenizer) -> list[str]:
     return texts(table, column)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_length: int, max_new_tokens: int,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, progress: bool = True) -> list[str]:
-    """Completions of each prompt (left-padded batches; only the new tokens are decoded)."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out = []
-    try:
-        for s in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
-            enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def predict_rows(model, tokenizer, kind: str, names, cfg, table, *, batch_size: int, max_length: int,
+def predict_rows(model, tokenizer, info, cfg, table, *, batch_size: int, max_length: int,
                  max_new_tokens: int, sampling: dict | None = None) -> list[dict]:
     """Each input row of ``table`` (as a dict) with its prediction added."""
-    from .data.files import texts
+    from .data.own import texts
+    from .data.spec import text_columns
+    from .inference import generate
 
     columns = table.columns
     rows = [{c: columns[c][i] for c in columns} for i in range(len(table.where))]
-    if kind == "causal_lm":
-        completions = generate(model, tokenizer, _prompts(table, tokenizer), batch_size=batch_size,
-                               max_length=max_length, max_new_tokens=max_new_tokens, **(sampling or {}))
+    if info.causal_lm:
+        prompts = tokenizer(_prompts(table, tokenizer), add_special_tokens=False, truncation=True,
+                            max_length=max_length)["input_ids"]
+        completions = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               sampling=sampling)
         for r, c in zip(rows, completions):
             r["completion"] = c
         return rows
-    logits = classify(model, tokenizer, [texts(table, c) for c in _text_columns(columns, cfg)], batch_size=batch_size,
+    wanted = text_columns(cfg.text_columns, columns, table.where[0][0], guess=True)
+    logits = classify(model, tokenizer, [texts(table, c) for c in wanted], batch_size=batch_size,
                       max_length=max_length)
-    if kind == "regression":
+    if info.regression:
         for r, v in zip(rows, logits[:, 0].tolist()):
             r["score"] = v
         return rows
     probs = torch.softmax(logits, -1)
-    names = names or [f"LABEL_{i}" for i in range(logits.shape[1])]
+    names = info.label_names or [f"LABEL_{i}" for i in range(logits.shape[1])]
     for r, p in zip(rows, probs.tolist()):
         r["label"] = names[max(range(len(p)), key=p.__getitem__)]
         r["probabilities"] = dict(zip(names, p))
@@ -194,12 +145,12 @@ def predict_rows(model, tokenizer, kind: str, names, cfg, table, *, batch_size: 
 
 def write_rows(rows: list[dict], path: str) -> None:
     """Rows to ``path`` in the format of its extension, atomically."""
+    from .files import atomic_write
+
     ext = os.path.splitext(path)[1].lower()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".predict-", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
         if ext == ".jsonl":
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in rows:
@@ -216,10 +167,7 @@ def write_rows(rows: list[dict], path: str) -> None:
                 frame.to_parquet(tmp, index=False)
             else:
                 frame.to_csv(tmp, index=False, sep="\t" if ext == ".tsv" else ",")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def cmd_predict(args) -> int:
@@ -232,11 +180,14 @@ def cmd_predict(args) -> int:
     if overrides.get("batch_size") is not None and (not isinstance(overrides["batch_size"], int) or overrides["batch_size"] < 1):
         raise PredictError(f"batch_size: must be a positive integer, got {overrides['batch_size']!r}")
     table = read_input(args.input)
-    model, tokenizer, kind, names, cfg = load_predictor(args.source, overrides)
+    model, tokenizer, info, cfg = load_predictor(args.source, overrides)
+    if "max_eval_samples" in overrides and cfg.max_eval_samples is not None:  # the first N rows, as eval reads
+        table = table.select(list(range(min(cfg.max_eval_samples, len(table.where)))))
     batch = overrides.get("batch_size") or cfg.eval_batch_size  # eval's batches by default: eval's exact logits
-    rows = predict_rows(model, tokenizer, kind, names, cfg, table,
+    rows = predict_rows(model, tokenizer, info, cfg, table,
                         batch_size=batch, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
-                        sampling={"do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p})
+                        sampling={"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+                        if args.do_sample else None)
     write_rows(rows, args.output)
     print(f"{len(rows)} predictions written to {args.output}")
     return 0
@@ -253,4 +204,9 @@ def register(subparsers) -> None:
     p.add_argument("--do-sample", action="store_true", help="causal LM: sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.set_defaults(func=cmd_predict)
+    from .config import LOADING_KEYS
+
+    p.set_defaults(func=cmd_predict, honours=({*LOADING_KEYS, "eval_batch_size", "batch_size", "max_eval_samples",
+                                               "max_length", "max_new_tokens", "text_columns", "chat_template"},
+                                              "batch sizes, max_eval_samples, max_length, max_new_tokens, "
+                                              "text_columns, chat_template and model-loading keys"))

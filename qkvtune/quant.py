@@ -14,12 +14,17 @@ Task heads and ``lm_head`` stay unquantized (they train, or are tied to the embe
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 
 import torch
 from torch import nn
 
 from .errors import QkvtuneError
+
+# On AVX512-BF16 CPUs bitsandbytes (0.50) tries, when imported, to fetch a CPU kernel from a hub repository and
+# warns on every command where it may not. That kernel serves the repacked layout standard_layout() turns off.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 QUANTIZE = ("nf4", "fp4", "int8")
 SKIP_MODULES = ["lm_head", "pre_classifier", "classifier", "score", "qa_outputs"]

@@ -23,26 +23,15 @@ from torch import nn
 from . import attach, fastpath, io, sharding
 from .config import ConfigError, TrainConfig, build_config, load_config
 from .deltas import Delta, delta_class
-from .errors import QkvtuneError
+from .errors import AdapterError, QkvtuneError
+from .files import read_json, read_tensors
 from .models import enable_checkpointing, load_model, load_tokenizer
 from .targets import Target, find_targets
+from .task import TaskInfo
 
 
 class RunError(QkvtuneError):
     """A run folder that cannot be opened."""
-
-
-@dataclass
-class TaskInfo:
-    """What a model needs to know about its task, saved with the adapter so a run opens without its data."""
-
-    kind: str                      # classification | regression | causal_lm | qa_generation
-    num_labels: int
-    label_names: list[str] | None = None
-
-    @classmethod
-    def of(cls, task) -> "TaskInfo":
-        return cls(task.kind, task.num_labels, list(task.label_names) if task.label_names else None)
 
 
 @dataclass
@@ -75,12 +64,11 @@ class Run:
 
     @property
     def kernel_output(self) -> str:
-        """The scalar(s) the NTK differentiates: the margin of a binary classifier, else every logit."""
-        return "margin" if self.info.kind == "classification" and self.info.num_labels == 2 else "logits"
+        return self.info.kernel_output
 
     def label_token_ids(self, words: str | None) -> list[int] | None:
         """Causal LMs: the first token of each comma-separated label word (the logits the NTK reads)."""
-        if self.info.kind not in ("causal_lm", "qa_generation"):
+        if not self.info.causal_lm:
             return None
         if not words:
             raise ConfigError("--label-words: a causal LM needs the label words, e.g. --label-words negative,positive")
@@ -101,13 +89,9 @@ def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None 
 
 def task_data(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
     """The config's task, tokenized: at most ``n_train`` training and ``n_eval`` evaluation examples."""
-    from .data import load_task
-    from .data.files import FileSpec
+    from .data import DataSpec, load_task
 
-    return load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_length=cfg.max_length,
-                     max_train_samples=n_train, max_eval_samples=n_eval, seed=cfg.seed,
-                     train_on_inputs=cfg.train_on_inputs, files=FileSpec.of(cfg), val_size=cfg.val_size,
-                     shuffle_labels=cfg.shuffle_labels)
+    return load_task(DataSpec.of(cfg), tokenizer, seed=cfg.seed, max_train_samples=n_train, max_eval_samples=n_eval)
 
 
 def tokenizer_of(cfg: TrainConfig):
@@ -120,7 +104,7 @@ def tokenizer_of(cfg: TrainConfig):
 
 
 def _model(cfg: TrainConfig, tokenizer, info: TaskInfo):
-    return load_model(cfg.model, info.kind, max(info.num_labels, 1), cfg.dtype, cfg.trust_remote_code, tokenizer,
+    return load_model(cfg.model, info.kind, info.model_labels(), cfg.dtype, cfg.trust_remote_code, tokenizer,
                       cfg.allow_pickle, cfg.quantize, cfg.pooling)
 
 
@@ -134,7 +118,7 @@ def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | No
     set_seed(cfg.seed)  # the fresh task head is random: seed it
     tokenizer = tokenizer_of(cfg)
     task = task_data(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
-    info = TaskInfo.of(task)
+    info = task.as_info()
     model, tokenizer, new_modules = _model(cfg, tokenizer, info)
     return Run(cfg, model, tokenizer, task, info, resolve_targets(cfg, model, kinds),
                heads=attach.find_heads(model, new_modules))
@@ -152,7 +136,7 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
                           f"({smallest}); use a block size that fits, e.g. {smallest // 2 or 1}")
     if resume:
         path = os.path.join(resume, io.QKV_CONFIG)
-        selection = (io.read_json(path).get("hparams") or {}).get("blocks")
+        selection = (read_json(path, AdapterError).get("hparams") or {}).get("blocks")
         if not isinstance(selection, list) or not selection:
             raise smt.SelectionError(f"{path}: hparams.blocks must be the non-empty list of selected blocks")
         smt.check_selection(run.model, selection, cfg.block_size, path)
@@ -219,28 +203,27 @@ def _peft_folder(run_dir: str, overrides: dict | None) -> tuple[TrainConfig, Tas
     adapter_config.json's base_model_name_or_path; the model class is its task_type (SEQ_CLS, CAUSAL_LM) and
     a classifier's label count is read off its saved head."""
     path = os.path.join(run_dir, io.PEFT_CONFIG)
-    peft_cfg = io.read_json(path)
+    peft_cfg = read_json(path, AdapterError)
     overrides = dict(overrides or {})
     model = overrides.pop("model", None) or peft_cfg.get("base_model_name_or_path")
     if not isinstance(model, str) or not model:
         raise RunError(f"{path}: no base_model_name_or_path; name the base model with model=…")
-    task_type = peft_cfg.get("task_type")
-    if task_type == "CAUSAL_LM":
-        info = TaskInfo("causal_lm", 0)
-    elif task_type == "SEQ_CLS":
+    task_type, num_labels = peft_cfg.get("task_type"), 2
+    if task_type == "SEQ_CLS":  # the label count is read off the saved head
         weights = os.path.join(run_dir, io.PEFT_WEIGHTS)
         heads = [h for h in peft_cfg.get("modules_to_save") or [] if isinstance(h, str)]
-        shapes = [t.shape for k, t in io.read_tensors(weights).items()
+        shapes = [t.shape for k, t in read_tensors(weights, AdapterError).items()
                   if any(f".{h}." in k for h in heads) and k.endswith("weight") and t.dim() == 2]
-        info = TaskInfo("classification", min(s[0] for s in shapes) if shapes else 2)
-    else:
+        num_labels = min(s[0] for s in shapes) if shapes else 2
+    info = TaskInfo.of_peft(task_type, num_labels)
+    if info is None:
         raise RunError(f"{path}: task_type {task_type!r}: only SEQ_CLS and CAUSAL_LM adapters can be opened")
     cfg = build_config({"model": model, **overrides, "output_dir": run_dir})
     return cfg, info
 
 
 def _saved_task_info(run_dir: str) -> TaskInfo | None:
-    meta = io.read_json(os.path.join(run_dir, io.QKV_CONFIG))
+    meta = read_json(os.path.join(run_dir, io.QKV_CONFIG), AdapterError)
     settings = meta.get("settings")
     saved = settings.get("task") if isinstance(settings, dict) else None
     if not isinstance(saved, dict):
@@ -274,7 +257,7 @@ def open_run(run_dir: str, overrides: dict | None = None, *, with_task: bool = T
         tokenizer = tokenizer or tokenizer_of(cfg)
         if with_task or info is None:
             task = task_data(cfg, tokenizer, n_train, n_eval or cfg.max_eval_samples)
-            info = info or TaskInfo.of(task)
+            info = info or task.as_info()
         if not shared:
             from transformers import set_seed
 
@@ -312,6 +295,4 @@ def open_runs(run_dirs: list[str], overrides: dict | None = None, *, n_train: in
 
 def task_settings(run: Run) -> dict:
     """What ``open_run`` needs to rebuild the model without data; saved in the adapter's settings."""
-    from dataclasses import asdict
-
-    return asdict(run.info)
+    return run.info.to_dict()

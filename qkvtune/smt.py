@@ -227,7 +227,7 @@ def check_selection(model: nn.Module, selection: list[dict], block_size: int, wh
 
 def save_selection(selection: list[dict], path: str, block_size: int | None = None) -> None:
     """Write ``{"format": "qkvtune-smt-selection", "block_size": b, "blocks": [...]}``."""
-    from .io import write_json
+    from .files import write_json
 
     write_json(path, {"format": "qkvtune-smt-selection", "block_size": block_size, "blocks": selection})
 
@@ -236,7 +236,7 @@ def load_selection(path: str, block_size: int | None = None) -> list[dict]:
     """Read a selection written by ``save_selection`` (or a bare JSON list of entries) and check each
     entry's fields; ``layer`` is filled in from the module path when absent. Raises SelectionError
     naming the file and the entry."""
-    from .io import read_json
+    from .files import read_json
 
     obj = read_json(path, SelectionError, expect=(dict, list))
     if isinstance(obj, dict):
@@ -267,7 +267,7 @@ def allocation_report(selection: list[dict], out_dir: str, block_size: int | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .io import write_json
+    from .files import write_json
 
     by_kind = Counter(e["kind"] for e in selection)
     by_layer = Counter(e.get("layer") for e in selection)

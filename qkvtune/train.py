@@ -19,12 +19,14 @@ from transformers.trainer import SCHEDULER_NAME
 
 from . import attach, checkpoints, io, runs, sharding
 from .callbacks import PatienceCallback, ntk_stopping
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, save_config
 from .errors import QkvtuneError, check_output_dir
 from .evaluation import evaluate_all, metric_key
+from .files import write_json
 from .models import default_dtype
 from .optim import param_groups
 from .runs import is_main_process
+from .task import TaskInfo
 
 
 PREDICTIONS_FILE = "test_predictions.json"
@@ -141,7 +143,7 @@ class QkvTrainer(Trainer):
         io.restore_adapter(self.model, self.state.best_model_checkpoint)
 
 
-def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, has_eval: bool,
+def training_arguments(cfg: TrainConfig, task: TaskInfo, metric: str, greater: bool, has_eval: bool,
                        layers: list[str] = ()) -> TrainingArguments:
     evaluate = cfg.eval_strategy if has_eval else "no"
     dtype = default_dtype(cfg.dtype)
@@ -171,7 +173,7 @@ def training_arguments(cfg: TrainConfig, kind: str, metric: str, greater: bool, 
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=dtype == torch.float16,  # a gradient scaler (CUDA only: refused elsewhere in _train)
-        prediction_loss_only=kind in ("causal_lm", "qa_generation"),  # never gather LM logits
+        prediction_loss_only=task.causal_lm,  # never gather LM logits
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -242,7 +244,7 @@ def _train(cfg: TrainConfig) -> dict:
     run = runs.build(cfg, resume)
     model, task = run.model, run.task
     metric = task.metric_for_best if task.metric_for_best == "loss" else metric_key(task, task.metric_for_best)
-    args = training_arguments(cfg, task.kind, metric, task.greater_is_better, bool(task.evals),
+    args = training_arguments(cfg, task, metric, task.greater_is_better, bool(task.evals),
                               sharding.layer_classes(model, [t.module for t in run.targets]) if cfg.fsdp else ())
     callbacks = [PatienceCallback(cfg.patience, metric, metric_key(task, "loss"), task.greater_is_better)] \
         if cfg.patience else []
@@ -266,10 +268,10 @@ def _train(cfg: TrainConfig) -> dict:
         if trainer.is_world_process_zero():
             io.save_adapter(model, cfg.output_dir, extra=settings)
     if trainer.is_world_process_zero():
-        io.save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        io.write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
         if predictions:  # per-example test predictions: what a bootstrap over test examples resamples
-            io.write_json(os.path.join(cfg.output_dir, PREDICTIONS_FILE), predictions)
+            write_json(os.path.join(cfg.output_dir, PREDICTIONS_FILE), predictions)
         plot_losses(trainer.state.log_history, os.path.join(cfg.output_dir, "loss.png"))
     return metrics
 
@@ -277,7 +279,7 @@ def _train(cfg: TrainConfig) -> dict:
 def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run on its task (``overrides`` may change task, data_dir, max_eval_samples …)."""
     run = runs.open_run(run_dir, overrides)
-    args = training_arguments(run.cfg, run.task.kind, "loss", False, has_eval=False)  # evaluate() only, no loop
+    args = training_arguments(run.cfg, run.task, "loss", False, has_eval=False)  # evaluate() only, no loop
     with adapters_attached(run.model):
         trainer = Trainer(model=run.model, args=args, data_collator=run.task.collator,
                           compute_metrics=run.task.compute_metrics)

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import data_dir, run_cli
 from qkvtune.bench import verdicts as V
-from qkvtune.bench.claims import discover_tasks, load_suite, parse_tasks, slot_task
+from qkvtune.bench.suite import discover_tasks, load_suite, parse_tasks, slot_task
 from qkvtune.config import ConfigError
 
 needs_data = pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
@@ -210,7 +210,8 @@ def test_unknown_claim_is_one_line_error(tmp_path):
 
 
 def test_overrides_reach_every_run_or_one_family():
-    from qkvtune.bench.claims import Claim, run_settings
+    from qkvtune.bench.runner import run_settings
+    from qkvtune.bench.suite import Claim
     from qkvtune.bench.scores import score_of
 
     claim = Claim(id="C", title="t", tasks=["glue.0", "commonsense.0"], base={"rank": 8},

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from conftest import tiny
-from qkvtune import attach, io
+from qkvtune import attach, files, io
 from qkvtune.targets import find_targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,5 +89,5 @@ def test_trainer_run_in_bf16(tmp_path, method):
     assert metrics["global_step"] == 8 and 0 <= metrics["eval_accuracy"] <= 1
     args = json.load(open(tmp_path / "run" / io.QKV_CONFIG))["settings"]["config"]
     assert args["dtype"] == "auto"
-    saved = io.read_json(str(tmp_path / "run" / "checkpoint-8" / "trainer_state.json"))
+    saved = files.read_json(str(tmp_path / "run" / "checkpoint-8" / "trainer_state.json"))
     assert saved["global_step"] == 8

@@ -111,6 +111,8 @@ def test_output_paths_that_cannot_be_written(run_dir, tmp_path, capsys, tiny_ber
         (["bench", "claims", "--out", str(tmp_path / "claims"), "--report", str(tmp_path)], "--report"),
         (["bench", "speed", "--model", "minilm", "--out", str(a_file)], "--out"),
     ]
+    if os.path.isdir("/proc/self"):  # writable by the access check (root), yet no folder can be made there
+        cases.append((["train", f"model={tiny_bert_dir}", "output_dir=/proc/qkvtune-x", "max_steps=1"], "output_dir"))
     for argv, key in cases:
         capsys.readouterr()
         rc = main(argv)

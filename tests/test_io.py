@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny
-from qkvtune import attach, io
+from qkvtune import attach, files, io
 from qkvtune.targets import find_targets
 
 
@@ -113,13 +113,13 @@ def test_truncated_and_mismatched_refused(tmp_path):
     key = next(k for k in tensors if k.startswith("deltas."))
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, tmp_path / io.QKV_WEIGHTS)
-    meta["tensors_sha256"] = io.sha256_file(tmp_path / io.QKV_WEIGHTS)
+    meta["tensors_sha256"] = files.sha256_file(tmp_path / io.QKV_WEIGHTS)
     json.dump(meta, open(tmp_path / io.QKV_CONFIG, "w"))
     with pytest.raises(io.AdapterError, match="shape"):
         io.load_adapter(base, str(tmp_path))
     assert attach.adapter_names(base) == []
     (tmp_path / io.QKV_WEIGHTS).write_bytes(b"\x10\x00")
-    meta["tensors_sha256"] = io.sha256_file(tmp_path / io.QKV_WEIGHTS)
+    meta["tensors_sha256"] = files.sha256_file(tmp_path / io.QKV_WEIGHTS)
     json.dump(meta, open(tmp_path / io.QKV_CONFIG, "w"))
     with pytest.raises(io.AdapterError, match="safetensors"):
         io.load_adapter(base, str(tmp_path))

@@ -12,7 +12,6 @@ from conftest import minilm_folder
 from qkvtune.cli import main
 from qkvtune.config import build_config
 from qkvtune.data import DataError, load_task
-from qkvtune.data.files import FileSpec
 from qkvtune.train import train
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "nice", "dull"]
@@ -49,22 +48,22 @@ def _tok():
 
 def test_every_format_reads_the_same_rows(files):
     tok = _tok()
-    tasks = [load_task("classification", tok, files=FileSpec(train_file=str(files / f"train.{ext}"),
+    tasks = [load_task("classification", tok, train_file=str(files / f"train.{ext}"),
                                                                  validation_file=str(files / "dev.csv"),
                                                                  text_columns=["premise", "hypothesis"],
-                                                                 label_column="verdict"))
+                                                                 label_column="verdict")
              for ext in ("csv", "jsonl", "parquet", "tsv")]
     for t in tasks[1:]:
         assert t.train[:]["input_ids"] == tasks[0].train[:]["input_ids"] and t.train[:]["labels"] == tasks[0].train[:]["labels"]
     assert tasks[0].label_names == ["agree", "clash"] and tasks[0].num_labels == 2  # sorted string labels
-    ordered = load_task("classification", tok, files=FileSpec(train_file=str(files / "train.csv"), text_columns=["premise"],
-                                                              label_column="verdict", labels=["clash", "agree"]))
+    ordered = load_task("classification", tok, train_file=str(files / "train.csv"), text_columns=["premise"],
+                                                              label_column="verdict", labels=["clash", "agree"])
     assert ordered.label_names == ["clash", "agree"]
     # no validation file: a seeded 10% of the training rows is held out, the same every time
-    a = load_task("classification", tok, seed=3, files=FileSpec(train_file=str(files / "train.csv"), text_columns=["premise"],
-                                                                label_column="verdict"))
-    b = load_task("classification", tok, seed=3, files=FileSpec(train_file=str(files / "train.csv"), text_columns=["premise"],
-                                                                label_column="verdict"))
+    a = load_task("classification", tok, seed=3, train_file=str(files / "train.csv"), text_columns=["premise"],
+                                                                label_column="verdict")
+    b = load_task("classification", tok, seed=3, train_file=str(files / "train.csv"), text_columns=["premise"],
+                                                                label_column="verdict")
     assert len(a.evals["dev"]) == 10 and len(a.train) == 86 and a.evals["dev"][:] == b.evals["dev"][:]
 
 
@@ -74,18 +73,18 @@ def test_every_format_reads_the_same_rows(files):
 ])
 def test_bad_columns_and_labels_name_file_and_row(files, spec, match):
     with pytest.raises(DataError, match=match):
-        load_task("classification", _tok(), files=FileSpec(train_file=str(files / "train.csv"), **spec))
+        load_task("classification", _tok(), train_file=str(files / "train.csv"), **spec)
 
 
 def test_bad_rows_are_named(tmp_path):
     (tmp_path / "a.csv").write_text("text,score\nfine,1.5\n,2.0\n")
     with pytest.raises(DataError, match=r"a.csv row 2: empty or missing text in column 'text'"):
-        load_task("regression", _tok(), files=FileSpec(train_file=str(tmp_path / "a.csv"), text_columns=["text"],
-                                                       label_column="score", validation_file=str(tmp_path / "a.csv")))
+        load_task("regression", _tok(), train_file=str(tmp_path / "a.csv"), text_columns=["text"],
+                                                       label_column="score", validation_file=str(tmp_path / "a.csv"))
     (tmp_path / "b.csv").write_text("text,score\nfine,1.5\nok,lots\n")
     with pytest.raises(DataError, match=r"b.csv row 2: score 'lots' is not a number"):
-        load_task("regression", _tok(), files=FileSpec(train_file=str(tmp_path / "b.csv"), text_columns=["text"],
-                                                       label_column="score", validation_file=str(tmp_path / "b.csv")))
+        load_task("regression", _tok(), train_file=str(tmp_path / "b.csv"), text_columns=["text"],
+                                                       label_column="score", validation_file=str(tmp_path / "b.csv"))
 
 
 def test_classification_run_then_predict_reproduces_its_accuracy(files, tmp_path, tiny_bert_dir, capsys):
@@ -101,6 +100,18 @@ def test_classification_run_then_predict_reproduces_its_accuracy(files, tmp_path
     assert [r["premise"] for r in rows] == list(dev["premise"])  # order and count of the input
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["label"] in ("agree", "clash") for r in rows)
     assert sum(r["label"] == r["verdict"] for r in rows) / len(rows) == metrics["eval_accuracy"]
+    # one command-line rule: key=value after the flags as before them; a key predict honours is honoured, a key
+    # no command use of which fits is refused by name
+    assert main(["predict", str(out), str(files / "dev.csv"), "--output", str(tmp_path / "p5.jsonl"),
+                 "max_eval_samples=5"]) == 0
+    assert [json.loads(line) for line in open(tmp_path / "p5.jsonl")] == rows[:5]
+    capsys.readouterr()
+    assert main(["predict", str(out), str(files / "dev.csv"), "--output", str(tmp_path / "x.jsonl"), "lr=1"]) == 2
+    assert main(["eval", str(out), "epochs=9"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("qkvtune: error: lr: qkvtune predict does not use it") and len(err) == 2
+    assert err[1].startswith("qkvtune: error: epochs: qkvtune eval does not use it")
+    assert not (tmp_path / "x.jsonl").exists()
     # the merged export names its labels, and predicts the same labels
     assert main(["export", str(out), str(tmp_path / "merged")]) == 0
     cfg = json.load(open(tmp_path / "merged" / "config.json"))
@@ -150,9 +161,9 @@ def test_a_local_dataset_folder_with_splits(files, tmp_path):
     frame = pd.read_csv(files / "train.csv")
     datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame[:80]),
                           "validation": datasets.Dataset.from_pandas(frame[80:])}).save_to_disk(str(tmp_path / "ds"))
-    task = load_task("classification", _tok(), files=FileSpec(dataset=str(tmp_path / "ds"), validation_split="validation",
-                                                              text_columns=["premise"], label_column="verdict"))
+    task = load_task("classification", _tok(), dataset=str(tmp_path / "ds"), validation_split="validation",
+                                                              text_columns=["premise"], label_column="verdict")
     assert len(task.train) == 80 and len(task.evals["dev"]) == 16 and task.label_names == ["agree", "clash"]
     with pytest.raises(DataError, match="has no split 'test'"):
-        load_task("classification", _tok(), files=FileSpec(dataset=str(tmp_path / "ds"), validation_split="test",
-                                                           text_columns=["premise"], label_column="verdict"))
+        load_task("classification", _tok(), dataset=str(tmp_path / "ds"), validation_split="test",
+                                                           text_columns=["premise"], label_column="verdict")

@@ -9,7 +9,6 @@ import transformers
 from conftest import minilm_folder
 from qkvtune.config import build_config
 from qkvtune.data import DataError, load_task
-from qkvtune.data.files import FileSpec
 from qkvtune.data.sft import set_chat_template
 from qkvtune.train import train
 
@@ -36,14 +35,14 @@ def _write(path, records):
 def test_chat_loss_covers_assistant_turns_only(tmp_path):
     tok = _tok()
     f = _write(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
-    task = load_task("sft", tok, max_length=128, files=FileSpec(train_file=f, validation_file=f))
+    task = load_task("sft", tok, max_length=128, train_file=f, validation_file=f)
     ex = task.evals["dev"][0]
     learned = tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100])
     assert learned == "it is 3 [SEP] then 6 [SEP]"  # both assistant turns with their end marker, nothing else
     assert task.kind == "causal_lm" and task.info["num_truncated"] == 0
-    every = load_task("sft", tok, max_length=128, train_on_inputs=True, files=FileSpec(train_file=f, validation_file=f))
+    every = load_task("sft", tok, max_length=128, train_on_inputs=True, train_file=f, validation_file=f)
     assert every.evals["dev"][0]["labels"] == every.evals["dev"][0]["input_ids"]
-    short = load_task("sft", tok, max_length=30, files=FileSpec(train_file=f, validation_file=f))
+    short = load_task("sft", tok, max_length=30, train_file=f, validation_file=f)
     assert short.info["num_truncated"] == 2 * len(CHATS)  # every record of both splits is longer than 30 tokens
     assert all(len(x) == 30 for x in short.train[:]["input_ids"])
 
@@ -51,25 +50,25 @@ def test_chat_loss_covers_assistant_turns_only(tmp_path):
 def test_prompt_completion_and_alpaca_records(tmp_path):
     tok = _tok(template=False)
     pc = _write(tmp_path / "pc.jsonl", [{"prompt": f"say {i}", "completion": f"number {i}"} for i in range(10)])
-    task = load_task("sft", tok, max_length=64, seed=0, files=FileSpec(train_file=pc))
+    task = load_task("sft", tok, max_length=64, seed=0, train_file=pc)
     assert len(task.train) == 9 and len(task.evals["dev"]) == 1  # a seeded tenth held out
     ex = task.train[0]
     assert tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100]).startswith("number")
     al = _write(tmp_path / "al.jsonl", [{"instruction": "add", "input": f"{i} 1", "output": f"{i + 1}"} for i in range(10)])
-    task = load_task("sft", tok, max_length=128, files=FileSpec(train_file=al))
+    task = load_task("sft", tok, max_length=128, train_file=al)
     assert "### Response:" in tok.decode(task.train[0]["input_ids"]) or "response" in tok.decode(task.train[0]["input_ids"])
 
 
 def test_refusals_name_the_fix(tmp_path):
     f = _write(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     with pytest.raises(DataError, match="chat_template: <file.jinja>"):
-        load_task("sft", _tok(template=False), files=FileSpec(train_file=f, validation_file=f))
+        load_task("sft", _tok(template=False), train_file=f, validation_file=f)
     bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
     with pytest.raises(DataError, match=r"bad.jsonl row 1: no assistant message"):
-        load_task("sft", _tok(), files=FileSpec(train_file=bad, validation_file=bad))
+        load_task("sft", _tok(), train_file=bad, validation_file=bad)
     other = _write(tmp_path / "other.jsonl", [{"question": "q", "answer": "a"}] * 3)
     with pytest.raises(DataError, match="need messages, prompt \\+ completion, or instruction \\+ output"):
-        load_task("sft", _tok(), files=FileSpec(train_file=other))
+        load_task("sft", _tok(), train_file=other)
 
 
 def test_sft_run_with_a_template_file(tmp_path, tiny_llama_dir):

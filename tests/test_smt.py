@@ -12,7 +12,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from conftest import tiny
-from qkvtune import attach, io, smt
+from qkvtune import attach, files, io, smt
 from qkvtune.deltas import BlockSparse
 from qkvtune.config import TrainConfig
 from qkvtune.optim import param_groups
@@ -180,7 +180,7 @@ def test_save_load_round_trip_and_index_validation(tmp_path, ids):
 
     # A selection in the JSON that disagrees with the saved indices is refused.
     meta["hparams"]["blocks"][0]["col"] = (meta["hparams"]["blocks"][0]["col"] + 1) % 3
-    io.write_json(str(tmp_path / io.QKV_CONFIG), meta)
+    files.write_json(str(tmp_path / io.QKV_CONFIG), meta)
     with pytest.raises(io.AdapterError, match="indices"):
         io.load_adapter(tiny("llama", 2), str(tmp_path))
 

@@ -85,16 +85,16 @@ def test_task_metrics_for_the_bootstrap_equal_sklearn_and_scipy():
     from scipy.stats import pearsonr
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    from qkvtune.bench import scores
+    from qkvtune.data import metrics
 
     rng = np.random.default_rng(0)
     for _ in range(5):
         y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
-        assert scores.f1(y, p) == pytest.approx(f1_score(y, p))
-        assert scores.matthews(y, p) == pytest.approx(matthews_corrcoef(y, p))
+        assert metrics.f1_of(y, p) == pytest.approx(f1_score(y, p))
+        assert metrics.matthews_of(y, p) == pytest.approx(matthews_corrcoef(y, p))
         a, b = rng.normal(size=40), rng.normal(size=40)
-        assert scores.pearson(a, b) == pytest.approx(pearsonr(b, a)[0])
-    assert scores.matthews([0, 1, 1], [1, 1, 1]) == 0.0 and scores.f1([0, 0], [0, 0]) == 0.0
+        assert metrics.pearson_of(a, b) == pytest.approx(pearsonr(b, a)[0])
+    assert metrics.matthews_of([0, 1, 1], [1, 1, 1]) == 0.0 and metrics.f1_of([0, 0], [0, 0]) == 0.0
 
 
 def test_constant_predictor_and_gate():

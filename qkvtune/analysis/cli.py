@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..config import load_command_config
+from ..config import DATA_KEYS, LOADING_KEYS, load_command_config
 from ..errors import check_output_dir
 from . import AnalysisError
 
@@ -44,7 +44,7 @@ def cmd_ntk(args) -> int:
     from ..io import load_adapter
     from .kernel_regression import kernel_predictions
     from .ntk import empirical_ntk
-    from .plots import write_json
+    from ..files import write_json
 
     cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
@@ -77,7 +77,7 @@ def cmd_ntk(args) -> int:
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from ..io import read_json
+    from ..files import read_json
 
     return read_json(os.path.join(run_dir, "metrics.json"), AnalysisError)
 
@@ -86,7 +86,7 @@ def cmd_stopping(args) -> int:
     from ..runs import pretrained
     from ..checkpoints import best_step
     from .ntk import empirical_ntk
-    from .plots import write_json
+    from ..files import write_json
     from .stopping import predict_stopping, steps_per_epoch
 
     cfg = load_command_config(args.config, args.overrides)
@@ -119,7 +119,8 @@ def cmd_stopping(args) -> int:
 
 def cmd_subspace(args) -> int:
     from ..runs import open_runs
-    from .plots import plot_heatmap_grid, write_json
+    from .plots import plot_heatmap_grid
+    from ..files import write_json
     from .subspace import compare_adapters
 
     out = _out(args)
@@ -137,7 +138,8 @@ def cmd_subspace(args) -> int:
 
 def cmd_amplification(args) -> int:
     from ..runs import open_runs
-    from .plots import plot_bars, plot_lines, write_json
+    from .plots import plot_bars, plot_lines
+    from ..files import write_json
     from .subspace import amplification, delta_weights, spectrum
 
     out = _out(args)
@@ -164,7 +166,8 @@ def cmd_task_vectors(args) -> int:
     from ..attach import heads_only, set_adapter
     from ..evaluation import accuracy
     from .ntk import empirical_ntk
-    from .plots import plot_heatmap, plot_lines, write_json
+    from .plots import plot_heatmap, plot_lines
+    from ..files import write_json
     from .task_vectors import TaskVector, apply, choose_coefficient, combine, similarity_report
 
     out = _out(args)
@@ -194,7 +197,7 @@ def cmd_task_vectors(args) -> int:
     if kernels:
         plot_heatmap(torch.tensor(report["kernel_alignment"]), os.path.join(out, "kernel_alignment.png"),
                      title="NTK alignment", labels=labels)
-    classify = [i for i, r in enumerate(runs) if r.info.kind == "classification" and r.task.evals]
+    classify = [i for i, r in enumerate(runs) if r.info.sequence_classifier and not r.info.regression and r.task.evals]
     if args.eval_n and classify:
         evals = {i: runs[i].examples("eval", args.eval_n) for i in classify}
 
@@ -226,9 +229,11 @@ def cmd_task_vectors(args) -> int:
 def cmd_samples(args) -> int:
     from ..runs import pretrained
     from ..config import build_config
+    from ..data.metrics import greater_is_better, main_metric
     from ..train import train  # the one analysis that trains
     from .ntk import empirical_ntk, rate_from_decay
-    from .plots import plot_lines, write_json
+    from .plots import plot_lines
+    from ..files import write_json
     from .samples import fit_slope, geometric_grid
 
     cfg = load_command_config(args.config, args.overrides)
@@ -238,9 +243,9 @@ def cmd_samples(args) -> int:
     for n in ns:
         run_cfg = build_config({**cfg.to_dict(), "max_train_samples": n, "output_dir": os.path.join(out, f"n{n}")})
         metrics = train(run_cfg)
-        key = next((k for k in ("eval_accuracy", "eval_pearson", "eval_matthews_correlation") if k in metrics), None)
-        err = 1.0 - metrics[key] if key else metrics.get("eval_loss", math.nan)
-        runs.append({"n": n, "error": err, "metric": key or "eval_loss", "metrics": metrics})
+        key = "eval_" + main_metric(cfg.task)  # the task's own score; the loss for language modelling
+        err = (1.0 - metrics[key] if greater_is_better(key[5:]) else metrics[key]) if key in metrics else math.nan
+        runs.append({"n": n, "error": err, "metric": key, "metrics": metrics})
     slope = fit_slope(ns, [r["error"] for r in runs])
     kernel_n = args.kernel_n or max(ns)
     run = pretrained(cfg, n_train=kernel_n, n_eval=1, kinds=_kinds(args.kinds))
@@ -267,7 +272,7 @@ def cmd_samples(args) -> int:
 # --- parser -----------------------------------------------------------------------------------------------
 
 def _print(obj) -> None:
-    from .plots import jsonable
+    from ..files import jsonable
 
     print(json.dumps(jsonable(obj), indent=2, sort_keys=True))
 
@@ -302,6 +307,9 @@ def _checked(func):
     return run
 
 
+ADAPTER_HONOURS = (set(LOADING_KEYS), "model-loading keys: model, dtype, trust_remote_code, allow_pickle")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``analyze`` and its subcommands to the ``qkvtune`` parser's subparsers; each sets ``func``."""
     parser = subparsers.add_parser("analyze", help="theory diagnostics: ntk, stopping, subspace, amplification, "
@@ -328,13 +336,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("adapter2")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model=… when a PEFT adapter does not name its base")
     p.add_argument("--side", choices=["A", "B"], default="A")
-    p.set_defaults(func=_checked(cmd_subspace))
+    p.set_defaults(func=_checked(cmd_subspace), honours=ADAPTER_HONOURS)
 
     p = sub.add_parser("amplification", help="amplification factor and ΔW spectra of an adapter (LoRA §7.3)")
     p.add_argument("adapter", help="a qkvtune run folder or a PEFT adapter folder")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model=… when a PEFT adapter does not name its base")
     p.add_argument("--rank", type=int, help="r of the projection (default: the numerical rank of ΔW)")
-    p.set_defaults(func=_checked(cmd_amplification))
+    p.set_defaults(func=_checked(cmd_amplification), honours=ADAPTER_HONOURS)
 
     p = sub.add_parser("task-vectors", help="cosines, kernel alignment and a coefficient search for task vectors")
     p.add_argument("adapters", nargs="+", help="run folders or PEFT adapter folders (one base model), then key=value")
@@ -343,7 +351,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=0, help="validation examples per task for the coefficient search")
     p.add_argument("--coefs", default="0,0.2,0.4,0.6,0.8,1.0,1.2", help="comma-separated λ values")
-    p.set_defaults(func=_checked(cmd_task_vectors))
+    p.set_defaults(func=_checked(cmd_task_vectors), overrides=[],
+                   honours=({*LOADING_KEYS, *DATA_KEYS, "eval_batch_size", "seed"},
+                            "data, evaluation and model-loading keys"))
 
     p = sub.add_parser("samples", help="fine-tune on a geometric grid of n and fit the error-vs-n slope")
     _with_config(p)

@@ -301,19 +301,10 @@ def outputs(model: nn.Module, examples: list, collator, output: str | Callable =
             batch_size: int = 32) -> torch.Tensor:
     """f (as ``model_outputs``) of ``model`` on ``examples`` in evaluation mode without gradients, (N, C) float64:
     the kernel's f₀ at other weights (a trained run, one real step)."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
-                batch.pop("labels", None)
-                out.append(model_outputs(model(**batch), batch, output, label_token_ids).double().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out)
+    from ..inference import batches, forward
+
+    return forward(model, batches(examples, collator, batch_size),
+                   lambda out, batch: model_outputs(out, batch, output, label_token_ids).double())
 
 
 def label_word_examples(examples: list, label_token_ids: list[int]) -> tuple[list[dict], int]:
@@ -380,7 +371,8 @@ class NTKResult:
         safetensors so reading them back never unpickles anything)."""
         import os
 
-        from .plots import plot_spectrum, write_json
+        from .plots import plot_spectrum
+        from ..files import write_json
 
         os.makedirs(out_dir, exist_ok=True)
         summary = self.summary()

@@ -1,4 +1,4 @@
-"""PNG plots (matplotlib, Agg backend) and the JSON writer every analysis uses."""
+"""PNG plots (matplotlib, Agg backend) for analyses and benchmarks."""
 
 from __future__ import annotations
 
@@ -7,27 +7,6 @@ import os
 import re
 
 import torch
-
-
-def jsonable(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN/inf
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        return jsonable(obj.item())
-    return obj
-
-
-def write_json(path: str, obj) -> None:
-    from ..io import write_json as atomic_write_json  # atomic: a reader never sees half a file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # folders appear only with results
-    atomic_write_json(path, jsonable(obj))
 
 
 def pyplot():

@@ -143,7 +143,8 @@ class StoppingPrediction:
         """``name``.json and ``name``.png: R̂(1/√η_t) and the threshold against the step, T̂ marked."""
         import os
 
-        from .plots import plot_lines, write_json
+        from .plots import plot_lines
+        from ..files import write_json
 
         os.makedirs(out_dir, exist_ok=True)
         summary = self.summary()

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
 from ..errors import QkvtuneError, check_output_dir
+from .harness import in_fresh_process
 
 # name -> (library, gradient checkpointing, quantize, method)
 CONFIGS = {
@@ -49,18 +48,14 @@ TARGETS = [("lora-qv-ckpt", "lora-qv", 0.6), ("lora-qv-nf4-ckpt", "lora-qv", 0.3
 
 
 def _build(name: str, model_name: str, device: str):
-    """(model in train mode, task kind, tokenizer) for configuration ``name``."""
+    """(model in train mode, its task, tokenizer) for configuration ``name``."""
     from .. import attach
-    from ..models import enable_checkpointing, load_model
-    from ..targets import find_targets
-    from .speed import LORA, SMT_BLOCK, model_kind, peft_lora, smt_selection
+    from ..models import enable_checkpointing
+    from .harness import adapt, load_base, peft_lora
 
     lib, ckpt, quantize, method = CONFIGS[name]
-    kind = model_kind(model_name)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer, new_modules = load_model(model_name, kind, 2, dtype=dtype, quantize=quantize)
-    if quantize is None:
-        model.to(device)
+    model, task, tokenizer = load_base(model_name, device, quantize)
+    new_modules = model.qkvtune_new_modules
     _resident(model)
     if lib == "peft":
         import peft
@@ -70,22 +65,12 @@ def _build(name: str, model_name: str, device: str):
                                                          gradient_checkpointing_kwargs={"use_reentrant": False})
         elif ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = peft_lora(model, "qv", task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+        model = peft_lora(model, "qv", task)
     else:
         if ckpt:
             enable_checkpointing(model)
-        heads = attach.find_heads(model, new_modules)
-        if method == "full":
-            model.requires_grad_(True)
-        elif method == "smt":
-            from .. import smt
-
-            selection = smt_selection(model)
-            attach.add_adapter(model, smt.targets_of(model, selection), "smt", heads=heads, block_size=SMT_BLOCK,
-                               blocks=selection)
-        else:
-            attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", heads=heads, **LORA, dropout=0.0)
-    return model.train(), kind, tokenizer
+        adapt(model, method, attach.find_heads(model, new_modules))
+    return model.train(), task, tokenizer
 
 
 @torch.no_grad()
@@ -113,7 +98,7 @@ def child(name: str, model_name: str, batch: int, seq: int, steps: int, device: 
     """(Run in a fresh process) build one configuration, train ``steps`` steps, print its peak and step time."""
     import gc
 
-    from .speed import make_batch, peak_rss_from_now, status_kb
+    from .harness import make_batch, peak_rss_from_now, status_kb
 
     torch.set_num_threads(int(os.environ.get("QKVTUNE_BENCH_THREADS", "2")))
     torch.manual_seed(0)
@@ -123,8 +108,8 @@ def child(name: str, model_name: str, batch: int, seq: int, steps: int, device: 
         if importlib.util.find_spec(lib):
             importlib.import_module(lib)
     libraries = status_kb("VmRSS") / 1024  # what the process holds before any tensor: not counted
-    model, kind, tokenizer = _build(name, model_name, device)
-    inputs = make_batch(tokenizer, kind, batch, seq, device)
+    model, task, tokenizer = _build(name, model_name, device)
+    inputs = make_batch(tokenizer, task, batch, seq, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     gc.collect()
     _trim()  # hand back what loading freed (the full-precision weights of a quantized load): not training's
@@ -147,15 +132,9 @@ def child(name: str, model_name: str, batch: int, seq: int, steps: int, device: 
 
 
 def measure(name: str, model_name: str, batch: int, seq: int, steps: int, device: str) -> dict:
-    code = ("from qkvtune.bench.memory import child; "
-            f"child({name!r}, {model_name!r}, {batch}, {seq}, {steps}, {device!r})")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"peak_mb": float("nan"), "step_s": float("nan"), "error": tail}
-    return json.loads(line[len("RESULT "):])
+    out = in_fresh_process("from qkvtune.bench.memory import child; "
+                           f"child({name!r}, {model_name!r}, {batch}, {seq}, {steps}, {device!r})")
+    return out if "error" not in out else {"peak_mb": float("nan"), "step_s": float("nan"), **out}
 
 
 def report(results: dict) -> dict:

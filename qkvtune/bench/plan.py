@@ -20,7 +20,6 @@ import os
 import time
 
 from ..config import ConfigError
-from ..errors import check_output_dir, check_output_file
 from ..plan import Candidate, add_candidate_options, parse_candidates
 
 REFERENCE = Candidate(("q", "v"), 1.0)  # the plan's calibration candidate; its searched rate is the plan's η_Q
@@ -58,7 +57,7 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim: int | None,
                label_words: str | None = None, sketch: str = "kron") -> dict:
     from ..config import build_config
     from ..plan import plan
-    from .claims import Claim
+    from .suite import Claim
     from .scores import metric_name
 
     arms = {c.name: {"targets": list(c.targets), "lr_ratio": c.lr_ratio} for c in cands}
@@ -225,11 +224,9 @@ def write_report(results: list[dict], cost: list[dict], path: str, command: str,
 def cmd_plan(args) -> int:
     from ..config import parse_override
     from .report import command_line
-    from .claims import Claim, Context, discover_tasks, load_settings, parse_tasks, run_settings
+    from .runner import Context, open_output, run_settings
+    from .suite import Claim, discover_tasks, load_settings, parse_tasks
 
-    check_output_dir(args.out, "--out")
-    report = args.report or os.path.join(args.out, "PLAN.md")
-    check_output_file(report, "--report")
     for name in ("n", "m"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
@@ -255,11 +252,7 @@ def cmd_plan(args) -> int:
     if any(t.startswith("commonsense/") for t in chosen) and not args.label_words:
         raise ConfigError("--label-words: commonsense tasks are planned through their label words, e.g. "
                           "--label-words false,true")
-    os.makedirs(args.out, exist_ok=True)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
+    report, log = open_output(args.out, args.report, "PLAN.md", "bench_plan.log")
     t0 = time.time()
     ctx = Context(suite, tasks, [args.seed], args.data_dir, args.out, log)
     cands = parse_candidates(args.kinds, args.lambdas)
@@ -289,7 +282,7 @@ def cmd_plan(args) -> int:
 
 
 def register(sub) -> None:
-    from .claims import default_suite_dir
+    from .suite import default_suite_dir
 
     p = sub.add_parser("plan", help="qkvtune plan's predictions against a real grid trained with fair rates")
     p.add_argument("--suite", default=default_suite_dir(), help="the claims suite whose settings and lr grid the "

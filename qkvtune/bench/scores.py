@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.metrics import PER_EXAMPLE, main_metric
+
 
 def metric_name(task: str) -> str:
-    from ..data.metrics import glue_metrics
-
-    family, _, name = task.partition("/")
-    return glue_metrics(name)[1] if family == "glue" else "accuracy"
+    return main_metric(task)
 
 
 def score_key(task: str, split: str = "eval") -> str:
@@ -31,31 +30,7 @@ def score_of(record: dict, task: str, split: str = "eval"):
 def metric(task: str):
     """``fn(labels, predictions) -> score`` for the task's main metric, or None where it is a mean of per-example
     correctness (accuracy; generation accuracy), which the bootstrap then resamples directly."""
-    name = metric_name(task)
-    return {"f1": f1, "matthews_correlation": matthews, "pearson": pearson}.get(name)
-
-
-# numpy forms of sklearn's / scipy's (the bootstrap calls them thousands of times); tests hold them to those
-def f1(y, p) -> float:
-    y, p = np.asarray(y) == 1, np.asarray(p) == 1
-    tp = float(np.sum(y & p))
-    denom = 2 * tp + float(np.sum(~y & p)) + float(np.sum(y & ~p))
-    return 2 * tp / denom if denom else 0.0
-
-
-def matthews(y, p) -> float:
-    y, p = np.asarray(y) == 1, np.asarray(p) == 1
-    tp, tn = float(np.sum(y & p)), float(np.sum(~y & ~p))
-    fp, fn = float(np.sum(~y & p)), float(np.sum(y & ~p))
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return float((tp * tn - fp * fn) / denom) if denom else 0.0
-
-
-def pearson(y, p) -> float:
-    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
-    if np.std(p) == 0 or np.std(y) == 0:
-        return 0.0
-    return float(np.corrcoef(y, p)[0, 1])
+    return PER_EXAMPLE.get(metric_name(task))
 
 
 def encode(labels: list, predictions: list, task: str) -> tuple[np.ndarray, np.ndarray]:

@@ -30,18 +30,15 @@ import copy
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from ..errors import QkvtuneError, check_output_dir
+from .harness import (LORA, SMT_BLOCK, SMT_BUDGET, adapt, in_fresh_process, load_base, make_batch, peak_rss_from_now,
+                      peft_lora)
 
 SHAPES = {"minilm": (16, 128), "smollm2-135m": (4, 128)}
-PEFT_MODULES = {"q": ["query", "q_proj"], "k": ["key", "k_proj"], "v": ["value", "v_proj"]}
-LORA = {"rank": 8, "alpha": 16}
-SMT_BUDGET, SMT_BLOCK = 0.01, 64
 # merged-forward: merge, then unwrap (PEFT's merge_and_unload, what `qkvtune export` writes): the deployed model;
 # merged-wrapped keeps the wrappers (merged weights, a Python call per projection); unmerged adds the LoRA path
 INFER = ["base-forward", "merged-forward", "merged-wrapped-forward", "unmerged-forward", "peft-unmerged-forward"]
@@ -69,57 +66,7 @@ def _inference(config: str) -> bool:
     return config.removeprefix("fast-") in INFER
 
 
-def model_kind(name: str) -> str:
-    if name in SHAPES:
-        return "classification" if name == "minilm" else "causal_lm"
-    from transformers import AutoConfig
-
-    from ..models import resolve
-
-    archs = AutoConfig.from_pretrained(resolve(name)).architectures or []
-    return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
-
-
-def load_base(name: str, device: str):
-    """(base model on ``device`` in the benchmark dtype, kind, tokenizer); ``model.qkvtune_new_modules`` names
-    the freshly initialised head (trained, as in ``qkvtune train``)."""
-    from ..models import load_model
-
-    kind = model_kind(name)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer, new_modules = load_model(name, kind, 2, dtype=dtype)
-    model.qkvtune_new_modules = new_modules
-    return model.to(device), kind, tokenizer
-
-
-def make_batch(tokenizer, kind: str, batch: int, seq: int, device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    low = min(1000, tokenizer.vocab_size // 2)
-    ids = torch.randint(low, min(tokenizer.vocab_size, 20000), (batch, seq), generator=g)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-           "labels": torch.randint(0, 2, (batch,), generator=g) if kind == "classification" else ids.clone()}
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def smt_selection(model) -> list[dict]:
-    """A fixed random selection of SMT_BUDGET of the parameters in SMT_BLOCK blocks of q, k, v (seeded)."""
-    from .. import smt
-
-    g = torch.Generator().manual_seed(0)
-    scores = {(t.module, t.kind): torch.rand(t.shape, generator=g) for t in smt.eligible_targets(model, ("q", "k", "v"))}
-    return smt.select_blocks(scores, SMT_BLOCK, budget=SMT_BUDGET, total_params=smt.count_parameters(model))
-
-
-def peft_lora(model, kinds: str, task_type: str | None = None):
-    """PEFT's LoRA (r, α as qkvtune's; no dropout) on the projections of ``kinds`` (e.g. "qv")."""
-    import peft
-
-    cfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type=task_type,
-                          target_modules=[m for k in kinds for m in PEFT_MODULES[k]])
-    return peft.get_peft_model(model, cfg)
-
-
-def build(config: str, base, kind: str, device: str):
+def build(config: str, base, task, device: str):
     """(model, optimizer or None) for one configuration; the base model itself serves the bare forwards."""
     from .. import attach, fastpath
     from ..targets import find_targets
@@ -130,19 +77,12 @@ def build(config: str, base, kind: str, device: str):
     heads = attach.find_heads(model, base.qkvtune_new_modules)
     name = config.removeprefix("fast-")
     if name == "full":
-        model.requires_grad_(True)
+        adapt(model, "full", heads)
     elif name.startswith("peft-lora"):
-        model = peft_lora(model, name.rsplit("-", 1)[1], task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
-    elif name.startswith("qkvtune-lora") or name == "qkvtune-dense-qv":
-        kinds = list(name.rsplit("-", 1)[1])
-        method, hp = ("dense", {}) if "dense" in name else ("lora", dict(LORA, dropout=0.0))
-        attach.add_adapter(model, find_targets(model, kinds), method, heads=heads, **hp)
-    elif name == "qkvtune-smt":
-        from .. import smt
-
-        selection = smt_selection(model)
-        attach.add_adapter(model, smt.targets_of(model, selection), "smt", heads=heads, block_size=SMT_BLOCK,
-                           blocks=selection)
+        model = peft_lora(model, name.rsplit("-", 1)[1], task)
+    elif name.startswith("qkvtune-"):  # qkvtune-<method>[-<kinds>]
+        _, method, *kinds = name.split("-")
+        adapt(model, method, heads, *kinds)
     elif name in ("merged-forward", "merged-wrapped-forward", "unmerged-forward"):
         attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", heads=[], **LORA)
         with torch.no_grad():
@@ -191,11 +131,11 @@ def measure(name: str, configs: list[str], rounds: int, warmup: int, device: str
     """Interleaved step times: {config: [seconds per step, one per round]}."""
     from tqdm.auto import tqdm
 
-    base, kind, tokenizer = load_base(name, device)
-    inputs = make_batch(tokenizer, kind, batch, seq, device)
+    base, task, tokenizer = load_base(name, device)
+    inputs = make_batch(tokenizer, task, batch, seq, device)
     built = {}
     for c in tqdm(configs, desc=f"{name}: building", disable=not progress):
-        built[c] = build(c, base, kind, device)
+        built[c] = build(c, base, task, device)
     times = {c: [] for c in configs}
     for r in tqdm(range(warmup + rounds), desc=f"{name}: rounds ({warmup} warm-up)", disable=not progress):
         order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate who goes first
@@ -212,11 +152,11 @@ def measure(name: str, configs: list[str], rounds: int, warmup: int, device: str
 
 def cuda_peaks(name: str, configs: list[str], batch: int, seq: int, steps: int = 2) -> dict:
     """max_memory_allocated (MB) of each configuration alone on the device, reset before each."""
-    base, kind, tokenizer = load_base(name, "cuda")
-    inputs = make_batch(tokenizer, kind, batch, seq, "cuda")
+    base, task, tokenizer = load_base(name, "cuda")
+    inputs = make_batch(tokenizer, task, batch, seq, "cuda")
     peaks = {}
     for c in configs:
-        model, opt = build(c, base, kind, "cuda")
+        model, opt = build(c, base, task, "cuda")
         if model is not base:  # the configuration alone on the device
             base.to("cpu")
         torch.cuda.empty_cache()
@@ -230,51 +170,27 @@ def cuda_peaks(name: str, configs: list[str], batch: int, seq: int, steps: int =
     return peaks
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_rss_from_now():
-    """A function giving the peak RSS in MB since this call (``/proc/self/clear_refs`` resets VmHWM to the current
-    RSS, so loading and copying before it do not count; where that is refused, the whole process's peak)."""
-    import resource
-
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return lambda: status_kb("VmHWM") / 1024
-    except OSError:
-        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def memory_child(name: str, config: str, batch: int, seq: int, steps: int = 3) -> None:
     """(Run in a fresh process) peak RSS in MB from after building the configuration to its last step, printed."""
     import gc
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    base, kind, tokenizer = load_base(name, "cpu")
-    inputs = make_batch(tokenizer, kind, batch, seq, "cpu")
-    model, opt = build(config, base, kind, "cpu")
+    base, task, tokenizer = load_base(name, "cpu")
+    inputs = make_batch(tokenizer, task, batch, seq, "cpu")
+    model, opt = build(config, base, task, "cpu")
     del base  # every configuration but the unit trains its own copy: the configuration alone
     gc.collect()
     peak = peak_rss_from_now()
     for _ in range(steps):
         step(config, model, opt, inputs, "cpu")
-    print(f"PEAK_MB {peak():.1f}")
+    print("RESULT " + json.dumps({"peak_mb": peak()}))
 
 
 def cpu_peak(name: str, config: str, batch: int, seq: int) -> float:
-    code = ("import sys; from qkvtune.bench.speed import memory_child; "
-            f"memory_child({name!r}, {config!r}, {batch}, {seq})")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("PEAK_MB ")), None)
-    return float(line.split()[1]) if out.returncode == 0 and line else float("nan")
+    out = in_fresh_process(f"from qkvtune.bench.speed import memory_child; "
+                           f"memory_child({name!r}, {config!r}, {batch}, {seq})")
+    return out.get("peak_mb", float("nan"))
 
 
 def summarise(times: dict, tokens: int) -> dict:

@@ -5,9 +5,11 @@ import random
 
 import pydoc_data.topics
 
-from . import DataError, PadCollator, TaskData, subsample
-from .glue import tokenize_texts
-from .metrics import accuracy
+from ..errors import DataError
+from ..task import CLASSIFICATION
+from .examples import PadCollator, TaskData, tokenize_texts
+from .spec import subsample
+from .metrics import accuracy, main_metric
 from .text import blocks_task, text_blocks
 
 SPLIT_SEED = 0  # the vader train/dev split never moves with the training seed
@@ -50,9 +52,9 @@ def load_builtin(name: str, tokenizer, *, max_length: int, max_train_samples, ma
     train = subsample(split(order[:k]), max_train_samples, seed)
     dev = subsample(split(order[k:]), max_eval_samples, None)
     return TaskData(
-        name="builtin/vader", kind="classification", num_labels=2, label_names=["negative", "positive"],
+        name="builtin/vader", kind=CLASSIFICATION, num_labels=2, label_names=["negative", "positive"],
         train=tokenize_texts(train, tokenizer, max_length, "builtin/vader train"),
         evals={"dev": tokenize_texts(dev, tokenizer, max_length, "builtin/vader dev")},
-        collator=PadCollator(tokenizer), compute_metrics=accuracy, metric_for_best="accuracy",
+        collator=PadCollator(tokenizer), compute_metrics=accuracy, metric_for_best=main_metric("builtin/vader"),
         greater_is_better=True,
     )

@@ -3,10 +3,11 @@ trained as instruction following and scored by generating and extracting the ans
 import os
 import re
 
-import torch
-from tqdm.auto import tqdm
-
-from . import DataError, TaskData, find_dir, split_train, subsample
+from ..errors import DataError
+from ..task import QA_GENERATION
+from .examples import TaskData
+from .load import find_dir
+from .spec import split_train, subsample
 from .text import alpaca_prompt, causal_task, encode_prompts, read_json_records, tokenize_sft
 
 FIELDS = ("instruction", "input", "output", "answer")
@@ -33,7 +34,7 @@ def load_commonsense(name: str, tokenizer, data_dir: str, *, max_length: int, ma
     data = causal_task(task, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{task} train",
                                           os.path.join(folder, "train.json")),
                        {k: v for k, v in tokenized.items() if validation is None or k == "validation"},
-                       tokenizer, kind="qa_generation")
+                       tokenizer, kind=QA_GENERATION)
     if validation is not None:  # test.json becomes the test split: scored once, never selected on
         data.tests = {"test": tokenized["test"]}
     data.generation_records = {k: [{"prompt": p, "answer": a} for p, a in zip(v["prompt"], v["answer"])]
@@ -58,7 +59,6 @@ def extract_answer(text: str, choices: list[str]) -> str | None:
     return next(c for c in choices if c.lower() == found)
 
 
-@torch.no_grad()
 def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: int = 8, max_new_tokens: int = 32,
                         choices: list[str] | None = None) -> dict:
     """Greedy-generate a response to each record's prompt and score the extracted answer (``predictions``: the
@@ -67,27 +67,13 @@ def generation_accuracy(model, tokenizer, records: list[dict], *, batch_size: in
     records: [{"prompt": str, "answer": str}]; choices defaults to the distinct answers in records
     (pass TaskData.answer_choices to extract over the full label set).
     """
+    from ..inference import generate
+
     if tokenizer.pad_token_id is None:
         raise DataError("tokenizer has no pad token; set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
     choices = choices if choices is not None else sorted({r["answer"] for r in records})
-    device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    # Decoder-only models continue from the last position, so prompts must be padded on the left.
-    tokenizer.padding_side = "right" if getattr(model.config, "is_encoder_decoder", False) else "left"
-    model.eval()
-    predictions = []
-    try:
-        for i in tqdm(range(0, len(records), batch_size), desc="generate", unit="batch"):
-            batch = records[i:i + batch_size]
-            ids = encode_prompts(tokenizer, [r["prompt"] for r in batch])
-            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            if not getattr(model.config, "is_encoder_decoder", False):
-                out = out[:, enc["input_ids"].shape[1]:]  # keep only the generated continuation
-            predictions += [extract_answer(text, choices) for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    texts = generate(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in records]),
+                     batch_size=batch_size, max_new_tokens=max_new_tokens)
+    predictions = [extract_answer(text, choices) for text in texts]
     correct = sum(p == r["answer"] for p, r in zip(predictions, records))
     return {"accuracy": correct / len(records) if records else 0.0, "n": len(records), "predictions": predictions}

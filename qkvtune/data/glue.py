@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, find_dir, read_text, split_train, subsample
+from ..errors import DataError
+from ..task import CLASSIFICATION, REGRESSION
+from .examples import PadCollator, TaskData, tokenize_texts
+from .load import find_dir, read_text
+from .spec import split_train, subsample
 from .metrics import glue_metrics
 
 
@@ -121,21 +125,6 @@ def _from_hub(task: str, spec: Spec, eval_splits: dict[str, str]):
     return columns("train"), {name: columns(split) for name, split in eval_splits.items()}
 
 
-def tokenize_texts(columns: dict[str, list], tokenizer, max_length: int, desc: str) -> datasets.Dataset:
-    """Tokenize text_a (and text_b as the pair's second text) without padding; label -> labels."""
-    keep = set(tokenizer.model_input_names)
-
-    def encode(batch):
-        texts = (batch["text_a"], batch["text_b"]) if "text_b" in batch else (batch["text_a"],)
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
-        out = {k: v for k, v in enc.items() if k in keep}
-        out["labels"] = batch["label"]
-        return out
-
-    ds = datasets.Dataset.from_dict(columns)
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
-
-
 def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, max_train_samples: int | None,
               max_eval_samples: int | None, seed: int, val_size: int | float | None = None) -> TaskData:
     task = name.lower().replace("-", "").replace("_", "")  # "SST-2" -> "sst2", "STS-B" -> "stsb"
@@ -162,7 +151,7 @@ def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, ma
     tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in sets.items()}
     return TaskData(
         name=f"glue/{task}",
-        kind="regression" if spec.values is None else "classification",
+        kind=REGRESSION if spec.values is None else CLASSIFICATION,
         num_labels=1 if spec.values is None else len(spec.values),
         label_names=list(spec.names) if spec.names else None,
         train=tokenize_texts(train, tokenizer, max_length, f"glue/{task} train"),

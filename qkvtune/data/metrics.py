@@ -1,4 +1,6 @@
-"""GLUE-convention metrics as `Trainer` compute_metrics functions (scikit-learn / scipy, no hub)."""
+"""Every task's metrics, chosen and computed in one place: the main metric of each task id (what selection,
+reports, the claims suite and plan compare), GLUE-convention ``compute_metrics`` functions for Trainer
+(scikit-learn / scipy, no hub), and fast numpy forms of the same metrics for bootstraps."""
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
@@ -53,3 +55,70 @@ GLUE_METRICS = {
 
 def glue_metrics(task: str):
     return GLUE_METRICS.get(task, (accuracy, "accuracy"))
+
+
+def classification_metrics(num_labels: int):
+    """Your own classification data: accuracy, macro F1, and Matthews' correlation for two classes."""
+    def compute(p) -> dict:
+        preds, labels = _classes(p)
+        out = {"accuracy": float((preds == labels).mean()),
+               "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0))}
+        if num_labels == 2:
+            out["matthews_correlation"] = float(matthews_corrcoef(labels, preds))
+        return out
+
+    return compute
+
+
+def regression_metrics(p) -> dict:
+    preds, labels = _arrays(p)
+    preds, labels = preds.reshape(len(labels), -1)[:, 0], labels.reshape(-1)
+    return {**correlations(p), "mse": float(((preds - labels) ** 2).mean())}
+
+
+# --- the main metric -----------------------------------------------------------------------------------------
+
+def main_metric(task: str) -> str:
+    """The metric a task is judged by (the ``eval_``/``test_`` key without its prefix): GLUE's own per task,
+    Pearson for regression, the loss for language modelling, accuracy otherwise (classes, and the answers a
+    commonsense model generates)."""
+    family, _, name = task.partition("/")
+    family = family.lower()
+    if family == "glue":
+        return glue_metrics(name.lower().replace("-", "").replace("_", ""))[1]
+    if family == "regression":
+        return "pearson"
+    if family in ("sft", "text") or task.lower() == "builtin/pydoc":
+        return "loss"
+    return "accuracy"
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric != "loss"
+
+
+# --- numpy forms (a bootstrap calls them thousands of times; tests hold them to sklearn's / scipy's) -----------
+
+def f1_of(y, p) -> float:
+    y, p = np.asarray(y) == 1, np.asarray(p) == 1
+    tp = float(np.sum(y & p))
+    denom = 2 * tp + float(np.sum(~y & p)) + float(np.sum(y & ~p))
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews_of(y, p) -> float:
+    y, p = np.asarray(y) == 1, np.asarray(p) == 1
+    tp, tn = float(np.sum(y & p)), float(np.sum(~y & ~p))
+    fp, fn = float(np.sum(~y & p)), float(np.sum(y & ~p))
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def pearson_of(y, p) -> float:
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    if np.std(p) == 0 or np.std(y) == 0:
+        return 0.0
+    return float(np.corrcoef(y, p)[0, 1])
+
+
+PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of}  # metric -> fn(labels, predictions)

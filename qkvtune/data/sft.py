@@ -19,8 +19,11 @@ import os
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, read_text, subsample
-from .files import Table, read_splits
+from ..errors import DataError
+from .examples import TaskData
+from .load import read_text
+from .spec import subsample
+from .own import Table, read_splits
 from .text import alpaca_prompt, causal_task, encode_sft
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,7 @@ def _check_rows(table: Table, form: str, rows: list) -> None:
 
 def load_sft(spec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples, seed: int,
              train_on_inputs: bool) -> TaskData:
-    train, dev, _ = read_splits(spec, "sft", seed)
+    train, dev, _ = read_splits(spec, seed)
     parts = {}
     for split, table, cap, sub_seed in (("train", train, max_train_samples, seed), ("dev", dev, max_eval_samples, None)):
         form, rows = _rows(table)

@@ -5,7 +5,11 @@ import os
 
 import datasets
 
-from . import DataError, PadCollator, TaskData, read_text, subsample
+from ..errors import DataError
+from ..task import CAUSAL_LM
+from .examples import PadCollator, TaskData
+from .load import read_text
+from .spec import subsample
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,9 @@ def blocks_task(name: str, blocks: list[list[int]], tokenizer, max_train_samples
     return causal_task(name, as_ds(train), {"dev": as_ds(dev)}, tokenizer)
 
 
-def causal_task(name, train, evals, tokenizer, kind="causal_lm") -> TaskData:
+def causal_task(name, train, evals, tokenizer, kind=CAUSAL_LM) -> TaskData:
+    """A causal LM task; checkpoints are selected on the validation loss (generated answers are scored once, at
+    the end)."""
     return TaskData(name=name, kind=kind, num_labels=0, label_names=None, train=train, evals=evals,
                     collator=PadCollator(tokenizer), compute_metrics=None, metric_for_best="loss",
                     greater_is_better=False)

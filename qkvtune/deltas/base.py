@@ -31,6 +31,7 @@ class Delta(nn.Module):
     needs_selection: bool = False  # slices and blocks come from a selection step (SMT), not from targets
     peft_type: str | None = None   # PEFT's peft_type of the equivalent adapter, or None (no PEFT form)
     peft_variant: dict = {}        # adapter_config.json flags that tell this method apart (use_dora)
+    rate_family: str = "delta"     # methods whose good learning rates lie on one grid (the claims suite's lr_grid)
 
     def __init__(self, target: Target):
         super().__init__()

@@ -143,6 +143,7 @@ def check_blocks(entries: list, block_size: int, shapes: dict | None = None,
 
 class BlockSparse(Delta):
     method = "smt"
+    rate_family = "smt"
     hparam_keys = ("block_size", "blocks")
     config_keys = ("block_size",)
     needs_selection = True  # the blocks come from smt.py's warm-up (or a fixed selection file)

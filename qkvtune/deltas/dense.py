@@ -11,6 +11,7 @@ from .base import Delta, adapter_dtype
 
 class Dense(Delta):
     method = "dense"
+    rate_family = "dense"
 
     def __init__(self, target, base_weight: torch.Tensor):
         super().__init__(target)

@@ -22,6 +22,7 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
 
 class LoRA(Delta):
     method = "lora"
+    rate_family = "lora"  # DoRA too: a low-rank update with the same scale
     hparam_keys = config_keys = ("rank", "alpha", "rslora", "dropout")
     peft_type = "LORA"
     peft_variant = {"use_dora": False}

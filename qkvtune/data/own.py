@@ -12,38 +12,19 @@ from __future__ import annotations
 
 import math
 import os
-import random
-from dataclasses import dataclass
 
 import datasets
 import numpy as np
 
-from ..errors import first_line
-from . import DataError, PadCollator, TaskData, split_train, subsample
-from .glue import tokenize_texts
+from ..errors import DataError, first_line
+from ..files import require_file
+from ..task import CLASSIFICATION
+from .examples import PadCollator, TaskData, tokenize_texts
+from .metrics import classification_metrics, main_metric, regression_metrics
+from .spec import DataSpec, hold_out, split_train, subsample, text_columns
 
 FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
            ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
-
-
-@dataclass
-class FileSpec:
-    """The config keys that describe a generic data set (see ``TrainConfig``)."""
-
-    train_file: str | list | None = None
-    validation_file: str | list | None = None
-    dataset: str | None = None
-    dataset_config: str | None = None
-    train_split: str = "train"
-    validation_split: str | None = None
-    text_columns: str | list | None = None
-    label_column: str = "label"
-    labels: list | None = None
-    validation_fraction: float = 0.1
-
-    @classmethod
-    def of(cls, cfg) -> "FileSpec":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -70,10 +51,7 @@ def _files(spec, key: str) -> list[str]:
         ext = os.path.splitext(f)[1].lower()
         if ext not in FORMATS:
             raise DataError(f"{f}: unsupported file type {ext or '(none)'} (expected {', '.join(FORMATS)})")
-        if not os.path.exists(f):
-            raise DataError(f"{f}: file not found")
-        if not os.path.isfile(f):
-            raise DataError(f"{f}: is not a file")
+        require_file(f, DataError)
     return files
 
 
@@ -119,12 +97,10 @@ def read_dataset(name: str, config: str | None, split: str) -> Table:
     return Table(ds.to_dict(), where)
 
 
-def read_splits(spec: FileSpec, task: str, seed: int) -> tuple[Table, Table, str]:
+def read_splits(spec: DataSpec, seed: int) -> tuple[Table, Table, str]:
     """(train, validation, where the training rows came from) for a task on the user's own data: files or a
     dataset, with a seeded ``validation_fraction`` of the training rows held out when no validation data
     (file or split) is given."""
-    if spec.train_file and spec.dataset:
-        raise DataError("train_file and dataset: give one source of training data, not both")
     if spec.train_file:
         train = read_table(spec.train_file, "train_file")
         source = train.where[0][0]
@@ -132,30 +108,20 @@ def read_splits(spec: FileSpec, task: str, seed: int) -> tuple[Table, Table, str
         train = read_dataset(spec.dataset, spec.dataset_config, spec.train_split)
         source = f"dataset {spec.dataset}"
     else:
-        raise DataError(f"task: {task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
+        raise DataError(f"task: {spec.task} needs train_file (CSV, TSV, JSON, JSONL or Parquet) or dataset")
     if spec.dataset and spec.validation_split:
         return train, read_dataset(spec.dataset, spec.dataset_config, spec.validation_split), source
     if spec.validation_file:
         return train, read_table(spec.validation_file, "validation_file"), source
-    if not 0 < spec.validation_fraction < 1:
-        raise DataError(f"validation_fraction: must be in (0, 1), got {spec.validation_fraction!r}")
     n = len(train.where)
     k = max(1, round(n * spec.validation_fraction))
     if n - k < 1:
         raise DataError(f"{source}: {n} rows are too few to hold out a validation set")
-    held = set(random.Random(seed).sample(range(n), k))
-    return train.select([i for i in range(n) if i not in held]), train.select(sorted(held)), source
+    kept, held = hold_out(n, k, seed)
+    return train.select(kept), train.select(held), source
 
 
 # --- columns and labels ---------------------------------------------------------------------------------
-
-def _text_columns(spec: FileSpec) -> list[str]:
-    cols = spec.text_columns
-    cols = [c.strip() for c in cols.split(",")] if isinstance(cols, str) else list(cols or [])
-    if not 1 <= len(cols) <= 2 or not all(isinstance(c, str) and c for c in cols):
-        raise DataError(f"text_columns: give one column name, or two for sentence pairs; got {spec.text_columns!r}")
-    return cols
-
 
 def _check_columns(table: Table, needed: list[str], source: str) -> None:
     for c in needed:
@@ -184,12 +150,10 @@ def _number(v, where: str, column: str) -> float:
 
 
 def label_names(tables: list[Table], column: str, given: list | None) -> list[str]:
-    """The class names in id order: ``given``, else the sorted distinct values (numbers numerically)."""
+    """The class names in id order: ``given`` (checked by ``DataSpec.check``), else the sorted distinct values
+    (numbers numerically)."""
     if given is not None:
-        names = [str(v) for v in given]
-        if len(set(names)) != len(names) or len(names) < 2:
-            raise DataError(f"labels: expected at least two distinct names, got {given!r}")
-        return names
+        return [str(v) for v in given]
     values = {v for t in tables for v in t.columns[column] if v is not None}
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return [str(v) for v in sorted(values)]
@@ -207,45 +171,18 @@ def _class_ids(table: Table, column: str, names: list[str]) -> list[int]:
     return out
 
 
-# --- metrics --------------------------------------------------------------------------------------------
-
-def classification_metrics(num_labels: int):
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    from .metrics import _classes
-
-    def compute(p) -> dict:
-        preds, labels = _classes(p)
-        out = {"accuracy": float((preds == labels).mean()),
-               "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0))}
-        if num_labels == 2:
-            out["matthews_correlation"] = float(matthews_corrcoef(labels, preds))
-        return out
-
-    return compute
-
-
-def regression_metrics(p) -> dict:
-    from .metrics import _arrays, correlations
-
-    preds, labels = _arrays(p)
-    preds, labels = preds.reshape(len(labels), -1)[:, 0], labels.reshape(-1)
-    return {**correlations(p), "mse": float(((preds - labels) ** 2).mean())}
-
-
 # --- the task -------------------------------------------------------------------------------------------
 
-def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples,
+def load_files_task(kind: str, spec: DataSpec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples,
                     seed: int, val_size: int | float | None = None) -> TaskData:
     """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read.
     With ``val_size`` the validation rows come out of the training rows and the validation data becomes the
     test split."""
-    text_cols = _text_columns(spec)
-    train, dev, source = read_splits(spec, kind, seed)
-    needed = text_cols + [spec.label_column]
-    _check_columns(train, needed, source)
-    _check_columns(dev, needed, dev.where[0][0] if dev.where else "validation")
-    if kind == "classification":
+    train, dev, source = read_splits(spec, seed)
+    text_cols = text_columns(spec.text_columns, train.columns, source)
+    _check_columns(train, text_cols + [spec.label_column], source)
+    _check_columns(dev, text_cols + [spec.label_column], dev.where[0][0] if dev.where else "validation")
+    if kind == CLASSIFICATION:
         names = label_names([train, dev], spec.label_column, spec.labels)
         labels = {"train": _class_ids(train, spec.label_column, names), "dev": _class_ids(dev, spec.label_column, names)}
         if len(names) < 2:
@@ -272,4 +209,4 @@ def load_files_task(kind: str, spec: FileSpec, tokenizer, *, max_length: int, ma
         evals=tokenize(evals), tests=tokenize(tests),
         collator=PadCollator(tokenizer),
         compute_metrics=classification_metrics(len(names)) if names else regression_metrics,
-        metric_for_best="accuracy" if names else "pearson", greater_is_better=True)
+        metric_for_best=main_metric(kind), greater_is_better=True)
