@@ -234,3 +234,22 @@ def test_unknown_and_missing_kinds_are_one_line_errors(tmp_path, tiny_bert_dir):
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].endswith(
         "targets: ['gate'] not found in BertForSequenceClassification; it has ['down', 'k', 'o', 'q', 'up', 'v']")
     assert not os.path.exists(out)
+
+
+def test_qkvtune_train_tunes_mlp_kinds_at_their_rate(tmp_path, tiny_llama_dir):
+    """`qkvtune train targets=[q,up,down] lr_mlp_ratio=3`: the recorded groups give up and down 3·lr, and merging
+    the trained adapter changes the q, up and down slices of the base weights and nothing else."""
+    from qkvtune.runs import open_run
+    from qkvtune.train import train
+
+    train(build_config(dict(model=tiny_llama_dir, task="builtin/pydoc", targets="q,up,down", lr=1e-2, lr_mlp_ratio=3,
+                            max_train_samples=16, max_eval_samples=4, max_length=32, batch_size=4, max_steps=2,
+                            eval_strategy="no", output_dir=str(tmp_path / "run"))))
+    run = open_run(str(tmp_path / "run"), with_task=False)
+    rates = io.read_json(str(tmp_path / "run" / io.QKV_CONFIG))["settings"]["learning_rates"]
+    assert rates == pytest.approx({"q.A": 1e-2, "q.B": 1e-2, "up.A": 3e-2, "up.B": 3e-2, "down.A": 3e-2,
+                                   "down.B": 3e-2})
+    slices = find_targets(run.model, "all-linear")
+    before = {t.name: t.weight(run.model).clone() for t in slices}
+    attach.merge_adapter(run.model)
+    assert {t.kind for t in slices if not torch.equal(before[t.name], t.weight(run.model))} == {"q", "up", "down"}
