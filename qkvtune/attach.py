@@ -17,9 +17,7 @@ from torch import nn
 
 from .deltas import Delta, build_delta
 from .quant import standard_layout
-from .targets import Rows, Target, Wrapped, weight_rows, write_slice
-
-HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")
+from .targets import HEAD_NAMES, Rows, Target, Wrapped, weight_rows, write_slice
 
 
 class DeltaProjection(Wrapped):

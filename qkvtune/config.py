@@ -19,7 +19,7 @@ from .deltas import METHODS
 from .data.spec import DataSpec
 from .errors import ConfigError  # noqa: F401 (defined with the other errors; callers import it from here too)
 from .files import atomic_write
-from .targets import ATTENTION_KINDS
+from .targets import ALL_LINEAR, GROUPS, KINDS
 
 
 @dataclass
@@ -33,7 +33,8 @@ class TrainConfig(DataSpec):
     pooling: str = "cls"                   # classifiers: cls (the model's own head) | mean (masked mean of the last
                                            # hidden states: how sentence-transformers models such as minilm pool)
     method: str = "lora"                   # lora | dora | dense | smt
-    targets: list | None = field(default_factory=lambda: ["q", "v"])  # subset of q, k, v, o (None: all of target_modules)
+    targets: list | None = field(default_factory=lambda: ["q", "v"])  # kinds among q, k, v, o, gate, up, down (mlp: the
+                                           # MLP's), or [all-linear] alone (None: every slice of target_modules)
     layers: typing.Any = None              # all | [0, 5] | "last:2" | "a:b"
     target_modules: typing.Any = None      # PEFT's list of module names, or {module_suffix: kind | {kind: "a:b"}}
     rank: int = 8
@@ -47,12 +48,13 @@ class TrainConfig(DataSpec):
     smt_warmup_lr: float | None = None     # SGD steps on the eligible slices during the warm-up (the paper fine-tunes
                                            # there; undone after selection); none: gradients at the pretrained weights
     smt_score: str = "abs_mean"            # abs_mean (mean |g|) | mean_abs (|mean g|) | l2
-    smt_targets: list = field(default_factory=lambda: ["q", "k", "v"])  # eligible kinds; add "mlp" for MLPs
+    smt_targets: list = field(default_factory=lambda: ["q", "k", "v"])  # eligible kinds, as targets ("mlp": the MLP's)
     smt_per_matrix: bool = False           # equal quotas per matrix instead of one global top-N
     smt_selection: str | None = None       # a fixed selection JSON instead of the warm-up
     # learning rates (arXiv 2410.02247): η_Q = lr, η_V = lr_ratio·lr
     lr: float = 5e-4
     lr_ratio: float = 1.0
+    lr_mlp_ratio: float = 1.0              # η of the MLP's kinds (gate, up, down) = lr_mlp_ratio·lr
     lr_q: float | None = None
     lr_k: float | None = None
     lr_v: float | None = None
@@ -174,13 +176,17 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.targets is not None and (not cfg.targets or not all(isinstance(t, str) for t in cfg.targets)):
         raise ConfigError(f"targets: expected a non-empty list such as [q, v], got {cfg.targets!r}")
     if not cfg.target_modules:
-        bad = [t for t in cfg.targets if t not in ATTENTION_KINDS]
+        bad = [t for t in cfg.targets if t not in (*KINDS, *GROUPS, ALL_LINEAR)]
         if bad:
-            raise ConfigError(f"targets: {bad} are not attention matrices (q, k, v, o)")
+            raise ConfigError(f"targets: {bad} are not matrix kinds ({', '.join(KINDS)}, mlp or all-linear)")
+    if cfg.targets and ALL_LINEAR in cfg.targets and (len(cfg.targets) > 1 or cfg.target_modules):
+        raise ConfigError(f"targets: {ALL_LINEAR} names every linear layer itself; give it alone, "
+                          "without target_modules")
     if cfg.targets is not None and len(set(cfg.targets)) != len(cfg.targets):
         raise ConfigError(f"targets: {cfg.targets} names a matrix twice")
     cfg.check()  # the data keys (DataSpec)
-    positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio, "epochs": cfg.epochs,
+    positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio,
+                "lr_mlp_ratio": cfg.lr_mlp_ratio, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
                 "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}
     if cfg.lr_head is not None and cfg.lr_head < 0:
@@ -209,9 +215,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"smt_warmup_lr: must be > 0 (or unset), got {cfg.smt_warmup_lr!r}")
     if cfg.block_size <= 0 or cfg.smt_warmup_steps <= 0:
         raise ConfigError("block_size and smt_warmup_steps: must be > 0")
-    bad = [t for t in cfg.smt_targets if t not in ("q", "k", "v", "o", "mlp")]
+    bad = [t for t in cfg.smt_targets if t not in (*KINDS, *GROUPS)]
     if bad or not cfg.smt_targets:
-        raise ConfigError(f"smt_targets: {bad or cfg.smt_targets} must be a non-empty subset of q, k, v, o, mlp")
+        raise ConfigError(f"smt_targets: {bad or cfg.smt_targets} must be a non-empty subset of "
+                          f"{', '.join((*KINDS, *GROUPS))}")
     if cfg.smt_selection and not os.path.isfile(cfg.smt_selection):
         raise ConfigError(f"smt_selection: {cfg.smt_selection} not found")
     _validate_scale(cfg)
@@ -332,6 +339,11 @@ def canonical(values: dict) -> dict:
         if name in out:
             raise ConfigError(f"{given[name]} and {key}: both set {name!r}; give one")
         out[name], given[name] = value, key
+    if isinstance(out.get("target_modules"), str) and out["target_modules"].lower() == ALL_LINEAR:
+        if "targets" in out:  # PEFT's spelling of targets: all-linear
+            raise ConfigError(f"{given['target_modules']} and targets: both say what to tune; give one")
+        out["targets"], given["targets"] = [ALL_LINEAR], given.pop("target_modules")
+        del out["target_modules"]
     if isinstance(out.get("target_modules"), str):  # PEFT accepts one module name as a string
         out["target_modules"] = [out["target_modules"]]
     for key in ("targets", "smt_targets", "text_columns"):  # targets=q,v as well as targets=[q,v]

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups by matrix kind (arXiv 2410.02247: η_V = λ·η_Q).
+"""Optimizer parameter groups by matrix kind (arXiv 2410.02247: η_V = λ·η_Q; the MLP's kinds at lr_mlp_ratio·η_Q).
 
 Groups come from the delta objects themselves — each delta knows its slice's kind (q, k, v, o, …) and
 the role of each tensor (LoRA A/B, DoRA magnitude, dense ΔW) — never from substrings of parameter names.
@@ -11,19 +11,23 @@ from torch import nn
 
 from . import attach
 from .config import TrainConfig
+from .targets import KINDS, MLP_KINDS
 
 
 def lr_for_kind(rates: TrainConfig, kind: str) -> float:
-    """η of a matrix kind: its explicit ``lr_<kind>``, else λ·lr for v, else lr."""
-    explicit = getattr(rates, f"lr_{kind}", None)
+    """η of a matrix kind: its explicit ``lr_<kind>``, else λ·lr for v, lr_mlp_ratio·lr for gate, up and down, else
+    lr (also for the other modules all-linear takes whole, such as BERT's pooler)."""
+    explicit = getattr(rates, f"lr_{kind}", None) if kind in KINDS else None  # a module named "ratio" is no rate
     if explicit is not None:
         return explicit
-    return rates.lr * rates.lr_ratio if kind == "v" else rates.lr
+    if kind == "v":
+        return rates.lr * rates.lr_ratio
+    return rates.lr * rates.lr_mlp_ratio if kind in MLP_KINDS else rates.lr
 
 
 def param_groups(model: nn.Module, rates: TrainConfig, adapter: str | None = None) -> list[dict]:
     """Groups named ``<kind>.<role>`` (e.g. ``v.B``) and ``head``/``head.no_decay``, each with its lr and
-    weight decay, from the config's rate keys (lr, lr_ratio, lr_q/k/v/o, lr_head, loraplus_ratio,
+    weight decay, from the config's rate keys (lr, lr_ratio, lr_mlp_ratio, lr_q/k/v/o, lr_head, loraplus_ratio,
     weight_decay). Every trainable parameter of the model must land in exactly one group."""
     groups: dict[str, dict] = {}
 

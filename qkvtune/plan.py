@@ -38,7 +38,7 @@ from .targets import ATTENTION_KINDS
 
 KIND_SETS = (("v",), ("q", "v"), ("q", "k", "v"), ("q", "k", "v", "o"))
 LAMBDAS = (1.0, 2.0, 4.0, 8.0)
-ALL_KINDS = list(ATTENTION_KINDS)
+ALL_KINDS = list(ATTENTION_KINDS)  # the plan ranks attention targets (MLP kinds: not yet)
 AUTO_SKETCH_BYTES = 6 * 2**30  # above this much stored gradient, sketch (SRHT, analysis.ntk) ...
 AUTO_SKETCH_DIM = 4096         # ... to this many coordinates per slice
 

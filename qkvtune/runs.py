@@ -77,14 +77,16 @@ class Run:
 
 # --- building ---------------------------------------------------------------------------------------------
 
-def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None = None) -> list[Target]:
+def resolve_targets(cfg: TrainConfig, model: nn.Module, kinds: list[str] | None = None,
+                    heads: list[str] | None = None) -> list[Target]:
     """The slices a config names on ``model``: ``targets`` (or ``kinds`` instead), restricted to ``layers``,
-    among ``target_modules`` when given; for a method that selects its slices (SMT), those eligible."""
+    among ``target_modules`` when given; for a method that selects its slices (SMT), those eligible.
+    ``heads`` (trained whole) are never targets, also not of all-linear."""
     if kinds is None and delta_class(cfg.method).needs_selection:
         from .smt import eligible_targets
 
         return eligible_targets(model, cfg.smt_targets, layers=cfg.layers)
-    return find_targets(model, kinds or cfg.targets, cfg.layers, cfg.target_modules)
+    return find_targets(model, kinds or cfg.targets, cfg.layers, cfg.target_modules, heads)
 
 
 def task_data(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | None):
@@ -120,8 +122,8 @@ def pretrained(cfg: TrainConfig, *, n_train: int | None = None, n_eval: int | No
     task = task_data(cfg, tokenizer, n_train or cfg.max_train_samples, n_eval or cfg.max_eval_samples)
     info = task.as_info()
     model, tokenizer, new_modules = _model(cfg, tokenizer, info)
-    return Run(cfg, model, tokenizer, task, info, resolve_targets(cfg, model, kinds),
-               heads=attach.find_heads(model, new_modules))
+    heads = attach.find_heads(model, new_modules)
+    return Run(cfg, model, tokenizer, task, info, resolve_targets(cfg, model, kinds, heads), heads=heads)
 
 
 def _smt_selection(run: Run, resume: str | None) -> list[dict]:

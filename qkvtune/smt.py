@@ -1,4 +1,4 @@
-"""Sparse Matrix Tuning (SMT, arXiv 2405.15525): pick the b×b blocks of q/k/v (MLP optional) to train.
+"""Sparse Matrix Tuning (SMT, arXiv 2405.15525): pick the b×b blocks of q/k/v (MLP gate/up/down optional) to train.
 
 1. ``warmup_gradients``: sum ∂L/∂W over a few batches for each eligible slice. Only those weights get
    ``requires_grad``; each gradient is folded into an fp32 sum as soon as it is accumulated and then
@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from .deltas.blocksparse import SelectionError, block_grid, check_blocks
-from .targets import Target, all_projections, find_targets, layer_index, mlp_projections, write_slice
+from .targets import KINDS, Target, all_projections, find_targets, layer_index, mlp_projections, write_slice
 
 SELECTION_FILE = "smt_selection.json"
 REPORT_JSON = "smt_allocation.json"
 REPORT_PNG = "smt_allocation.png"
-KIND_ORDER = ("q", "k", "v", "o", "mlp_gate", "mlp_up", "mlp_down")
+KIND_ORDER = KINDS
+# selection files written before the MLP kinds had their own names
+_LEGACY_KINDS = {"mlp_gate": "gate", "mlp_up": "up", "mlp_down": "down"}
 
 # Block scores. The names follow the official code's ``calculate_strategy`` (so its commands carry
 # over), which reads backwards: ``abs_mean`` is the mean of |g|, ``mean_abs`` the absolute mean.
@@ -46,13 +48,10 @@ DEFAULT_SCORE = "abs_mean"
 # --- eligible matrices and warm-up ---------------------------------------------------------------
 
 def eligible_targets(model: nn.Module, kinds=("q", "k", "v"), mlp: bool = False, layers=None) -> list[Target]:
-    """The slices SMT may put blocks on: ``kinds`` of the attention projections (per slice for fused
-    ones), plus every MLP projection when ``mlp`` (or when ``kinds`` contains "mlp")."""
+    """The slices SMT may put blocks on: ``kinds`` of the recognised projections (per slice for fused ones; "mlp"
+    for every MLP kind the model has, as does ``mlp``)."""
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    if "mlp" in kinds:
-        kinds.remove("mlp")
-        mlp = True
-    return find_targets(model, kinds, layers, mlp=mlp)
+    return find_targets(model, kinds + ["mlp"] if mlp and "mlp" not in kinds else kinds, layers)
 
 
 def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: int,
@@ -247,7 +246,8 @@ def load_selection(path: str, block_size: int | None = None) -> list[dict]:
     if not isinstance(obj, list) or not obj:
         raise SelectionError(f"{path}: expected a non-empty list of blocks (or an object with 'blocks')")
     check_blocks(obj, block_size or 1, None, path)
-    return [{"module": e["module"], "kind": e["kind"], "layer": e.get("layer", layer_index(e["module"])),
+    return [{"module": e["module"], "kind": _LEGACY_KINDS.get(e["kind"], e["kind"]),
+             "layer": e.get("layer", layer_index(e["module"])),
              "row": e["row"], "col": e["col"], "score": None if e.get("score") is None else float(e["score"])}
             for e in obj]
 

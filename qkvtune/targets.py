@@ -1,4 +1,10 @@
-"""Find attention projections in a Hugging Face model and name their slices q, k, v, o.
+"""Find the attention and MLP projections of a Hugging Face model and name their slices by role.
+
+The matrix kinds (``KINDS``, defined here once): attention q, k, v, o and MLP gate, up, down. MLP kinds go by
+what the block does with each output, whatever the model calls it: ``up`` is the input projection of the MLP
+(of a gated MLP, the linear branch), ``gate`` the branch a gated MLP passes through its activation before
+multiplying (down(act(gate(x)) · up(x)), as Llama's ``gate_proj``), ``down`` the projection back to the
+hidden size.
 
 A *target* is one slice of one projection: the module path, the matrix kind, the layer index and the
 set of output rows that belong to the slice. Separate projections (BERT ``query``, Llama ``q_proj``) are
@@ -12,6 +18,8 @@ one slice covering every row; fused projections hold several slices side by side
   as GPT-NeoX. Falcon's: grouped, per head or multi-query, by its config (``_falcon_rows``).
 * Separate projections also cover DeBERTa-v2/v3 (``query_proj``…), Phi-2 (``dense`` as o), ModernBERT's
   ``attn.Wo``, Falcon/Bloom's ``self_attention.dense``.
+* MLPs (``_MLP``): Phi-3's ``mlp.gate_up_proj`` is [gate | up] halves, and so is ModernBERT's ``mlp.Wi``, whose
+  first half (``input`` in its code) goes through the activation and is therefore the gate here.
 
 Rows are kept as a compact, JSON-friendly ``Rows(start, width, stride, count)``: the index set
 ``{start + p*stride + j : p < count, j < width}``; a contiguous range has ``count == 1``.
@@ -31,6 +39,11 @@ from .errors import QkvtuneError
 from .quant import QuantizeError, dequantized, is_quantized
 
 ATTENTION_KINDS = ("q", "k", "v", "o")
+MLP_KINDS = ("gate", "up", "down")
+KINDS = ATTENTION_KINDS + MLP_KINDS
+GROUPS = {"mlp": MLP_KINDS}  # a name for several kinds in targets / smt_targets: those of them the model has
+ALL_LINEAR = "all-linear"    # PEFT's target_modules="all-linear": every linear layer but the output layer and heads
+HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")  # task heads: trained whole, never sliced
 
 
 class TargetError(QkvtuneError):
@@ -218,10 +231,21 @@ _FUSED = [
     (r"attn\.Wqkv", "thirds"),                  # ModernBERT, MPT: [q | k | v]
     (r"self_attention\.query_key_value", "by_model"),  # Falcon (three layouts) and Bloom (per head)
 ]
+# MLP projections by role; tried only on modules no attention rule took, and never inside an attention module
+# (BERT's attention.output.dense is o, its layer's output.dense is down). "halves": a fused [gate | up].
 _MLP = [
-    (r"mlp\.(gate_proj|up_proj|down_proj)", None), (r"intermediate\.dense", "up"), (r"output\.dense", "down"),
-    (r"mlp\.(c_fc)", "up"), (r"mlp\.(c_proj)", "down"), (r"mlp\.(dense_h_to_4h)", "up"),
-    (r"mlp\.(dense_4h_to_h)", "down"),
+    (r"(mlp|ffn|feed_forward)\.gate_proj", "gate"), (r"(mlp|ffn|feed_forward)\.up_proj", "up"),
+    (r"(mlp|ffn|feed_forward)\.down_proj", "down"),             # Llama, Mistral, Qwen, Gemma, MPT (ffn)
+    (r"mlp\.gate_up_proj", "halves"), (r"mlp\.Wi", "halves"),    # Phi-3; ModernBERT (act(first half) · second)
+    (r"mlp\.Wo", "down"),                                        # ModernBERT
+    (r"intermediate\.dense", "up"), (r"output\.dense", "down"),  # BERT, RoBERTa, ELECTRA, DeBERTa
+    (r"mlp\.c_fc", "up"), (r"mlp\.c_proj", "down"),              # GPT-2 (Conv1D), GPT-BigCode
+    (r"mlp\.dense_h_to_4h", "up"), (r"mlp\.dense_4h_to_h", "down"),  # GPT-NeoX, Falcon, Bloom
+    (r"(mlp|layers\.\d+)\.fc1", "up"), (r"(mlp|layers\.\d+)\.fc2", "down"),  # Phi-1/2, OPT, BART
+    (r"mlp\.fc_in", "up"), (r"mlp\.fc_out", "down"),             # GPT-J
+    (r"ffn\.lin1", "up"), (r"ffn\.lin2", "down"),                # DistilBERT
+    (r"DenseReluDense\.wi", "up"), (r"DenseReluDense\.wi_0", "gate"), (r"DenseReluDense\.wi_1", "up"),
+    (r"DenseReluDense\.wo", "down"),                              # T5 (wi_0, wi_1: gated)
 ]
 
 
@@ -354,39 +378,79 @@ def _fused_rows(layout: str, out: int, model: nn.Module) -> dict[str, Rows]:
     return {"q": Rows.range(0, q), "k": Rows.range(q, q + k), "v": Rows.range(q + k, q + 2 * k)}
 
 
+def _halves(name: str, out: int, model: nn.Module) -> dict[str, Rows]:
+    """A fused gated-MLP input projection laid out [gate | up], each intermediate_size wide."""
+    inter = getattr(_text_config(model), "intermediate_size", None)
+    if out % 2 or (inter and out != 2 * inter):
+        raise TargetError(f"{name}: {out} outputs are not two halves of intermediate_size {inter}, so its gate/up rows "
+                          f"are unknown; name the rows with target_modules={{'{name}': {{gate: 'a:b', up: 'c:d'}}}}")
+    return {"gate": Rows.range(0, out // 2), "up": Rows.range(out // 2, out)}
+
+
+def _in_attention(name: str) -> bool:
+    lower = name.lower()
+    return "attention" in lower or "attn" in lower
+
+
+def _slices(name: str, module: nn.Module, model: nn.Module) -> list[Target]:
+    """The recognised slices of one projection: attention rules first, then (outside attention) MLP rules."""
+    fin, fout, transposed = projection_shape(module)
+    layer = layer_index(name)
+
+    def whole(kind: str) -> list[Target]:
+        return [Target(name, kind, layer, Rows.range(0, fout), fin, fout, transposed)]
+
+    def parts(rows: dict[str, Rows]) -> list[Target]:
+        return [Target(name, kind, layer, r, fin, fout, transposed) for kind, r in rows.items()]
+
+    for pattern, kind in _SEPARATE:
+        if _match(pattern, name):
+            return whole(kind)
+    for pattern, layout in _FUSED:
+        if _match(pattern, name):
+            return parts(_fused_rows(layout, fout, model))
+    if not _in_attention(name):
+        for pattern, kind in _MLP:
+            if _match(pattern, name):
+                return parts(_halves(name, fout, model)) if kind == "halves" else whole(kind)
+    return []
+
+
+def projections(model: nn.Module) -> list[Target]:
+    """Every recognised slice in the model — attention q, k, v, o and MLP gate, up, down — in model order."""
+    return [t for name, module in model.named_modules() if is_projection(module) for t in _slices(name, module, model)]
+
+
 def all_projections(model: nn.Module) -> list[Target]:
     """Every recognised attention slice in the model (all kinds, all layers)."""
-    found = []
-    for name, module in model.named_modules():
-        if not is_projection(module):
-            continue
-        fin, fout, transposed = projection_shape(module)
-        for pattern, kind in _SEPARATE:
-            if _match(pattern, name):
-                found.append(Target(name, kind, layer_index(name), Rows.range(0, fout), fin, fout, transposed))
-                break
-        else:
-            for pattern, layout in _FUSED:
-                if _match(pattern, name):
-                    for kind, rows in _fused_rows(layout, fout, model).items():
-                        found.append(Target(name, kind, layer_index(name), rows, fin, fout, transposed))
-                    break
-    return found
+    return [t for t in projections(model) if t.kind in ATTENTION_KINDS]
 
 
 def mlp_projections(model: nn.Module) -> list[Target]:
-    """MLP projections as whole-matrix targets with kind ``mlp_up`` / ``mlp_gate`` / ``mlp_down``."""
+    """Every recognised MLP slice in the model (gate, up, down; all layers)."""
+    return [t for t in projections(model) if t.kind in MLP_KINDS]
+
+
+def _own(name: str, module: nn.Module) -> Target:
+    """An unrecognised projection as one target named after its last path component (PEFT's module names)."""
+    fin, fout, transposed = projection_shape(module)
+    return Target(name, name.rsplit(".", 1)[-1], layer_index(name), Rows.range(0, fout), fin, fout, transposed)
+
+
+def all_linear(model: nn.Module, heads=None) -> list[Target]:
+    """PEFT's ``target_modules="all-linear"``: every Linear/Conv1D except the output layer (the LM head) and the
+    task heads, which train whole — each recognised projection as its slices, any other (BERT's pooler) whole
+    under its own name. ``heads``: the task heads' module paths (default: the usual head names at the top)."""
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if heads is None:
+        heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    inner = {f"{n}.base" for n, m in model.named_modules() if isinstance(m, Wrapped)}  # the wrapper stands for it
     found = []
     for name, module in model.named_modules():
-        if not is_projection(module) or "attention" in name or "attn" in name:
+        if not is_projection(module) or name in inner or (out_layer is not None and unwrapped(module) is out_layer) \
+                or any(name == h or name.startswith(h + ".") for h in heads):
             continue
-        for pattern, role in _MLP:
-            m = _match(pattern, name)
-            if m:
-                role = role or m.group(2).split("_")[0]
-                fin, fout, transposed = projection_shape(module)
-                found.append(Target(name, f"mlp_{role}", layer_index(name), Rows.range(0, fout), fin, fout, transposed))
-                break
+        found += _slices(name, module, model) or [_own(name, module)]
     return found
 
 
@@ -452,9 +516,9 @@ def _explicit(model: nn.Module, spec: dict) -> list[Target]:
 
 def _named(model: nn.Module, names: list[str]) -> list[Target]:
     """PEFT's ``target_modules`` list: every slice of the modules ending with one of ``names`` — a recognised
-    projection's q/k/v/o slices (all three of a fused one), else the whole module under its own name."""
+    projection's slices (all of a fused one), else the whole module under its own name."""
     recognised: dict[str, list[Target]] = {}
-    for t in all_projections(model) + mlp_projections(model):
+    for t in projections(model):
         recognised.setdefault(t.module, []).append(t)
     found = []
     for key in names:
@@ -462,43 +526,54 @@ def _named(model: nn.Module, names: list[str]) -> list[Target]:
         if not hits:
             raise TargetError(f"target_modules: no Linear/Conv1D module ends with {key!r}; found {_summary(model)}")
         for name, module in hits:
-            fin, fout, transposed = projection_shape(module)
-            found += recognised.get(name) or [Target(name, name.rsplit(".", 1)[-1], layer_index(name),
-                                                     Rows.range(0, fout), fin, fout, transposed)]
+            found += recognised.get(name) or [_own(name, module)]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted({(t.module, t.kind): t for t in found}.values(), key=lambda t: order[t.module])  # model order
 
 
+def _expand(kinds: list[str], have: list[str]) -> list[str]:
+    """Groups (``mlp``) replaced by those of their kinds the model has; a group with none stays, to be refused."""
+    out = []
+    for k in kinds:
+        members = [m for m in GROUPS.get(k, ()) if m in have] or [k]
+        out += [m for m in members if m not in out]
+    return out
+
+
 def find_targets(model: nn.Module, kinds=("q", "v"), layers=None, target_modules: dict | list | None = None,
-                 mlp: bool = False) -> list[Target]:
-    """The slices to tune: ``kinds`` of the recognised attention projections (or of ``target_modules``: PEFT's
-    list of module names or an explicit mapping), restricted to ``layers``; ``kinds=None`` keeps every slice of
-    ``target_modules``. Raises TargetError naming what was found when nothing fits."""
-    if kinds is None:
+                 heads=None) -> list[Target]:
+    """The slices to tune: ``kinds`` (q, k, v, o, gate, up, down; ``mlp`` for the MLP's; ``all-linear`` alone for
+    every linear layer but the output layer and the task ``heads``) of the recognised projections (or of
+    ``target_modules``: PEFT's list of module names or an explicit mapping), restricted to ``layers``;
+    ``kinds=None`` keeps every slice of ``target_modules``. Raises TargetError naming what was found when
+    nothing fits."""
+    kinds = [kinds] if isinstance(kinds, str) else (None if kinds is None else list(kinds))
+    if kinds is not None and ALL_LINEAR in kinds:
+        if len(kinds) > 1 or target_modules:
+            raise TargetError(f"targets: {ALL_LINEAR} names every linear layer itself; give it alone, without "
+                              "target_modules")
+        found, kinds = all_linear(model, heads), None
+    elif kinds is None:
         if not isinstance(target_modules, list):
             raise TargetError("targets: needed unless target_modules lists module names")
         found = _named(model, target_modules)
-        kinds = list(dict.fromkeys(t.kind for t in found))
-    else:
-        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    if isinstance(target_modules, list):
+    elif isinstance(target_modules, list):
         found = _named(model, target_modules)
     elif target_modules:
         found = _explicit(model, target_modules)
     else:
-        found = all_projections(model)
+        found = projections(model)
         if not found:
             raise TargetError(
-                f"no attention projections recognised in {type(model).__name__}; projections found: "
+                f"no attention or MLP projections recognised in {type(model).__name__}; projections found: "
                 f"{_summary(model)}. Pass target_modules={{module_suffix: kind}} to name them.")
-        if mlp:
-            found += mlp_projections(model)
-            kinds = kinds + [t.kind for t in found if t.kind.startswith("mlp_") and t.kind not in kinds]
     have = sorted({t.kind for t in found})
-    missing = [k for k in kinds if k not in have]
-    if missing:
-        raise TargetError(f"targets: {missing} not found in {type(model).__name__}; it has {have}")
-    found = [t for t in found if t.kind in kinds]
+    if kinds is not None:
+        kinds = _expand(kinds, have)
+        missing = [k for k in kinds if k not in have]
+        if missing:
+            raise TargetError(f"targets: {missing} not found in {type(model).__name__}; it has {have}")
+        found = [t for t in found if t.kind in kinds]
     layer_ids = sorted({t.layer for t in found if t.layer is not None})
     if layers not in (None, "all") and layer_ids:
         keep = {layer_ids[i] for i in parse_layers(layers, len(layer_ids))}

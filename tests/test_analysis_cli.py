@@ -53,6 +53,16 @@ def test_ntk_with_kernel_predictions(tmp_path, tiny_bert_dir, runs):
     assert (out / "ntk_spectrum.png").stat().st_size > 0 and (out / "ntk_kernel.safetensors").exists()
 
 
+def test_ntk_on_mlp_kinds(tmp_path, tiny_bert_dir):
+    """--kinds names MLP kinds ("mlp" for all of the model's): BERT's up and down kernels beside v's."""
+    out = tmp_path / "ntk"
+    assert main(["analyze", "ntk", *_common(tiny_bert_dir), "--n", "12", "--kinds", "v,mlp", "--out", str(out)]) == 0
+    s = _read(out / "ntk.json")
+    assert s["kinds"] == ["down", "up", "v"] and all(s["per_kind_trace"][k] > 0 for k in s["kinds"])
+    assert sum(s["per_kind_trace"].values()) == pytest.approx(s["trace"])
+    assert sum(t.endswith(("intermediate.dense[up]", "output.dense[down]")) for t in s["targets"]) == 4
+
+
 def test_stopping_prediction_next_to_observed_best(tmp_path, tiny_bert_dir, runs, capsys):
     out = tmp_path / "stop"
     assert main(["analyze", "stopping", *_common(tiny_bert_dir), "--n", "32", "--kinds", "v", "--run", runs[0],

@@ -1,6 +1,7 @@
 """Empirical NTK: the batched hook kernel equals explicit per-example autograd (float64, 1e-6) for base weights of
-every kind, fused GPT-2 slices (their rows only) and adapter delta parameters; padding contributes nothing;
-per-kind kernels add up to the union; sketching keeps eigenvalues in its stated band; spectrum summaries."""
+every kind, fused GPT-2 slices and Phi-3's MLP halves (their rows only) and adapter delta parameters; padding
+contributes nothing; per-kind kernels add up to the union; sketching keeps eigenvalues in its stated band;
+spectrum summaries."""
 
 import pytest
 import torch
@@ -97,6 +98,25 @@ def test_gpt2_fused_slice_uses_only_its_rows_and_label_word_logits():
         assert torch.allclose(res.per_output.sum(0), res.kernel)
     with pytest.raises(AnalysisError, match="label_token_ids"):
         empirical_ntk(model, batch, targets=find_targets(model, ["v"]), output="logits")
+
+
+def test_mlp_kinds_kernels_match_explicit_autograd_on_their_rows():
+    """Per-kind kernels of the MLP: Phi-3's gate and up (the two halves of one fused gate_up_proj) and down, each
+    equal to explicit autograd restricted to its rows, and together to the kernel of all three."""
+    model = tiny("phi3").double()
+    singles, batch = _data()
+    words = [5, 9]
+    f = lambda out: out.logits[0, -1, words]  # noqa: E731
+    half = model.config.intermediate_size
+    for kind, take in (("gate", lambda g: g[:half]), ("up", lambda g: g[half:]), ("down", lambda g: g)):
+        targets = find_targets(model, [kind])
+        weights = [model.get_submodule(t.module).weight for t in targets]
+        ref = _explicit(model, singles, weights, f, take=take)
+        res = empirical_ntk(model, batch, targets=targets, output="logits", label_token_ids=words, chunk_size=4)
+        assert (res.kernel - ref).abs().max() <= 1e-6 * ref.abs().max(), kind
+    res = empirical_ntk(model, batch, targets=find_targets(model, "mlp"), output="logits", label_token_ids=words)
+    assert sorted(res.per_kind) == ["down", "gate", "up"]
+    assert torch.allclose(sum(res.per_kind.values()), res.kernel, rtol=0, atol=1e-12 * float(res.kernel.abs().max()))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "dense", "smt"])

@@ -1,5 +1,5 @@
 """Adapter analysis (LoRA §7): φ of an adapter with itself is 1 on the diagonal; of independent random subspaces
-≈ max(i, j)/k; the amplification factor equals a hand computation; spectra and effective ranks."""
+≈ max(i, j)/k; the amplification factor equals a hand computation; spectra and effective ranks; MLP slices."""
 
 import math
 
@@ -110,3 +110,31 @@ def test_random_projection_expectation_matches_many_draws():
     row = amplification(dw, w)
     assert row["r"] == 3
     assert row["proj_random_expected"] == pytest.approx(math.sqrt(sum(draws) / len(draws)), rel=0.05)
+
+
+def test_adapters_on_mlp_slices():
+    """φ, ΔW and amplification on MLP slices: W is the slice's own rows of the frozen weight (the gate and up halves
+    of Phi-3's fused gate_up_proj, down_proj whole), ΔW the adapter's s·B·A there."""
+    model = tiny("phi3")
+    attach.add_adapter(model, find_targets(model, "mlp"), "lora", "r2", rank=2, alpha=4)
+    attach.add_adapter(model, find_targets(model, "mlp"), "lora", "r4", rank=4, alpha=4)
+    with torch.no_grad():
+        for name in ("r2", "r4"):
+            for _, d in attach.iter_deltas(model, name):
+                d.lora_B.normal_()
+    phis = compare_adapters(model, "r2", "r4")
+    assert len(phis) == 3 * 2 and all(v.shape == (2, 4) for v in phis.values())
+    half = model.config.intermediate_size
+    mlp = model.model.layers[1].mlp
+    fused = mlp.gate_up_proj.base.weight
+    pairs = delta_weights(model, "r2")
+    for key, w in (("model.layers.1.mlp.gate_up_proj[gate]", fused[:half]),
+                   ("model.layers.1.mlp.gate_up_proj[up]", fused[half:]),
+                   ("model.layers.1.mlp.down_proj[down]", mlp.down_proj.base.weight)):
+        dw, w_slice = pairs[key]
+        delta = mlp.gate_up_proj.adapters["r2"][key[key.index("[") + 1:-1]] if "gate_up" in key \
+            else mlp.down_proj.adapters["r2"]["down"]
+        assert torch.equal(w_slice, w)
+        torch.testing.assert_close(dw, delta.scale * delta.lora_B @ delta.lora_A, rtol=0, atol=0)
+        row = amplification(dw, w_slice)
+        assert row["r"] == 2 and math.isfinite(row["factor"]) and spectrum(dw)["numerical_rank"] == 2

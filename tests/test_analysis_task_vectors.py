@@ -67,6 +67,28 @@ def test_task_vector_applies_to_a_plain_gpt2_with_fused_slices(ids):
     assert torch.equal(k_rows, model.transformer.h[0].attn.c_attn.base.weight[:, 32:64])  # k untouched
 
 
+def test_task_vector_on_mlp_slices(ids):
+    """τ of a LoRA on up and down (Phi-3: up is the second half of the fused gate_up_proj) applied to the plain model
+    gives the tuned outputs; the gate rows stay bit-identical; −τ restores every weight bit for bit."""
+    plain = tiny("phi3")
+    model = copy.deepcopy(plain)
+    attach.add_adapter(model, find_targets(model, ["up", "down"]), "lora", rank=2, alpha=4)
+    _randomize(model, "default", 5)
+    before = _weights(plain)
+    tau = TaskVector.from_model(model)
+    assert tau.kinds() == ["down", "up"] and len(tau.deltas) == 2 * 2
+    half = plain.config.intermediate_size
+    with torch.no_grad():
+        tuned = model(ids).logits
+        apply(plain, tau)
+        assert (plain(ids).logits - tuned).abs().max() <= 1e-5
+        fused = plain.model.layers[0].mlp.gate_up_proj.weight
+        assert torch.equal(fused[:half], before["model.layers.0.mlp.gate_up_proj.weight"][:half])  # gate untouched
+        assert not torch.equal(fused[half:], before["model.layers.0.mlp.gate_up_proj.weight"][half:])
+        apply(plain, -tau)
+    assert all(torch.equal(p, before[n]) for n, p in _weights(plain).items())
+
+
 def test_negation_restores_the_base_weights_exactly():
     model = _two_adapters(dtype=torch.float32)
     attach.set_adapter(model, [])

@@ -46,10 +46,11 @@ def _reference(base, model, method):
 
 @pytest.mark.parametrize("arch,labels", ARCHS)
 @pytest.mark.parametrize("method", ["lora", "dora", "dense"])
-def test_delta_matches_dense_reference_and_merge(arch, labels, method, ids):
+@pytest.mark.parametrize("kinds", [["q", "v"], "all-linear"])
+def test_delta_matches_dense_reference_and_merge(arch, labels, method, kinds, ids):
     base = tiny(arch, labels)
     model = copy.deepcopy(base)
-    targets = find_targets(model, ["q", "v"])
+    targets = find_targets(model, kinds)  # all-linear: MLP slices (Phi-3's fused gate/up halves) and the rest too
     attach.add_adapter(model, targets, method, rank=4, alpha=8, heads=[])
     _randomize(model)
     model.eval()

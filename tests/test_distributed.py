@@ -31,9 +31,11 @@ def _train(args, out, nproc=1):
 
 def _common(tiny_bert_dir, method):
     args = [f"model={tiny_bert_dir}", "task=glue/sst2", f"data_dir={data_dir()}", "max_train_samples=48",
-            "max_eval_samples=16", "epochs=2", "optim=sgd", "lr=0.5", "lr_ratio=4", "eval_strategy=no",
-            "warmup_ratio=0", f"method={method}"]
-    return args + (["block_size=8", "smt_budget=12", "smt_warmup_steps=2"] if method == "smt" else [])
+            "max_eval_samples=16", "epochs=2", "optim=sgd", "lr=0.5", "lr_ratio=4", "lr_mlp_ratio=2",
+            "eval_strategy=no", "warmup_ratio=0", f"method={method}"]
+    # MLP kinds too: their deltas sit in the same FSDP units (layers) as attention's
+    return args + (["block_size=8", "smt_budget=12", "smt_warmup_steps=2", "smt_targets=[q,k,v,mlp]"]
+                   if method == "smt" else ["targets=[q,v,up,down]"])
 
 
 def _same(reference, other, atol=1e-5, rtol=1e-4):
@@ -47,6 +49,7 @@ def _same(reference, other, atol=1e-5, rtol=1e-4):
 def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_bert_dir):
     common = _common(tiny_bert_dir, "lora")
     one = _train([*common, "batch_size=8"], tmp_path / "one")
+    assert any(".up." in k for k in one) and any(".down." in k for k in one)
     _same(one, _train([*common, "batch_size=4"], tmp_path / "ddp", nproc=2))
     _same(one, _train([*common, "batch_size=4", "fsdp=true"], tmp_path / "fsdp", nproc=2))
     assert (tmp_path / "fsdp" / "checkpoint-6" / "optimizer.bin").exists()  # FSDP's optimizer state: sharding ran
@@ -61,6 +64,7 @@ def test_fsdp_smt_matches_one_process_and_resumes(tmp_path, tiny_bert_dir):
     one = _train([*common, "batch_size=8", f"smt_selection={tmp_path / 'two' / 'smt_selection.json'}"],
                  tmp_path / "one")
     _same(one, two)
+    assert any(".up." in k or ".down." in k for k in two)  # MLP blocks were selected and trained
 
     # A run stopped after its first checkpoint (step 6 of 12) continues to the same adapter, its selection
     # coming back from the checkpoint.

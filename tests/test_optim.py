@@ -1,4 +1,5 @@
-"""Parameter groups carry exactly the learning rates asked for, per matrix kind, built from the deltas."""
+"""Parameter groups carry exactly the learning rates asked for, per matrix kind (attention and MLP), built from the
+deltas."""
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ def test_groups_do_not_depend_on_parameter_names():
     attach.add_adapter(net, find_targets(net, ["q"], target_modules={"value": "q"}), "lora", rank=2, heads=[])
     groups = param_groups(net, TrainConfig(lr=1e-3, lr_ratio=10))
     assert {g["name"]: g["lr"] for g in groups} == {"q.A": 1e-3, "q.B": 1e-3}
+    # all-linear names an unrecognised module after itself: a module called "ratio" is not lr_ratio's
+    net = torch.nn.Module()
+    net.ratio = torch.nn.Linear(4, 4)
+    attach.add_adapter(net, find_targets(net, "all-linear"), "lora", rank=2, heads=[])
+    assert {g["lr"] for g in param_groups(net, TrainConfig(lr=1e-3, lr_ratio=10))} == {1e-3}
 
 
 def test_stray_trainable_parameter_is_an_error():
@@ -62,11 +68,26 @@ def test_stray_trainable_parameter_is_an_error():
         param_groups(model, TrainConfig())
 
 
+@pytest.mark.parametrize("arch,labels", [("llama", None), ("bert", 2)])
+def test_mlp_kinds_take_lr_mlp_ratio(arch, labels):
+    """all-linear: gate, up and down at lr_mlp_ratio·lr, v at λ·lr, explicit lr_k kept, and whatever all-linear
+    takes whole besides (BERT's pooler, kind "dense") at lr."""
+    model = tiny(arch, labels)
+    attach.add_adapter(model, find_targets(model, "all-linear"), "lora", rank=2)
+    groups = param_groups(model, TrainConfig(lr=1e-3, lr_ratio=4, lr_mlp_ratio=2.5, lr_k=5e-4, lr_head=1e-2))
+    rates = {g["name"].split(".")[0]: g["lr"] for g in groups}
+    mlp = {"gate": 2.5e-3, "up": 2.5e-3, "down": 2.5e-3} if arch == "llama" else {"up": 2.5e-3, "down": 2.5e-3}
+    other = {"dense": 1e-3, "head": 1e-2} if arch == "bert" else {}
+    assert rates == pytest.approx({"q": 1e-3, "k": 5e-4, "v": 4e-3, "o": 1e-3, **mlp, **other})
+    assert len(_by_param(groups)) == sum(p.requires_grad for p in model.parameters())
+
+
 def test_adamw_applies_group_rates():
     """One AdamW step moves each parameter by ≈ its group's lr (Adam's first step is lr·sign(g))."""
     model = tiny("bert", 2)
-    attach.add_adapter(model, find_targets(model, ["q", "v"]), "dense", heads=[])
-    opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-3, lr_ratio=4)), eps=1e-12, weight_decay=0)
+    attach.add_adapter(model, find_targets(model, ["q", "v", "up", "down"]), "dense", heads=[])
+    rates = TrainConfig(lr=1e-3, lr_ratio=4, lr_mlp_ratio=2)
+    opt = torch.optim.AdamW(param_groups(model, rates), eps=1e-12, weight_decay=0)
     before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
     model(torch.randint(2, 64, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
     opt.step()
@@ -74,4 +95,5 @@ def test_adamw_applies_group_rates():
         step = (d.weight - before[id(d.weight)]).abs()
         moved = step[d.weight.grad.abs() > 1e-8]
         assert moved.numel() > 0
-        assert torch.allclose(moved, torch.full_like(moved, 4e-3 if d.kind == "v" else 1e-3), rtol=1e-3)
+        step = {"v": 4e-3, "up": 2e-3, "down": 2e-3}.get(d.kind, 1e-3)
+        assert torch.allclose(moved, torch.full_like(moved, step), rtol=1e-3), d.kind

@@ -92,7 +92,8 @@ def test_classification_run_then_predict_reproduces_its_accuracy(files, tmp_path
     metrics = train(build_config(dict(
         model=tiny_bert_dir, task="classification", train_file=str(files / "train.csv"),
         validation_file=str(files / "dev.csv"), text_columns="premise,hypothesis", label_column="verdict",
-        max_steps=8, batch_size=8, eval_batch_size=16, lr=5e-3, eval_strategy="no", output_dir=str(out))))
+        targets="all-linear", max_steps=8, batch_size=8, eval_batch_size=16, lr=5e-3, eval_strategy="no",
+        output_dir=str(out))))  # all-linear: attention, MLP and the pooler, predicted and exported alike
     assert {"eval_accuracy", "eval_f1", "eval_matthews_correlation"} <= set(metrics)
     assert main(["predict", str(out), str(files / "dev.csv"), "--output", str(tmp_path / "p.jsonl")]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "p.jsonl")]

@@ -1,6 +1,6 @@
 """Models that do not fit: gradient checkpointing gives the same gradients; quantized (bitsandbytes) bases
-train LoRA/DoRA/dense on top, export a plain merged model that computes what the quantized run computed,
-and write PEFT adapters that PEFT loads on the same quantized base with the same outputs."""
+train LoRA/DoRA/dense on top (attention and MLP projections), export a plain merged model that computes what the
+quantized run computed, and write PEFT adapters that PEFT loads on the same quantized base with the same outputs."""
 
 import importlib.util
 
@@ -130,7 +130,7 @@ def test_quantized_adapter_loads_in_peft_on_the_same_base(tmp_path, tiny_llama_d
     from qkvtune.quant import is_quantized
 
     model = _quantized_llama(tiny_llama_dir, quantize)
-    targets = find_targets(model, ["q", "v"])
+    targets = find_targets(model, ["q", "v", "gate", "down"])  # MLP projections are quantized too
     assert all(is_quantized(t.projection(model)) for t in targets)
     attach.add_adapter(model, targets, method, rank=4)
     _randomize(model)
@@ -155,7 +155,7 @@ def test_dequantized_weights_equal_transformers_dequantize(tiny_llama_dir, quant
     model = _quantized_llama(tiny_llama_dir, quantize)
     with torch.no_grad():
         model(torch.randint(5, 1000, (1, 4)))
-    names = [t.module for t in find_targets(model, ["q", "k", "v", "o"])]
+    names = [t.module for t in find_targets(model, "all-linear")]
     ours = {n: weight_rows(model.get_submodule(n)).clone() for n in names}
     model.dequantize()
     for n in names:
@@ -184,6 +184,7 @@ def test_qlora_trains_and_exports_a_plain_model_with_the_same_outputs(tmp_path, 
 
     cfg = build_config({"model": tiny_llama_dir, "task": "text/tinyshakespeare.txt", "data_dir": data_dir(),
                         "method": method, "quantize": "nf4", "gradient_checkpointing": True, "max_train_samples": 32,
+                        "targets": ["q", "v", "up"],
                         "max_eval_samples": 8, "max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0,
                         "eval_strategy": "no", "output_dir": str(tmp_path / "run")})
     before = runs.build(cfg).model

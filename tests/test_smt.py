@@ -51,7 +51,8 @@ def _randomize(model, seed=3):
             d.values.copy_(torch.randn(d.values.shape, generator=g, dtype=d.values.dtype))
 
 
-CASES = [("bert", "q", 8), ("llama", "k", 8), ("gpt2", "v", 8), ("neox", "q", 8), ("bert", "v", 12), ("phi3", "v", 12)]
+CASES = [("bert", "q", 8), ("llama", "k", 8), ("gpt2", "v", 8), ("neox", "q", 8), ("bert", "v", 12), ("phi3", "v", 12),
+         ("phi3", "up", 12), ("llama", "down", 8), ("gpt2", "up", 12)]  # MLP: a fused half, a Linear, a Conv1D
 
 
 @pytest.mark.parametrize("arch,kind,b", CASES)
@@ -139,7 +140,7 @@ def test_full_budget_trains_like_dense_step_for_step(ids):
 
 def test_merge_unmerge_exact_and_export(ids):
     model = tiny("gpt2")
-    targets = find_targets(model, ["q", "v"])
+    targets = find_targets(model, ["q", "v", "up", "down"])
     sel = [e for t in targets for e in _some_blocks(t, 12, seed=len(t.kind))]
     attach.add_adapter(model, targets, "smt", block_size=12, blocks=sel)
     _randomize(model)
@@ -382,3 +383,40 @@ def test_warmup_with_updates_selects_along_a_trajectory_and_restores_the_weights
         sums = smt.warmup_gradients(hand, smt._cycle(loader), targets, 6, update_lr=5.0, progress=False)
     ref = smt.select_blocks(sums, 8, n_blocks=6, total_params=smt.count_parameters(hand))
     assert [(b["module"], b["row"], b["col"]) for b in ref] == [(b["module"], b["row"], b["col"]) for b in moved]
+
+
+def test_mlp_kinds_are_eligible_selected_and_trained(tmp_path):
+    """smt_targets [v, mlp]: the warm-up scores v and every MLP kind of the model (gate, up, down on Llama), the
+    report offers their blocks, the selected MLP blocks train, and a selection file naming the MLP kinds the old
+    way (mlp_up …) still loads."""
+    def causal(n=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return [{"input_ids": (x := torch.randint(2, 64, (6,), generator=g)), "labels": x} for _ in range(n)]
+
+    model = tiny("llama")
+    eligible = smt.eligible_targets(model, ("v", "mlp"))
+    assert {t.kind for t in eligible} == {"v", "gate", "up", "down"} and len(eligible) == 3 * 4
+    kw = dict(batch_size=4, warmup_steps=3, block_size=8, budget=30, kinds=("v", "mlp"), seed=0, progress=False)
+    sel = smt.prepare_smt(model, causal(), _collate, out_dir=str(tmp_path), **kw)
+    with open(tmp_path / smt.REPORT_JSON) as f:
+        report = json.load(f)
+    # 3 layers: v 16×32 → 2×4 blocks, gate and up 48×32 → 6×4, down 32×48 → 4×6
+    assert report["eligible_blocks_by_kind"] == {"v": 24, "gate": 72, "up": 72, "down": 72}
+    assert set(report["by_kind"]) == {"v", "gate", "up", "down"} and len(sel) == 30
+    assert {e["kind"] for e in sel} & {"gate", "up", "down"}
+    attach.add_adapter(model, smt.targets_of(model, sel), "smt", block_size=8, blocks=sel)
+    opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-2, lr_mlp_ratio=2)))
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {f"{k}.blocks": 1e-2 if k == "v" else 2e-2
+                                                            for k in {e["kind"] for e in sel}}
+    batch = _collate(causal(4, seed=1))
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    legacy = [{**e, "kind": "mlp_" + e["kind"] if e["kind"] != "v" else "v"} for e in sel]
+    path = _write(tmp_path / "legacy.json", {"block_size": 8, "blocks": legacy})
+    assert smt.prepare_smt(tiny("llama"), None, None, selection_path=path, **kw) == sel

@@ -284,7 +284,7 @@ def _with_config(p):
 
 def _with_kernel(p, n_default: int = 256):
     p.add_argument("--n", type=int, default=n_default, help="training examples in the kernel")
-    p.add_argument("--kinds", help="matrix kinds, e.g. v or q,k,v,o (default: the config's targets)")
+    p.add_argument("--kinds", help="matrix kinds, e.g. v, q,k,v,o, up,down or v,mlp (default: the config's targets)")
     p.add_argument("--output", choices=["margin", "logits"], help="f (default: margin for binary tasks)")
     p.add_argument("--label-words", help="causal LM: comma-separated label words")
     p.add_argument("--sketch-dim", type=int, help="keep k sketched coordinates per matrix")
