@@ -116,6 +116,10 @@ class TrainConfig:
     quantize: str | None = None            # nf4 | fp4 | int8: a frozen bitsandbytes base under the adapter (QLoRA)
     fsdp: bool = False                     # shard the model across processes (FSDP2) under torchrun / accelerate launch
     fsdp_min_params: int | None = None     # FSDP units: submodules of at least this many parameters (default: each layer)
+    # causal LMs (README "Lean LM fine-tuning")
+    chunked_loss: str = "auto"             # auto | on | off: the LM head's loss a chunk of tokens at a time, never the
+                                           # whole B×T×V logits (qkvtune/lmloss.py); auto = where it is exactly the
+                                           # model's own loss; on = refuse a model where it is not
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,7 +150,7 @@ FOREIGN = {
 }
 _CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "on_nonfinite": ("stop", "skip"),
-            "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
+            "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"), "chunked_loss": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                           "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
             "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
@@ -327,6 +331,8 @@ def _validate_data(cfg: TrainConfig) -> None:
                           f"regression tasks, not {cfg.task}")
     if cfg.shuffle_labels and family not in ("glue", "classification", "regression", "builtin"):
         raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {cfg.task}")
+    if cfg.chunked_loss == "on" and (family in ("glue", "classification", "regression") or cfg.task == "builtin/vader"):
+        raise ConfigError(f"chunked_loss: on is the loss of a causal LM's head; {cfg.task} trains a classifier")
 
 
 def parse_override(item: str) -> tuple[str, typing.Any]:
