@@ -116,10 +116,12 @@ class TrainConfig:
     quantize: str | None = None            # nf4 | fp4 | int8: a frozen bitsandbytes base under the adapter (QLoRA)
     fsdp: bool = False                     # shard the model across processes (FSDP2) under torchrun / accelerate launch
     fsdp_min_params: int | None = None     # FSDP units: submodules of at least this many parameters (default: each layer)
-    # causal LMs (README "Lean LM fine-tuning")
+    # causal LMs: less memory and less padding (README "Lean LM fine-tuning")
     chunked_loss: str = "auto"             # auto | on | off: the LM head's loss a chunk of tokens at a time, never the
                                            # whole B×T×V logits (qkvtune/lmloss.py); auto = where it is exactly the
                                            # model's own loss; on = refuse a model where it is not
+    packing: bool = False                  # task sft | text/…: pack training examples into rows of max_length tokens,
+                                           # positions restarting per example (qkvtune/data/packing.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -331,6 +333,8 @@ def _validate_data(cfg: TrainConfig) -> None:
                           f"regression tasks, not {cfg.task}")
     if cfg.shuffle_labels and family not in ("glue", "classification", "regression", "builtin"):
         raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {cfg.task}")
+    if cfg.packing and family not in ("sft", "text"):
+        raise ConfigError(f"packing: packs causal-LM examples (task sft or text/…), not {cfg.task}")
     if cfg.chunked_loss == "on" and (family in ("glue", "classification", "regression") or cfg.task == "builtin/vader"):
         raise ConfigError(f"chunked_loss: on is the loss of a causal LM's head; {cfg.task} trains a classifier")
 

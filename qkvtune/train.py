@@ -258,8 +258,13 @@ def _train(cfg: TrainConfig) -> dict:
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)
     settings = {"config": cfg.to_dict(), "task": runs.task_settings(run),
                 "learning_rates": {g["name"]: g["lr"] for g in param_groups(model, cfg)}}
-    trainer = QkvTrainer(model=model, args=args, train_dataset=task.train, eval_dataset=eval_sets,
-                         data_collator=task.collator, compute_metrics=task.compute_metrics,
+    train_set, collator = task.train, task.collator
+    if cfg.packing:  # the training rows only: evaluation and predict stay unpacked
+        from .data.packing import packed_training
+
+        train_set, collator = packed_training(model, task.train, task.collator, cfg.max_length)
+    trainer = QkvTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                         data_collator=collator, compute_metrics=task.compute_metrics,
                          callbacks=callbacks, rates=cfg, settings=settings,
                          on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips,
                          lm_loss=lmloss.for_run(model, cfg.chunked_loss, task.kind))
