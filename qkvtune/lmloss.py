@@ -48,46 +48,56 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(h·Wᵀ + b, target) · scale, chunk by chunk, with the gradients formed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, rows, needs):
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        gh = torch.empty_like(hidden) if needs[0] else None
-        gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs[1] else None
-        gb = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs[2] else None
-        buf = None  # one logits buffer for every chunk: a fresh one each time costs page faults on CPU
-        for s in range(0, hidden.shape[0], rows):
-            h, t = hidden[s:s + rows], targets[s:s + rows]
-            if buf is None:
-                buf = torch.empty(len(t), weight.shape[0], device=hidden.device, dtype=torch.float32)
-            logits = buf[:len(t)]
-            if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-                torch.mm(h, weight.t(), out=logits)
-                if bias is not None:
-                    logits += bias
-            else:  # the head in the compute dtype, the softmax in float32, as ForCausalLMLoss upcasts
-                logits.copy_(F.linear(h, weight, bias))
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not any(needs):
-                continue
-            g = logits.sub_(lse[:, None]).exp_()          # the softmax, in the logits' own memory
-            g[torch.arange(len(t), device=g.device), t] -= 1.0
-            g = g.mul_(scale).to(hidden.dtype)            # autograd would cast it back to the compute dtype too
-            if gh is not None:
-                torch.mm(g, weight.to(g.dtype), out=gh[s:s + rows])
-            if gw is not None:
-                gw.addmm_(g.t().float(), h.float())
-            if gb is not None:
-                gb += g.float().sum(0)
-        ctx.save_for_backward(gh, gw, gb)
+    def forward(ctx, hidden, weight, bias, targets, scale, rows, needs, dtype):
+        # ``dtype``: the head's compute dtype (autocast's, if it was on): what lm_head(hidden) would compute in
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, *grads = _chunks(hidden, weight, bias, targets, scale, rows, needs, dtype)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = hidden.dtype, weight.dtype
-        return total * scale
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
         gh, gw, gb = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         scaled = lambda g, dtype: None if g is None else (g * grad.to(g.dtype)).to(dtype)
-        return scaled(gh, hidden_dtype), scaled(gw, weight_dtype), scaled(gb, weight_dtype), None, None, None, None
+        return scaled(gh, hidden_dtype), scaled(gw, weight_dtype), scaled(gb, weight_dtype), *[None] * 5
+
+
+def _chunks(hidden, weight, bias, targets, scale, rows, needs, dtype):
+    """The loss and the gradients of hidden, weight and bias (None where not needed)."""
+    h_all, w = hidden.to(dtype), weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    gh = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if needs[0] else None
+    gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs[1] else None
+    gb = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs[2] else None
+    buf = None  # one float32 logits buffer for every chunk: a fresh one each time costs page faults on CPU
+    for s in range(0, hidden.shape[0], rows):
+        h, t = h_all[s:s + rows], targets[s:s + rows]
+        if buf is None:
+            buf = torch.empty(len(t), weight.shape[0], device=hidden.device, dtype=torch.float32)
+        logits = buf[:len(t)]
+        if dtype == torch.float32:
+            torch.mm(h, w.t(), out=logits)
+            if b is not None:
+                logits += b
+        else:  # the head in the compute dtype, the softmax in float32, as ForCausalLMLoss upcasts
+            logits.copy_(F.linear(h, w, b))
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if not any(needs):
+            continue
+        g = logits.sub_(lse[:, None]).exp_()          # the softmax, in the logits' own memory
+        g[torch.arange(len(t), device=g.device), t] -= 1.0
+        g = g.mul_(scale).to(dtype)                   # autograd casts it back to the compute dtype too
+        if gh is not None:
+            torch.mm(g, w, out=gh[s:s + rows])
+        if gw is not None:
+            gw.addmm_(g.t().float(), h.float())
+        if gb is not None:
+            gb += g.float().sum(0)
+    return total * scale, gh, gw, gb
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -102,7 +112,10 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (h, weight, bias))
-    return _ChunkedCrossEntropy.apply(h, weight, bias, targets[keep], scale, rows, needs)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(
+        hidden.dtype, weight.dtype)
+    return _ChunkedCrossEntropy.apply(h, weight, bias, targets[keep], scale, rows, needs, dtype)
 
 
 class ChunkedLoss:

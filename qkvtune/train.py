@@ -99,6 +99,26 @@ class QkvTrainer(Trainer):
         with self.lm_loss.active(chunked) if self.lm_loss is not None else contextlib.nullcontext():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        rows = self.args.per_device_train_batch_size
+        labels = inputs.get("labels")
+        if self.lm_loss is None or not prediction_loss_only or labels is None or len(labels) <= rows:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The loss alone, its forward in slices of a training batch's rows: evaluation (64 rows by default) then
+        # holds no more activations than a training step. Each slice's summed loss over the whole batch's count
+        # of labelled tokens, added up, is the batch's loss as Trainer computes it.
+        inputs = self._prepare_inputs(inputs)
+        count = (inputs["labels"][..., 1:] != -100).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        loss = 0.0
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for s in range(0, len(labels), rows):
+                part = {k: v[s:s + rows] if torch.is_tensor(v) and v.dim() and len(v) == len(labels) else v
+                        for k, v in inputs.items()}
+                loss = loss + self.compute_loss(model, part, num_items_in_batch=count)
+        return loss.detach(), None, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.on_nonfinite == "stop" and not torch.isfinite(loss).all():

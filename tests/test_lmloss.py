@@ -147,7 +147,7 @@ def test_auto_keeps_full_logits_where_chunking_is_not_exact():
 def _records(tmp_path):
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"question {i} " + "word " * (i % 7),
-                                        "completion": f"answer {i} " + "more " * (i % 5)}) + "\n" for i in range(40)))
+                                        "completion": f"answer {i} " + "more " * (i % 9)}) + "\n" for i in range(40)))
     return str(path)
 
 
@@ -176,12 +176,14 @@ def test_training_and_evaluation_use_it_with_gradient_accumulation(tmp_path, tin
     monkeypatch.setattr(lmloss, "cross_entropy", counting)
     monkeypatch.setattr(lmloss, "mismatch", quiet_probe)
     f = _records(tmp_path)
-    common = dict(model=tiny_llama_dir, task="sft", train_file=f, max_steps=4, batch_size=2, grad_accum=2,
+    common = dict(model=tiny_llama_dir, task="sft", train_file=f, validation_fraction=0.2, max_steps=4, batch_size=2,
+                  grad_accum=2,
                   optim="sgd", lr=0.5, lr_ratio=4, warmup_ratio=0, eval_strategy="no", max_length=48)
     full = train(build_config({**common, "chunked_loss": "off", "output_dir": str(tmp_path / "full")}))
     assert calls == {"grad": 0, "no_grad": 0}
     chunked = train(build_config({**common, "output_dir": str(tmp_path / "chunked")}))  # the default: auto
-    assert calls["grad"] == 8 and calls["no_grad"] > 0  # 4 steps × 2 micro-batches, and the final evaluation
+    # 4 steps × 2 micro-batches; the final evaluation's batch of 8 in slices of a training batch's 2 rows
+    assert calls["grad"] == 8 and calls["no_grad"] == 4
     assert chunked["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
     assert chunked["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
     a, b = load_file(tmp_path / "full" / QKV_WEIGHTS), load_file(tmp_path / "chunked" / QKV_WEIGHTS)
