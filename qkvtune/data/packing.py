@@ -55,8 +55,8 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
             if lo == hi:
                 return lo
             mid = (lo + hi) // 2
-            return down(2 * node, lo, mid) if (left := down(2 * node, lo, mid)) is not None else \
-                down(2 * node + 1, mid + 1, hi)
+            found = down(2 * node, lo, mid)
+            return found if found is not None else down(2 * node + 1, mid + 1, hi)
         return down(1, 0, size - 1)
 
     bins: list[list[int]] = []
