@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .deltas import METHODS
-from .data.spec import DataSpec
+from .data.spec import LABELLED, DataSpec, offers
 from .errors import ConfigError  # noqa: F401 (defined with the other errors; callers import it from here too)
 from .files import atomic_write
 from .targets import ALL_LINEAR, GROUPS, KINDS
@@ -98,6 +98,10 @@ class TrainConfig(DataSpec):
     quantize: str | None = None            # nf4 | fp4 | int8: a frozen bitsandbytes base under the adapter (QLoRA)
     fsdp: bool = False                     # shard the model across processes (FSDP2) under torchrun / accelerate launch
     fsdp_min_params: int | None = None     # FSDP units: submodules of at least this many parameters (default: each layer)
+    # causal LMs: less memory and less padding (README "Lean LM fine-tuning")
+    chunked_loss: str = "auto"             # auto | on | off: the LM head's loss a chunk of tokens at a time, never the
+                                           # whole B×T×V logits (qkvtune/lmloss.py); auto = where it is exactly the
+                                           # model's own loss; on = refuse a model where it is not
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,7 +134,7 @@ FOREIGN = {
 }
 _CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
             "on_nonfinite": ("stop", "skip"),
-            "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"),
+            "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"), "chunked_loss": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                           "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
             "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
@@ -259,6 +263,8 @@ def _validate_scale(cfg: TrainConfig) -> None:
             raise ConfigError("quantize: a bitsandbytes base cannot be sharded with fsdp here; use one of them")
     if cfg.fsdp_min_params is not None and (cfg.fsdp_min_params < 1 or not cfg.fsdp):
         raise ConfigError(f"fsdp_min_params: needs fsdp: true and a positive count, got {cfg.fsdp_min_params!r}")
+    if cfg.chunked_loss == "on" and offers(cfg.task, LABELLED):
+        raise ConfigError(f"chunked_loss: on is the loss of a causal LM's head; {cfg.task} trains a classifier")
 
 
 # report_to: any integration Trainer supports; the package each needs (checked before any work)

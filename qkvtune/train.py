@@ -17,7 +17,7 @@ from accelerate.utils import save_fsdp_optimizer
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
-from . import attach, checkpoints, io, runs, sharding
+from . import attach, checkpoints, io, lmloss, runs, sharding
 from .callbacks import PatienceCallback, ntk_stopping
 from .config import ConfigError, TrainConfig, save_config
 from .errors import QkvtuneError, check_output_dir
@@ -52,8 +52,9 @@ def adapters_attached(model):
 
 class QkvTrainer(Trainer):
     def __init__(self, *args, rates, settings: dict | None = None, on_nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 10, **kwargs):
+                 max_nonfinite_skips: int = 10, lm_loss: lmloss.ChunkedLoss | None = None, **kwargs):
         self.rates = rates
+        self.lm_loss = lm_loss  # chunked_loss: the model's loss without its full logits (lmloss.py)
         self.settings = settings or {}
         self.on_nonfinite, self.max_nonfinite_skips, self.nonfinite_skips = on_nonfinite, max_nonfinite_skips, 0
         with adapters_attached(kwargs.get("model")):
@@ -93,6 +94,32 @@ class QkvTrainer(Trainer):
                 self._nonfinite("gradient")
             return step(*args, **kwargs)
         return guarded_step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # chunked only where nobody reads the logits: training, and evaluation that keeps the loss alone
+        chunked = self.lm_loss is not None and (not return_outputs or self.args.prediction_loss_only)
+        with self.lm_loss.active(chunked) if self.lm_loss is not None else contextlib.nullcontext():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        rows = self.args.per_device_train_batch_size
+        labels = inputs.get("labels")
+        if self.lm_loss is None or not prediction_loss_only or labels is None or len(labels) <= rows:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The loss alone, its forward in slices of a training batch's rows: evaluation (64 rows by default) then
+        # holds no more activations than a training step. Each slice's summed loss over the whole batch's count
+        # of labelled tokens, added up, is the batch's loss as Trainer computes it.
+        inputs = self._prepare_inputs(inputs)
+        count = (inputs["labels"][..., 1:] != -100).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        loss = 0.0
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for s in range(0, len(labels), rows):
+                part = {k: v[s:s + rows] if torch.is_tensor(v) and v.dim() and len(v) == len(labels) else v
+                        for k, v in inputs.items()}
+                loss = loss + self.compute_loss(model, part, num_items_in_batch=count)
+        return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -253,10 +280,16 @@ def _train(cfg: TrainConfig) -> dict:
     eval_sets = task.evals if len(task.evals) > 1 else next(iter(task.evals.values()), None)
     settings = {"config": cfg.to_dict(), "task": runs.task_settings(run),
                 "learning_rates": {g["name"]: g["lr"] for g in param_groups(model, cfg)}}
-    trainer = QkvTrainer(model=model, args=args, train_dataset=task.train, eval_dataset=eval_sets,
-                         data_collator=task.collator, compute_metrics=task.compute_metrics,
+    train_set, collator = task.train, task.collator
+    if cfg.packing:  # the training rows only: evaluation and predict stay unpacked
+        from .data.packing import packed_training
+
+        train_set, collator = packed_training(model, task.train, task.collator, cfg.max_length)
+    trainer = QkvTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                         data_collator=collator, compute_metrics=task.compute_metrics,
                          callbacks=callbacks, rates=cfg, settings=settings,
-                         on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips)
+                         on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips,
+                         lm_loss=lmloss.for_run(model, cfg.chunked_loss, task))
     result = trainer.train(resume_from_checkpoint=resume)
     predictions = {}
     metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg, predictions)
@@ -280,9 +313,9 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run on its task (``overrides`` may change task, data_dir, max_eval_samples …)."""
     run = runs.open_run(run_dir, overrides)
     args = training_arguments(run.cfg, run.task, "loss", False, has_eval=False)  # evaluate() only, no loop
-    with adapters_attached(run.model):
-        trainer = Trainer(model=run.model, args=args, data_collator=run.task.collator,
-                          compute_metrics=run.task.compute_metrics)
+    trainer = QkvTrainer(model=run.model, args=args, data_collator=run.task.collator, rates=run.cfg,
+                         compute_metrics=run.task.compute_metrics,
+                         lm_loss=lmloss.for_run(run.model, run.cfg.chunked_loss, run.task))
     return evaluate_all(trainer, run.model, run.tokenizer, run.task, run.cfg)
 
 

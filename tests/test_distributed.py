@@ -76,3 +76,17 @@ def test_fsdp_smt_matches_one_process_and_resumes(tmp_path, tiny_bert_dir):
             os.remove(cut / f)
     resumed = _train([*common, "batch_size=4", "fsdp=true", "resume=true"], cut, nproc=2)
     _same(two, resumed, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_chunked_lm_loss_matches_one_process(tmp_path, tiny_llama_dir):
+    """A causal LM under FSDP2 with the chunked loss (the default) trains the adapter one process trains with
+    transformers' own loss on the same global batch (assistant-only labels: the ranks' label counts differ)."""
+    import json
+
+    f = tmp_path / "pc.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"question {i} " + "word " * (i % 7),
+                                     "completion": f"answer {i} " + "more " * (i % 5)}) + "\n" for i in range(36)))
+    common = [f"model={tiny_llama_dir}", "task=sft", f"train_file={f}", "max_length=48", "max_steps=4", "optim=sgd",
+              "lr=0.5", "lr_ratio=4", "eval_strategy=no", "warmup_ratio=0"]
+    one = _train([*common, "batch_size=8", "chunked_loss=off"], tmp_path / "one")
+    _same(one, _train([*common, "batch_size=4", "fsdp=true"], tmp_path / "fsdp", nproc=2))

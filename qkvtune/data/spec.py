@@ -26,6 +26,7 @@ OWN_TABLES = ("classification", "regression")  # the user's table rows: text col
 OWN_DATA = OWN_TABLES + ("sft",)  # read from the user's files or dataset
 LABELLED = ("glue", "classification", "regression", "builtin/vader")  # a label per example: shuffle_labels
 HOLDS_OUT = ("glue", "commonsense", "classification", "regression")  # a test split besides validation: val_size
+LANGUAGE_MODELLING = ("sft", "text")  # causal-LM examples: packing
 TEXT_GUESSES = ("text", "sentence", "prompt")  # predict's text column when none is configured
 
 
@@ -64,6 +65,8 @@ class DataSpec:
     max_eval_samples: int | None = None
     max_length: int = 128
     train_on_inputs: bool = False          # causal LM: also learn the prompt tokens
+    packing: bool = False                  # task sft | text/…: pack training examples into rows of max_length tokens,
+                                           # positions restarting per example (data/packing.py)
 
     @classmethod
     def of(cls, settings) -> "DataSpec":
@@ -107,6 +110,8 @@ class DataSpec:
                               f"regression tasks, not {self.task}")
         if self.shuffle_labels and not offers(self.task, LABELLED):
             raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {self.task}")
+        if self.packing and not offers(self.task, LANGUAGE_MODELLING):
+            raise ConfigError(f"packing: packs causal-LM examples (task sft or text/…), not {self.task}")
         for key in ("max_train_samples", "max_eval_samples", "max_length"):
             value = getattr(self, key)
             if value is not None and value <= 0:
