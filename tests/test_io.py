@@ -137,3 +137,17 @@ def test_pickle_only_folder_refused(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(io.AdapterError, match="safetensors only"):
         io.load_adapter(tiny("bert", 2), str(tmp_path))
+
+
+def test_written_files_get_the_umask_permissions_not_the_temporary_files(tmp_path):
+    # atomic writes go through a mkstemp file (0600); the renamed result must be what open() would have made
+    mask = os.umask(0o022)
+    try:
+        files.write_json(str(tmp_path / "a.json"), {"x": float("nan")})
+        files.save_tensors(str(tmp_path / "w.safetensors"), {"w": torch.zeros(2)})
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(mask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("a.json", "w.safetensors", "plain")}
+    assert modes == {"a.json": 0o644, "w.safetensors": 0o644, "plain": 0o644}
+    assert json.load(open(tmp_path / "a.json")) == {"x": None}
