@@ -90,7 +90,7 @@ def _load(spec: DataSpec, tokenizer, seed: int):
         return load_files_task(family, spec, tokenizer, **opts, **held)
     if family == "sft" and not rest:
         from .sft import load_sft
-        return load_sft(spec, tokenizer, train_on_inputs=spec.train_on_inputs, **opts)
+        return load_sft(spec, tokenizer, train_on_inputs=spec.train_on_inputs, **opts, **held)
     if family == "glue" and rest:
         from .glue import load_glue
         return load_glue(rest, tokenizer, resolve_data_dir(spec.data_dir), **opts, **held)
