@@ -105,6 +105,10 @@ def test_alpaca_as_chat_three_splits_and_per_example_test_loss(tmp_path, tiny_ll
     ex = task.tests["test"][0]
     assert tok.decode(ex["input_ids"]) == "< user > add one 20 [SEP] < assistant > it is 21 [SEP]"
     assert tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100]) == "it is 21 [SEP]"
+    # without a validation file the held-out tenth is the test split, the same for every seed (paired runs)
+    tests = [load_task("sft", tok, max_length=64, train_file=train_f, val_size=3, seed=s, as_chat=True).tests["test"]
+             for s in (1, 2)]
+    assert tests[0]["input_ids"] == tests[1]["input_ids"] and len(tests[0]) == 2
     with pytest.raises(Exception, match="as_chat"):
         load_task("glue/sst2", tok, as_chat=True)
     out = tmp_path / "run"
