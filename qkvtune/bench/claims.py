@@ -302,6 +302,10 @@ def _judge_arms(result: ClaimResult, claim: Claim, ctx: Context, task: str) -> N
     """Per arm on a testable task: the best constant predictor's margin ("not learned"), the head-only baseline
     (for arms whose score a check compares) and the seeds still rising at the step cap."""
     seeds = result.seeds
+    for seed in seeds:
+        result.runs[seed][task] = {a: r.runs[seed] for a, r in result.arms[task].items()}
+    if not result.arms[task]:  # only a training measure's own runs (C7's stopping run) on this task
+        return
     ref_settings = ctx.settings(claim, task, next(iter(result.arms[task])), seeds[0])
     labels = ctx.labels(ref_settings)
     const = scores.constant_score(task, labels["test"], labels["choices"]) if labels["test"] else math.nan
@@ -309,8 +313,6 @@ def _judge_arms(result: ClaimResult, claim: Claim, ctx: Context, task: str) -> N
     margin = float(ctx.suite.get("not_learned", 0.02))
     result.not_learned[task] = [a for a, r in result.arms[task].items() if math.isfinite(const) and
                                 mean([x.score for x in r.runs.values()]) <= const + margin]
-    for seed in seeds:
-        result.runs[seed][task] = {a: r.runs[seed] for a, r in result.arms[task].items()}
     compared = {str(x)[len("score:"):].split("@")[0] for c in claim.checks for x in (c.get("a"), c.get("b"))
                 if str(x).startswith("score:")}
     result.head_only[task] = {a: head_only_check(result, task, a) for a in result.arms[task] if a in compared}
