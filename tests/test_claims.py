@@ -450,3 +450,20 @@ def test_every_paper_quote_names_its_row_and_matches_the_transcription():
             assert found, f"{claim.id}: no row {row} under a heading naming {q['table']!r} with {list(q['cells'])}"
             assert any(all(r[header.index(k)] == v for k, v in q["cells"].items()) for _, header, r in found), \
                 f"{claim.id}: {row}: {q['cells']} differ from papers.md"
+
+
+def test_a_profile_can_run_a_documented_subset_of_a_claims_arms():
+    """``arms: {C10: [mlp, qkvo_eqp]}`` keeps those arms (the reference falls to the first kept one when dropped);
+    a check on a dropped arm reads "not run in this profile", not a verdict; an unknown arm is refused by name."""
+    from qkvtune.bench.claims import ClaimResult, evaluate_check, keep_arms
+    from qkvtune.bench.suite import default_suite_dir
+
+    _, claims = load_suite(default_suite_dir())
+    c10 = next(c for c in claims if c.id == "C10")
+    sub = keep_arms(c10, ["mlp", "qkvo_eqp"])
+    assert list(sub.arms) == ["mlp", "qkvo_eqp"] and sub.ref == "mlp" and "qv" in sub.dropped
+    result = ClaimResult(sub, ["sft/x"], [0, 1], {}, {}, [], V.UNSURE, gates={"sft/x": (True, "")})
+    part = evaluate_check(result, {"rule": "better", "a": "score:mlp", "b": "score:qv_eqp", "margin": 0.01})
+    assert part["verdict"] == V.UNTESTABLE and "not run in this profile: qv_eqp" in part["note"]
+    with pytest.raises(ConfigError, match="C10 has no arm 'mlpx'"):
+        keep_arms(c10, ["mlpx"])

@@ -186,6 +186,9 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
             f"{only} not among this claim's tasks here" if only not in result.tasks else f"{only} not testable"
         return {**blank, "verdict": UNTESTABLE, "note": why}
     compared = [x[len("score:"):].split("@")[0] for x in (a, b) if str(x).startswith("score:")]
+    if [arm for arm in compared if arm in result.claim.dropped]:
+        return {**blank, "verdict": UNTESTABLE, "note": "arm not run in this profile: " +
+                ", ".join(arm for arm in compared if arm in result.claim.dropped)}
     unlearned = [arm for arm in compared if [t for t in result.adapter_not_learned(arm) if only in (None, t)]]
     if unlearned:
         return {**blank, "verdict": UNTESTABLE,
@@ -321,6 +324,21 @@ def _judge_arms(result: ClaimResult, claim: Claim, ctx: Context, task: str) -> N
                            for a, r in result.arms[task].items()}
 
 
+def keep_arms(claim: Claim, arms: list[str] | None) -> Claim:
+    """A profile's ``arms: {claim: [arms]}``: the claim with those arms only (a documented subset where the whole
+    claim costs too much); its checks on other arms read "not run in this profile"."""
+    if not arms:
+        return claim
+    unknown = set(arms) - set(claim.arms)
+    if unknown:
+        raise ConfigError(f"profile arms: {claim.id} has no arm {sorted(unknown)[0]!r} (have {list(claim.arms)})")
+    from dataclasses import replace
+
+    return replace(claim, arms={a: s for a, s in claim.arms.items() if a in arms},
+                   reference=claim.reference if claim.reference in arms else None,
+                   dropped=[a for a in claim.arms if a not in arms])
+
+
 def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None, only: list[str] | None = None,
               tasks_spec: str | None = None, overrides: dict | None = None, log=print,
               profile: str | None = None) -> list[ClaimResult]:
@@ -337,9 +355,10 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
         only = only or p.get("claims")
         tasks_spec = tasks_spec or p.get("tasks")
         overrides = {**(p.get("overrides") or {}), **(overrides or {})}
-        for key in ("gate", "lr_grid", "lr_bounds", "not_learned", "budgets", "rising"):
+        for key in ("gate", "lr_grid", "lr_bounds", "not_learned", "budgets", "rising", "reference"):
             if key in p:
                 suite = {**suite, key: p[key]}
+        claims = [keep_arms(c, (p.get("arms") or {}).get(c.id)) for c in claims]
     if overrides:  # e.g. model=roberta-base max_train_samples=null for the papers' scale
         suite = {**suite, "overrides": overrides}
     found = discover_tasks(data_dir, suite.get("prefer"))

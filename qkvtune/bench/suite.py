@@ -43,6 +43,7 @@ class Claim:
     quotes: list[dict] = field(default_factory=list)  # the papers' words and numbers, each naming its source row
     conclusion: dict = field(default_factory=dict)  # how the report words the answer (C10: which source it supports)
     path: str = ""
+    dropped: list[str] = field(default_factory=list)  # arms a profile left out (``arms:``)
 
     @property
     def ref(self) -> str:
