@@ -121,4 +121,11 @@ def pearson_of(y, p) -> float:
     return float(np.corrcoef(y, p)[0, 1])
 
 
-PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of}  # metric -> fn(labels, predictions)
+def token_loss_of(tokens, nll) -> float:
+    """A language-model loss from per-example (trained-token count, summed loss): Σ loss / Σ tokens."""
+    total = float(np.sum(np.asarray(tokens, dtype=float)))
+    return float(np.sum(np.asarray(nll, dtype=float)) / total) if total else float("nan")
+
+
+# metric -> fn(labels, predictions); for the loss the labels are token counts and the predictions summed losses
+PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of, "loss": token_loss_of}
