@@ -122,3 +122,16 @@ def pearson_of(y, p) -> float:
 
 
 PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of}  # metric -> fn(labels, predictions)
+
+
+def constant_score(metric: str, labels) -> float:
+    """The best score of a constant prediction on these labels, by a task's main metric: the majority class's
+    share (accuracy), the best F1 of always answering one class, 0 for correlations and MCC. (Not for ``loss``:
+    a language model's baseline is the pretrained model itself.)"""
+    labels = np.asarray(labels)
+    if metric in ("pearson", "spearmanr", "matthews_correlation"):
+        return 0.0
+    values = np.unique(labels)
+    if metric == "f1":
+        return max(f1_of(labels, np.full(len(labels), v)) for v in values)
+    return max(float(np.mean(labels == v)) for v in values)
