@@ -305,7 +305,8 @@ def train_by_kinds(unit: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.
     nxt = 0
     for t in range(total):
         _, g, _ = loss_terms(loss, f[:, :n, :], y_train)
-        move = torch.einsum("bk,knj,bjc->bnc", weights[:, :, t], k, g) / n
+        per_kind = (k.reshape(-1, n) @ g.permute(1, 0, 2).reshape(n, -1)).reshape(kinds, -1, runs, g.shape[-1])
+        move = torch.einsum("bk,knbc->bnc", weights[:, :, t], per_kind) / n  # no (runs × n × n) kernel formed
         if beta:
             momentum = beta * momentum + (1 - beta) * move
             move = momentum / (1 - beta ** (t + 1)) if bias_correction else momentum
@@ -338,7 +339,8 @@ def top_eigenvalues(unit: torch.Tensor, weights: torch.Tensor, curvature: torch.
     v = torch.ones(len(w), n, dtype=torch.float64) / n ** 0.5
     value = torch.zeros(len(w), dtype=torch.float64)
     for _ in range(iterations):
-        u = torch.einsum("bk,kij,bj->bi", w, k, d * v) * d
+        per_kind = (k.reshape(-1, n) @ (d * v).T).reshape(len(k), n, len(w))  # (K, n, B)
+        u = torch.einsum("bk,kib->bi", w, per_kind) * d
         value = (u * v).sum(1)
         v = u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
     return value / n

@@ -31,10 +31,10 @@ import time
 from ..config import ConfigError
 from ..plan import REFERENCE, add_candidate_options, parse_candidates, parse_numbers
 
-LM_FAMILY = {  # SmolLM2 SFT on the shared Alpaca records (loss on responses), sized for 2 CPU cores
-    "model": "smollm2-135m", "max_train_samples": 400, "max_eval_samples": 64, "max_length": 256,
-    "batch_size": 4, "eval_batch_size": 8, "warmup_ratio": 0.06, "max_steps": 60, "eval_strategy": "steps",
-    "eval_steps": 20,
+LM_FAMILY = {  # SmolLM2 SFT on the shared Alpaca records (loss on responses), sized for 2 shared CPU cores
+    "model": "smollm2-135m", "max_train_samples": 400, "max_eval_samples": 48, "max_length": 128,
+    "batch_size": 4, "eval_batch_size": 8, "warmup_ratio": 0.06, "max_steps": 40, "eval_strategy": "steps",
+    "eval_steps": 10,
 }
 LM_GATE = 0.02  # a language model learns when its validation loss is this much (relative) under the pretrained's
 PLAN_CLAIM_BASE = {"method": "lora", "rank": 8, "alpha": 16}  # every run of the real grid
