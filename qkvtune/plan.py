@@ -466,11 +466,13 @@ def simulate_grid(st: Setting, cfg: TrainConfig, pairs: list, total: int, every:
     """Every (candidate, rate) of ``pairs``: its stability, and its predicted validation score and loss at every
     evaluation step of a ``total``-step schedule (the config's scheduler and warm-up), all trained side by side.
 
-    Stability: the calibrated step at the peak rate times the largest eigenvalue of the kernel at initialisation
-    in the loss's curvature (s·η·λ_max of D K D/n) against gradient descent's edge 2. Adam's averaged steps are
-    stable on a quadratic up to 2(1+β₁)/(1−β₁) (``kernel_sim.edge``), but its bias-corrected first steps are
-    hardly averaged (m̂₁ = g₁), and a nonlinear network thrown past its target there need not come back, where
-    the linearised model does; the benchmark (benchmarks/PLAN.md) checks the edge against the runs that
+    Stability: the step at the peak rate times the largest eigenvalue of the kernel at initialisation in the
+    loss's curvature (η·λ_max of D K D/n) against gradient descent's edge 2. The step is the derived one (s = 1):
+    Adam's bias-corrected first steps are not averaged (m̂₁/√v̂₁ = sign g₁, every parameter moving η, as the
+    derivation has it), while the calibrated s also absorbs what the kernel gains later (the growth of LoRA's
+    A, heavy-tailed gradients). On a quadratic Adam's averaged steps stay stable up to 2(1+β₁)/(1−β₁)
+    (``kernel_sim.edge``), but a nonlinear network thrown past its target in its first steps need not come back,
+    where the linearised model does; the benchmark (benchmarks/PLAN.md) checks the edge against the runs that
     diverged."""
     from .analysis.kernel_sim import loss_terms, top_eigenvalues
     from .analysis.stopping import step_sizes
@@ -479,8 +481,8 @@ def simulate_grid(st: Setting, cfg: TrainConfig, pairs: list, total: int, every:
     key = better(st.readout.metric)
     rates = torch.stack([kind_rates(st.kinds, c, cfg, lr) for c, lr in pairs])  # (B, K)
     weights = step_weights(st.kinds, rates, shape, st.scale, st.kappa)             # (B, K, T)
-    # the stability edge: the kernel at initialisation, the calibrated step at the peak rate
-    sharp = top_eigenvalues(st.kinds.unit, st.scale * float(shape.max()) * rates, st.curvature, st.n)
+    # the stability edge: the kernel at initialisation and the derived step (s = 1) at the peak rate
+    sharp = top_eigenvalues(st.kinds.unit, float(shape.max()) * rates, st.curvature, st.n)
     traj = simulate_kinds(st.kinds, st.n, st.f0, st.y, st.readout.loss, weights, every, st.beta)
     rows = []
     for i, (c, lr) in enumerate(pairs):
