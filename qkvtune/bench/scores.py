@@ -63,15 +63,10 @@ def score_predictions(task: str, labels: list, predictions: list) -> float:
 
 
 def constant_score(task: str, labels: list, choices: list | None = None) -> float:
-    """The best score a constant prediction gets on these labels (majority-class accuracy, the F1 of always
-    answering the positive class, 0 for correlations and MCC, the most frequent answer's rate)."""
-    if metric_name(task) in ("pearson", "matthews_correlation"):
-        return 0.0
-    fn = metric(task)
-    if fn is None:
-        return majority(labels)
-    candidates = sorted(set(labels) | set(choices or []), key=str)
-    return max(fn(np.asarray(labels), np.full(len(labels), c)) for c in candidates)
+    """The best score a constant prediction gets on these labels, by the task's main metric (data.metrics)."""
+    from ..data.metrics import constant_score as of_metric
+
+    return of_metric(metric_name(task), labels, choices)
 
 
 def majority(labels: list) -> float:
