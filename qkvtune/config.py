@@ -47,6 +47,8 @@ class TrainConfig(DataSpec):
     smt_warmup_steps: int = 100
     smt_warmup_lr: float | None = None     # SGD steps on the eligible slices during the warm-up (the paper fine-tunes
                                            # there; undone after selection); none: gradients at the pretrained weights
+    smt_warmup_head: bool = False          # the new task head trains in the warm-up too (SGD at smt_warmup_lr), and
+                                           # keeps what it learned: the paper's warm-up fine-tunes the head as well
     smt_score: str = "abs_mean"            # abs_mean (mean |g|) | mean_abs (|mean g|) | l2
     smt_targets: list = field(default_factory=lambda: ["q", "k", "v"])  # eligible kinds, as targets ("mlp": the MLP's)
     smt_per_matrix: bool = False           # equal quotas per matrix instead of one global top-N
@@ -217,6 +219,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"smt_budget: expected a fraction in (0, 1] or a block count >= 1, got {budget!r}")
     if cfg.smt_warmup_lr is not None and not cfg.smt_warmup_lr > 0:
         raise ConfigError(f"smt_warmup_lr: must be > 0 (or unset), got {cfg.smt_warmup_lr!r}")
+    if cfg.smt_warmup_head and cfg.smt_warmup_lr is None:
+        raise ConfigError("smt_warmup_head: the head trains at smt_warmup_lr during the warm-up; set smt_warmup_lr")
     if cfg.block_size <= 0 or cfg.smt_warmup_steps <= 0:
         raise ConfigError("block_size and smt_warmup_steps: must be > 0")
     bad = [t for t in cfg.smt_targets if t not in (*KINDS, *GROUPS)]

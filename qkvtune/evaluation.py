@@ -9,6 +9,7 @@ import math
 import torch
 from transformers import EvalPrediction, Trainer
 
+from .data.metrics import token_loss_of
 from .inference import batches, forward
 
 
@@ -20,7 +21,9 @@ def metric_key(task, name: str) -> str:
 def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dict | None = None) -> dict:
     """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …): ``eval_*`` on
     the validation split, ``test_*`` on the test split (``val_size``). ``predictions``, when given, receives
-    each test split's per-example labels and predictions (class ids, scores or extracted answers)."""
+    each test split's per-example labels and predictions (class ids, scores or extracted answers; for a
+    language-model loss, each example's trained-token count as its label and its summed next-token loss as its
+    prediction: the split's ``test_loss`` is their token-weighted mean, ``data.metrics.token_loss_of``)."""
     metrics = {}
     if len(task.evals) == 1:
         metrics.update(trainer.evaluate(next(iter(task.evals.values()))))
@@ -29,6 +32,13 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
             metrics.update(trainer.evaluate(ds, metric_key_prefix=f"eval_{name}"))
     for name, ds in task.tests.items():
         prefix = "test" if len(task.tests) == 1 else f"test_{name}"
+        if task.causal_lm and not task.scored_by_generation:  # a language-model loss, per example
+            nll, tokens = token_losses(model, [ds[i] for i in range(len(ds))], task.collator, cfg.eval_batch_size)
+            metrics[f"{prefix}_loss"] = token_loss_of(tokens, nll)
+            metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
+            if predictions is not None:
+                predictions[name] = {"labels": tokens, "predictions": nll}
+            continue
         out = trainer.predict(ds, metric_key_prefix=prefix)
         metrics.update(out.metrics)
         if predictions is not None and out.label_ids is not None and task.sequence_classifier:
@@ -54,6 +64,21 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
             metrics[f"{prefix}_accuracy"] = result["accuracy"]
             metrics[f"{prefix}_samples"] = result["n"]
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def token_losses(model, examples: list[dict], collator, batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """A causal LM's loss per example, in eval mode: the summed next-token cross-entropy over its trained tokens
+    (labels ≠ −100) and how many there are."""
+    import torch.nn.functional as F
+
+    def read(out, batch):
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        mask = labels != -100
+        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+        return torch.stack([nll.sum(1).double(), mask.sum(1).double()], 1)
+
+    out = forward(model, batches(examples, collator, batch_size), read, labels=True)
+    return out[:, 0].tolist(), [int(n) for n in out[:, 1].tolist()]
 
 
 def predict(model, examples: list[dict], collator, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

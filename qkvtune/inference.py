@@ -28,9 +28,11 @@ def batches(examples: list, collator, batch_size: int) -> list[dict]:
 
 
 @torch.no_grad()
-def forward(model, batches: Iterable[dict], read: Callable | None = None, desc: str | None = None) -> torch.Tensor:
+def forward(model, batches: Iterable[dict], read: Callable | None = None, desc: str | None = None,
+            labels: bool = False) -> torch.Tensor:
     """``read(model output, batch)`` (default: the logits in float32) for each batch — moved to the model's
-    device, its labels left out — concatenated on the CPU in batch order. ``desc``: a progress bar."""
+    device; the model never sees its labels, and ``read`` sees them only with ``labels=True`` — concatenated on
+    the CPU in batch order. ``desc``: a progress bar."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -38,8 +40,9 @@ def forward(model, batches: Iterable[dict], read: Callable | None = None, desc: 
     out = []
     with evaluating(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            out.append(read(model(**batch), batch).cpu())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            out.append(read(model(**inputs), batch if labels else inputs).cpu())
     return torch.cat(out)
 
 

@@ -25,6 +25,22 @@ def lr_for_kind(rates: TrainConfig, kind: str) -> float:
     return rates.lr * rates.lr_mlp_ratio if kind in MLP_KINDS else rates.lr
 
 
+def lr_for_head(rates: TrainConfig) -> float:
+    """η of the task head: ``lr_head``, else lr (0 keeps a fresh head fixed)."""
+    return rates.lr_head if rates.lr_head is not None else rates.lr
+
+
+def update_rule(rates: TrainConfig) -> tuple[str, float]:
+    """How the configured optimizer turns gradients into steps, for the kernel's simulation: ("adam", β₁) for the
+    Adam family (each parameter's step divided by its gradient's root mean square, the gradients averaged with
+    β₁ = 0.9, transformers' default), ("sgd", 0) for plain SGD; anything else is read as Adam (sign-like,
+    normalised steps), the closer of the two for adaptive optimizers."""
+    name = rates.optim.lower()
+    if name.startswith("sgd"):
+        return "sgd", 0.0
+    return "adam", 0.9
+
+
 def param_groups(model: nn.Module, rates: TrainConfig, adapter: str | None = None) -> list[dict]:
     """Groups named ``<kind>.<role>`` (e.g. ``v.B``) and ``head``/``head.no_decay``, each with its lr and
     weight decay, from the config's rate keys (lr, lr_ratio, lr_mlp_ratio, lr_q/k/v/o, lr_head, loraplus_ratio,
@@ -42,7 +58,7 @@ def param_groups(model: nn.Module, rates: TrainConfig, adapter: str | None = Non
             if p.requires_grad:
                 role_lr = lr * rates.loraplus_ratio if (role == "B" and rates.loraplus_ratio) else lr
                 put(f"{delta.kind}.{role}", p, role_lr, decay)
-    head_lr = rates.lr_head if rates.lr_head is not None else rates.lr
+    head_lr = lr_for_head(rates)
     for _, head in attach.head_modules(model, adapter).items():
         for _, p in head.named_parameters():
             if p.requires_grad:

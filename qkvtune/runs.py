@@ -149,7 +149,7 @@ def _smt_selection(run: Run, resume: str | None) -> list[dict]:
             warmup_steps=cfg.smt_warmup_steps, warmup_lr=cfg.smt_warmup_lr, block_size=cfg.block_size, budget=cfg.smt_budget,
             score=cfg.smt_score, kinds=cfg.smt_targets, per_matrix=cfg.smt_per_matrix, seed=cfg.seed,
             selection_path=cfg.smt_selection, out_dir=cfg.output_dir if is_main_process() else None,
-            layers=cfg.layers)
+            layers=cfg.layers, heads=[run.model.get_submodule(h) for h in run.heads] if cfg.smt_warmup_head else [])
     except QkvtuneError:
         raise
     except ValueError as e:  # e.g. the data ran out before the warm-up's steps: a config problem

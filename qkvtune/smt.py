@@ -55,14 +55,17 @@ def eligible_targets(model: nn.Module, kinds=("q", "k", "v"), mlp: bool = False,
 
 
 def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: int,
-                     update_lr: float | None = None, progress: bool = True) -> dict[tuple[str, str], torch.Tensor]:
+                     update_lr: float | None = None, progress: bool = True,
+                     train: list[nn.Parameter] = ()) -> dict[tuple[str, str], torch.Tensor]:
     """Σ over ``steps`` batches of ∂L/∂W for each target slice: {(module, kind): fp32 (rows × in)}.
 
     ``batches`` yields model inputs with labels (``model(**batch).loss`` is used). Only the targets'
     weights require grad during the warm-up; each weight's gradient is added to the sums by a
     post-accumulate hook and freed at once, so at most one matrix's gradient exists at a time.
     ``update_lr``: also take SGD steps W ← W − lr·∂L/∂W on the target slices (the paper warms up with
-    full fine-tuning); those updates stay in the model — nothing is restored but the grad flags.
+    full fine-tuning); those updates stay in the model — nothing is restored but the grad flags. ``train``: other
+    parameters (a new task head) that take the same SGD steps, so the gradients of later batches flow through a
+    head that is learning the task rather than a random one.
     Works on plain models and on models with qkvtune wrappers (their deltas stay in the forward pass).
     """
     from tqdm.auto import tqdm
@@ -94,6 +97,11 @@ def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: in
         for w, slices in by_weight.values():
             w.requires_grad_(True)
             hooks.append(w.register_post_accumulate_grad_hook(lambda w, s=slices: fold(w, s)))
+        extra = [p for p in train if id(p) not in by_weight]
+        if extra and update_lr is None:
+            raise ValueError("smt warm-up: training other parameters needs update_lr (smt_warmup_lr)")
+        for p in extra:
+            p.requires_grad_(True)
         model.train()
         device = next(model.parameters()).device
         it = iter(batches)
@@ -112,6 +120,11 @@ def warmup_gradients(model: nn.Module, batches, targets: list[Target], steps: in
                     for t in slices:
                         write_slice(t.projection(model), t.rows, t.weight(model).clone(), -update_lr * t.rows_of(g))
             pending.clear()
+            with torch.no_grad():
+                for p in extra:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-update_lr)
+                        p.grad = None
     finally:
         for h in hooks:
             h.remove()
@@ -338,13 +351,14 @@ def prepare_smt(model: nn.Module, train_dataset, collator, *, batch_size: int, w
                 block_size: int = 256, budget: float | int = 0.01, score: str = DEFAULT_SCORE,
                 kinds=("q", "k", "v"), mlp: bool = False, per_matrix: bool = False, seed: int = 0,
                 selection_path: str | None = None, out_dir: str | None = None, layers=None,
-                warmup_lr: float | None = None, progress: bool = True) -> list[dict]:
+                warmup_lr: float | None = None, progress: bool = True, heads: list[nn.Module] = ()) -> list[dict]:
     """Choose SMT's blocks before adapters are attached; returns the selection.
 
     ``budget``: a float in (0, 1] is a fraction of the model's parameters; an int ≥ 1 is a block count.
     With ``selection_path`` the user's selection is loaded and checked instead (no warm-up). With
     ``out_dir``, writes ``smt_selection.json`` and the allocation report there. The warm-up draws
-    ``warmup_steps`` shuffled batches (seeded) and leaves the global RNG state untouched.
+    ``warmup_steps`` shuffled batches (seeded) and leaves the global RNG state untouched. ``heads``: modules (a
+    new task head) trained by the warm-up's SGD steps too; unlike the slices, they keep what they learned.
     """
     if selection_path:
         selection = load_selection(selection_path, block_size)
@@ -366,7 +380,7 @@ def prepare_smt(model: nn.Module, train_dataset, collator, *, batch_size: int, w
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             grads = warmup_gradients(model, _cycle(loader), targets, warmup_steps, update_lr=warmup_lr,
-                                     progress=progress)
+                                     progress=progress, train=[p for h in heads for p in h.parameters()])
         with torch.no_grad():
             for w, copy in saved.values():
                 w.copy_(copy)

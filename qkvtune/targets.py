@@ -531,8 +531,11 @@ def _named(model: nn.Module, names: list[str]) -> list[Target]:
     return sorted({(t.module, t.kind): t for t in found}.values(), key=lambda t: order[t.module])  # model order
 
 
-def _expand(kinds: list[str], have: list[str]) -> list[str]:
-    """Groups (``mlp``) replaced by those of their kinds the model has; a group with none stays, to be refused."""
+def expand_kinds(kinds, have) -> list[str]:
+    """Groups (``mlp``) replaced by those of their kinds the model has (``all-linear``: every kind in ``have``); a
+    group with none stays, to be refused."""
+    if ALL_LINEAR in kinds:
+        return list(dict.fromkeys(have))
     out = []
     for k in kinds:
         members = [m for m in GROUPS.get(k, ()) if m in have] or [k]
@@ -569,7 +572,7 @@ def find_targets(model: nn.Module, kinds=("q", "v"), layers=None, target_modules
                 f"{_summary(model)}. Pass target_modules={{module_suffix: kind}} to name them.")
     have = sorted({t.kind for t in found})
     if kinds is not None:
-        kinds = _expand(kinds, have)
+        kinds = expand_kinds(kinds, have)
         missing = [k for k in kinds if k not in have]
         if missing:
             raise TargetError(f"targets: {missing} not found in {type(model).__name__}; it has {have}")

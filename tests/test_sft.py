@@ -2,6 +2,7 @@
 prompt/completion and Alpaca records, truncation counted, and a clear refusal without a chat template."""
 
 import json
+import math
 
 import pytest
 import transformers
@@ -82,3 +83,48 @@ def test_sft_run_with_a_template_file(tmp_path, tiny_llama_dir):
     tok = _tok(template=False)
     set_chat_template(tok, str(template))
     assert tok.chat_template == TEMPLATE
+
+
+def test_alpaca_as_chat_three_splits_and_per_example_test_loss(tmp_path, tiny_llama_dir):
+    """as_chat: Alpaca records through the tokenizer's chat template (user: instruction and input, assistant: the
+    output, the loss on the latter); val_size carves the validation split out of the training records and the
+    validation file becomes the test split, scored per example: each example's summed loss and token count, whose
+    token-weighted mean is test_loss — checked against the model's own loss on each example alone."""
+    import torch
+
+    from qkvtune import runs
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    records = [{"instruction": "add one", "input": f"{i}", "output": f"it is {i + 1}"} for i in range(24)]
+    train_f, test_f = _write(tmp_path / "al.jsonl", records[:20]), _write(tmp_path / "al_test.jsonl", records[20:])
+    tok = _tok()
+    task = load_task("sft", tok, max_length=64, train_file=train_f, validation_file=test_f, val_size=5, seed=1,
+                     as_chat=True)
+    assert (len(task.train), len(task.evals["validation"]), len(task.tests["test"])) == (15, 5, 4)
+    ex = task.tests["test"][0]
+    assert tok.decode(ex["input_ids"]) == "< user > add one 20 [SEP] < assistant > it is 21 [SEP]"
+    assert tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100]) == "it is 21 [SEP]"
+    # without a validation file the held-out tenth is the test split, the same for every seed (paired runs)
+    tests = [load_task("sft", tok, max_length=64, train_file=train_f, val_size=3, seed=s, as_chat=True).tests["test"]
+             for s in (1, 2)]
+    assert tests[0]["input_ids"] == tests[1]["input_ids"] and len(tests[0]) == 2
+    with pytest.raises(Exception, match="as_chat"):
+        load_task("glue/sst2", tok, as_chat=True)
+    out = tmp_path / "run"
+    metrics = train(build_config(dict(model=tiny_llama_dir, task="sft", train_file=train_f, validation_file=test_f,
+                                      val_size=5, as_chat=True, chat_template=str(template), max_steps=3,
+                                      batch_size=4, eval_strategy="no", lr=1e-2, max_length=64, output_dir=str(out))))
+    pred = json.load(open(out / "test_predictions.json"))["test"]
+    run = runs.open_run(str(out))
+    own = []
+    with torch.no_grad():
+        run.model.eval()
+        for e in run.examples("test"):
+            batch = run.task.collator([e])
+            n = int((batch["labels"][0, 1:] != -100).sum())
+            own.append((n, float(run.model(**batch).loss) * n))  # the model's mean over its tokens, times their count
+    assert pred["labels"] == [n for n, _ in own]
+    assert pred["predictions"] == pytest.approx([s for _, s in own], rel=1e-4)
+    assert metrics["test_loss"] == pytest.approx(sum(s for _, s in own) / sum(n for n, _ in own), rel=1e-4)
+    assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]))

@@ -385,6 +385,26 @@ def test_warmup_with_updates_selects_along_a_trajectory_and_restores_the_weights
     assert [(b["module"], b["row"], b["col"]) for b in ref] == [(b["module"], b["row"], b["col"]) for b in moved]
 
 
+def test_warmup_with_the_head_training_keeps_the_head_and_changes_the_gradients():
+    """smt_warmup_head: the new task head takes the warm-up's SGD steps (the paper's warm-up fine-tunes it too) and
+    keeps them, the slices are put back; later batches' gradients flow through a head that is learning, so the
+    block scores differ from a warm-up through the random head. The key needs smt_warmup_lr."""
+    from qkvtune.config import ConfigError, build_config
+
+    kw = dict(batch_size=4, warmup_steps=6, block_size=8, budget=6, kinds=("q", "k", "v"), seed=1, progress=False,
+              warmup_lr=5.0)
+    model = tiny("bert", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with_head = smt.prepare_smt(model, _dataset(), _collate, heads=[model.classifier], **kw)
+    after = model.state_dict()
+    moved = [k for k in after if not torch.equal(after[k], before[k])]
+    assert moved and all(k.startswith("classifier.") for k in moved)  # only the head changed, and it stays changed
+    random_head = smt.prepare_smt(tiny("bert", 2), _dataset(), _collate, **kw)
+    assert [b["score"] for b in with_head] != [b["score"] for b in random_head]
+    with pytest.raises(ConfigError, match="smt_warmup_head.*smt_warmup_lr"):
+        build_config({"method": "smt", "smt_warmup_head": True})
+
+
 def test_mlp_kinds_are_eligible_selected_and_trained(tmp_path):
     """smt_targets [v, mlp]: the warm-up scores v and every MLP kind of the model (gate, up, down on Llama), the
     report offers their blocks, the selected MLP blocks train, and a selection file naming the MLP kinds the old

@@ -133,3 +133,219 @@ def kernel_gd(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Ten
         f = f + (step / n) * kernel[:, :n] @ (y - f[:n])
         out.append(f.clone())
     return torch.stack(out)
+
+
+# --- the linearised model under the run's own loss and optimizer -------------------------------------------
+#
+# The closed form above is the square loss under gradient descent. A run minimises cross-entropy (or HF's mean
+# squared error, or a language model's token loss) with Adam, whose first moment is an exponential average and
+# whose second moment divides each parameter's step by its gradient's size. Both are exact in function space
+# for the linearised model with a frozen preconditioner P: with M_t = J P m_t,
+#     M_t = β M_{t−1} + (1 − β) K_P ℓ'(f_t)/n,   f_{t+1} = f_t − η_t M_t/(1 − β^t)   (bias-corrected; β = 0: GD)
+# where K_P = J P Jᵀ. ``train_linearised`` iterates that on the n training points and carries the m validation
+# points along (their outputs move by K_P(X′, X) ℓ'(f)/n), so any loss, schedule and momentum is one matrix–
+# vector product per step. Unlike gradient flow, the iteration can be unstable: on a quadratic of curvature a it
+# diverges once η·a passes ``edge(β)`` (2 for gradient descent, 2(1+β)/(1−β) with the average's momentum).
+
+LOSSES = ("square", "mse", "binary_ce", "ce", "token")
+
+
+def loss_terms(loss: str, f: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-point loss (…, N), its gradient in f (…, N, C), its largest curvature in f (…, N)) for outputs f
+    (…, N, C): ``square`` ½‖f − y‖²; ``mse`` (f − y)², transformers' regression loss; ``binary_ce`` cross-entropy
+    of a two-class classifier read as its margin f = z₁ − z₀, y ∈ {0, 1}: softplus(f) − y·f; ``ce`` softmax
+    cross-entropy over C logits, y the class; ``token`` a language model's token loss softplus(−u) on the margin u
+    of ``ntk.token_margin`` (no y: the observed token is the target)."""
+    if loss == "square":
+        r = f - y.reshape(f.shape[-2:]).to(f.dtype)
+        return 0.5 * r.pow(2).sum(-1), r, torch.ones(f.shape[:-1], dtype=f.dtype)
+    if loss == "mse":
+        r = f - y.reshape(f.shape[-2:]).to(f.dtype)
+        return r.pow(2).sum(-1), 2 * r, torch.full(f.shape[:-1], 2.0, dtype=f.dtype)
+    if loss in ("binary_ce", "token"):
+        u = f[..., 0]
+        t = torch.ones_like(u) if loss == "token" else y.reshape(-1).to(f.dtype)
+        value = torch.nn.functional.softplus(u) - t * u
+        p = torch.sigmoid(u)
+        return value, (p - t)[..., None], p * (1 - p)
+    if loss == "ce":
+        logp = torch.log_softmax(f, -1)
+        p = logp.exp()
+        onehot = torch.nn.functional.one_hot(y.long().reshape(-1), f.shape[-1]).to(f.dtype)
+        hess = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+        return -(logp * onehot).sum(-1), p - onehot, torch.linalg.eigvalsh(hess)[..., -1]
+    raise AnalysisError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
+
+
+def edge(beta: float = 0.0) -> float:
+    """The largest η·a at which the iteration is stable on a quadratic of curvature a: gradient descent 2; with an
+    exponential average of the gradients (Adam's first moment, β₁) x_{t+1} = (1 + β − (1 − β)ηa) x_t − β x_{t−1},
+    whose roots stay in the unit disc while (1 − β)ηa < 2(1 + β)."""
+    if not 0 <= beta < 1:
+        raise AnalysisError(f"beta: must be in [0, 1), got {beta}")
+    return 2 * (1 + beta) / (1 - beta)
+
+
+def top_curvature(kernel: torch.Tensor, curvature: torch.Tensor, n: int) -> float:
+    """The largest eigenvalue of D K D / n on the training points, D = diag(√curvature): the sharpness of the
+    linearised loss in the kernel's time; a step η is unstable where η times it passes ``edge``."""
+    d = curvature.double().clamp(min=0).sqrt()
+    k = kernel[:n, :n].double()
+    m = d[:, None] * ((k + k.T) / 2) * d[None, :]
+    return float(torch.linalg.eigvalsh(m)[-1]) / n
+
+
+@dataclass
+class Trajectory:
+    steps: list[int]              # 1-based steps recorded
+    val_outputs: torch.Tensor     # (…, R, m, C)
+    train_loss: torch.Tensor      # (…, R) mean training loss
+    finite: torch.Tensor          # (…,) False: the outputs left the floats (a diverging iteration)
+    train_outputs: torch.Tensor | None = None  # (…, R, n, C) with ``record_train``
+
+
+def train_linearised(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor | None, loss: str,
+                     step_sizes, record, *, beta: float = 0.0, bias_correction: bool = False,
+                     record_train: bool = False) -> Trajectory:
+    """The linearised model trained on its ``n_train`` training points by the update above, for
+    len(``step_sizes``) steps (η_t, in kernel time: the rate-weighted kernel already holds the per-kind rates
+    relative to η), the remaining points carried along; outputs recorded after each step in ``record`` (1-based).
+    ``kernel`` is (n+m) × (n+m) (or (n+m) × n), or a batch of them (…, n+m, ·) trained side by side, ``step_sizes``
+    (T,) or (…, T); ``f0`` (n+m, C), ``y`` the training targets."""
+    n = int(n_train)
+    k = kernel.double()[..., :n]
+    batch = k.shape[:-2]
+    f = f0.double().reshape(k.shape[-2], -1).expand(*batch, -1, -1).clone()
+    steps = torch.as_tensor(step_sizes, dtype=torch.float64)
+    steps = steps.expand(*batch, steps.shape[-1])
+    want = sorted({int(s) for s in record})
+    if want and (want[0] < 1 or want[-1] > steps.shape[-1]):
+        raise AnalysisError(f"record: steps must lie in 1..{steps.shape[-1]}, got {want[0]}..{want[-1]}")
+    y_train = None if y is None else y.reshape(n, -1) if y.is_floating_point() else y.reshape(n)
+    momentum = torch.zeros_like(f)
+    vals, trains, losses = [], [], []
+    finite = torch.ones(batch, dtype=torch.bool)
+    nxt = 0
+    for t in range(steps.shape[-1]):
+        _, g, _ = loss_terms(loss, f[..., :n, :], y_train)
+        move = k @ g / n
+        if beta:
+            momentum = beta * momentum + (1 - beta) * move
+            move = momentum / (1 - beta ** (t + 1)) if bias_correction else momentum
+        f = f - steps[..., t, None, None] * move
+        bad = ~torch.isfinite(f).flatten(len(batch)).all(-1)
+        if bad.any():
+            finite &= ~bad
+            f = torch.nan_to_num(f, nan=0.0, posinf=1e30, neginf=-1e30)
+        while nxt < len(want) and want[nxt] == t + 1:
+            vals.append(f[..., n:, :].clone())
+            if record_train:
+                trains.append(f[..., :n, :].clone())
+            losses.append(loss_terms(loss, f[..., :n, :], y_train)[0].mean(-1))
+            nxt += 1
+    d = len(batch)
+    if vals:
+        return Trajectory(want, torch.stack(vals, d), torch.stack(losses, d), finite,
+                          torch.stack(trains, d) if trains else None)
+    return Trajectory(want, f.new_zeros(*batch, 0, f.shape[-2] - n, f.shape[-1]), f.new_zeros(*batch, 0), finite)
+
+
+def minibatch_gradient_norm2(kernel: torch.Tensor, dloss: torch.Tensor, batch: int,
+                             groups: torch.Tensor | None = None, per_group: float = 1.0) -> float:
+    """E‖ḡ‖² of a minibatch gradient ḡ — the mean of h_i = Σ_c ℓ'_ic ∇f_ic over the ``per_group`` points of each
+    of ``batch`` examples drawn at random — from the kernel K_ij = ⟨∇f_i, ∇f_j⟩ of these points (n × n) and the
+    loss gradients ``dloss`` (n, C): with D the mean of ⟨h_i, h_i⟩, W its mean over distinct points of one example
+    (``groups`` says which) and A over points of different examples,
+        E‖ḡ‖² = D/(B·T) + W·(T − 1)/(B·T) + A·(B − 1)/B      (T = ``per_group``; T = 1: classification).
+    Adam divides each parameter's step by the root of this (over the parameters), which is what sets how fast a
+    kind moves under it (``adam_weight``)."""
+    n = len(dloss)
+    h = (dloss.double() @ dloss.double().T) * kernel[:n, :n].double()
+    eye = torch.eye(n, dtype=torch.bool)
+    same = eye if groups is None else (groups[:, None] == groups[None, :])
+    d = float(h.diagonal().mean())
+    within = same & ~eye
+    w = float(h[within].mean()) if within.any() else 0.0
+    across = ~same
+    a = float(h[across].mean()) if across.any() else 0.0
+    b, t = float(batch), float(per_group)
+    return d / (b * t) + w * (t - 1) / (b * t) + a * (b - 1) / b
+
+
+def adam_weight(factor: float, moving: int, gradient_norm2: float) -> float:
+    """How much one unit of rate moves the outputs along a block's weight kernel K under Adam, relative to that
+    kernel: a method whose kernel at initialisation is ``factor``·K (``Delta.kernel_factor``) with ``moving``
+    parameters that move there, each step scaled by 1/ρ with ρ² = factor·E‖ḡ‖²/moving the mean squared gradient
+    of a parameter (``minibatch_gradient_norm2`` on K): factor/ρ = √(factor·moving/E‖ḡ‖²). (SGD: ``factor``.)"""
+    if gradient_norm2 <= 0 or factor <= 0 or moving <= 0:
+        return 0.0
+    return (factor * moving / gradient_norm2) ** 0.5
+
+
+def train_by_kinds(unit: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.Tensor | None, loss: str,
+                   weights: torch.Tensor, record, *, beta: float = 0.0, bias_correction: bool = False,
+                   record_train: bool = False) -> Trajectory:
+    """``train_linearised`` with a kernel that changes from step to step as a weighted sum of fixed ones: step t
+    of run b moves the outputs by Σ_k weights[b, k, t]·K_k ℓ'(f)/n (the average of ``beta`` taken over that
+    move). ``unit`` (K, n+m, ·) are the kinds' kernels, ``weights`` (B, K, T) each run's step size per kind."""
+    n = int(n_train)
+    k = unit.double()[..., :n]
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    runs, kinds, total = weights.shape
+    if k.shape[0] != kinds:
+        raise AnalysisError(f"weights: {kinds} kinds, the unit kernels have {k.shape[0]}")
+    f = f0.double().reshape(k.shape[-2], -1).expand(runs, -1, -1).clone()
+    want = sorted({int(s) for s in record})
+    if want and (want[0] < 1 or want[-1] > total):
+        raise AnalysisError(f"record: steps must lie in 1..{total}, got {want[0]}..{want[-1]}")
+    y_train = None if y is None else y.reshape(n, -1) if y.is_floating_point() else y.reshape(n)
+    momentum = torch.zeros_like(f)
+    vals, trains, losses = [], [], []
+    finite = torch.ones(runs, dtype=torch.bool)
+    nxt = 0
+    for t in range(total):
+        _, g, _ = loss_terms(loss, f[:, :n, :], y_train)
+        per_kind = (k.reshape(-1, n) @ g.permute(1, 0, 2).reshape(n, -1)).reshape(kinds, -1, runs, g.shape[-1])
+        move = torch.einsum("bk,knbc->bnc", weights[:, :, t], per_kind) / n  # no (runs × n × n) kernel formed
+        if beta:
+            momentum = beta * momentum + (1 - beta) * move
+            move = momentum / (1 - beta ** (t + 1)) if bias_correction else momentum
+        f = f - move
+        bad = ~torch.isfinite(f).flatten(1).all(-1)
+        if bad.any():
+            finite &= ~bad
+            f = torch.nan_to_num(f, nan=0.0, posinf=1e30, neginf=-1e30)
+        while nxt < len(want) and want[nxt] == t + 1:
+            vals.append(f[:, n:, :].clone())
+            if record_train:
+                trains.append(f[:, :n, :].clone())
+            losses.append(loss_terms(loss, f[:, :n, :], y_train)[0].mean(-1))
+            nxt += 1
+    if not vals:
+        return Trajectory(want, f.new_zeros(runs, 0, f.shape[1] - n, f.shape[2]), f.new_zeros(runs, 0), finite)
+    return Trajectory(want, torch.stack(vals, 1), torch.stack(losses, 1), finite,
+                      torch.stack(trains, 1) if trains else None)
+
+
+def top_eigenvalues(unit: torch.Tensor, weights: torch.Tensor, curvature: torch.Tensor, n: int,
+                    iterations: int = 60) -> torch.Tensor:
+    """The largest eigenvalue of D (Σ_k w_bk K_k) D / n on the training points for each row b of ``weights``
+    (B, K), D = diag(√curvature), by power iteration (the matrices are positive semi-definite): the sharpness
+    ``top_curvature`` computes for one, for many weightings of the same kinds' kernels without forming each."""
+    d = curvature.double().clamp(min=0).sqrt()
+    k = unit.double()[:, :n, :n]
+    k = (k + k.transpose(1, 2)) / 2
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    v = torch.ones(len(w), n, dtype=torch.float64) / n ** 0.5
+    value = torch.zeros(len(w), dtype=torch.float64)
+    for _ in range(iterations):
+        per_kind = (k.reshape(-1, n) @ (d * v).T).reshape(len(k), n, len(w))  # (K, n, B)
+        u = torch.einsum("bk,kib->bi", w, per_kind) * d
+        value = (u * v).sum(1)
+        v = u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    return value / n
+
+
+def eigenvalues_of(unit: torch.Tensor, curvature: torch.Tensor, n: int) -> torch.Tensor:
+    """(K,) the largest eigenvalue of D K_k D / n for each of the kernels ``unit`` (K, ·, ·) on its first n points."""
+    return top_eigenvalues(unit, torch.eye(len(unit), dtype=torch.float64), curvature, n)

@@ -138,6 +138,8 @@ class KronSketch:
     def gradients(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """(B, k_out·k_in) sketched per-example gradients from inputs x (B,T,in) and output gradients d (B,T,out)."""
         dt = d.dtype
+        if x.dim() == 2:
+            x, d = x[:, None], d[:, None]
         return torch.einsum("bto,bti->boi", d @ self.s_out.to(dt).T, x.to(dt) @ self.s_in.to(dt).T).reshape(len(x), -1)
 
 
@@ -166,6 +168,8 @@ class _Probe:
     def gradients(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Per-example gradients (B, size) from the layer input x (B,T,in) and output gradient d (B,T,out)."""
         d = self.target.outputs(d)
+        if x.dim() == 2:  # a layer applied once per example (a pooler): one "token"
+            x, d = x[:, None], d[:, None]
         if self.delta is None:
             return torch.einsum("bto,bti->boi", d, x.to(d.dtype)).reshape(len(x), -1)
         return _delta_vjp(self.delta, self.wrapper.slice_weight(self.target.rows).detach(), x, d)
@@ -199,13 +203,49 @@ def _delta_vjp(delta: nn.Module, w: torch.Tensor, x: torch.Tensor, d: torch.Tens
     return torch.stack(rows)
 
 
-def probes(model: nn.Module, targets: list[Target] | None = None, adapter: str | None = None) -> list[_Probe]:
+class _HeadProbe:
+    """A task head's linear layer, whole (weight and bias), as kind ``head``: what the real run trains beside its
+    slices. Its input is the pooled feature (B, in) of a sequence classifier, or (B, T, in)."""
+
+    target = None
+    delta = wrapper = None
+
+    def __init__(self, name: str, module: nn.Linear):
+        self.name, self.kind, self.module = f"{name}[head]", HEAD_KIND, module
+        self.size = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+
+    def gradients(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x, d = x[:, None], d[:, None]
+        g = torch.einsum("bto,bti->boi", d, x.to(d.dtype)).reshape(len(x), -1)
+        return torch.cat([g, d.sum(1)], 1) if self.module.bias is not None else g
+
+
+HEAD_KIND = "head"
+
+
+def head_probes(model: nn.Module, heads: list[str]) -> list[_HeadProbe]:
+    """Every Linear inside the named head modules (a classifier's ``classifier``; RoBERTa's dense + out_proj)."""
+    out = []
+    for h in heads:
+        for name, module in model.get_submodule(h).named_modules():
+            if isinstance(module, nn.Linear):
+                out.append(_HeadProbe(f"{h}.{name}" if name else h, module))
+    if heads and not out:
+        raise AnalysisError(f"heads: no Linear layer in {heads}")
+    return out
+
+
+def probes(model: nn.Module, targets: list[Target] | None = None, adapter: str | None = None,
+           heads: list[str] | None = None) -> list[_Probe]:
     """The parameter blocks θ is made of. ``adapter=None``: the base weights of ``targets`` (the run's
-    resolved slices); else the delta parameters of that adapter (only those on ``targets`` when given)."""
+    resolved slices) and, with ``heads``, those heads' linear layers whole (kind ``head``); else the delta
+    parameters of that adapter (only those on ``targets`` when given)."""
     if adapter is None:
         if not targets:
             raise AnalysisError("targets: the kernel needs at least one slice")
-        return [_Probe(t.name, t.kind, t.projection(model), t, t.rows.size * t.in_features) for t in targets]
+        return [_Probe(t.name, t.kind, t.projection(model), t, t.rows.size * t.in_features) for t in targets] + \
+            head_probes(model, heads or [])
     pairs = list(iter_deltas(model, adapter))
     if not pairs:
         raise AnalysisError(f"adapter: the model has no adapter named {adapter!r}")
@@ -324,6 +364,54 @@ def label_word_examples(examples: list, label_token_ids: list[int]) -> tuple[lis
     return out, dropped
 
 
+def token_examples(examples: list, count: int, seed: int = 0) -> tuple[list[dict], list[int]]:
+    """A causal LM's trained tokens as the kernel's points (its language-model loss, token by token): ``count``
+    tokens drawn (seeded, without replacement) from every trained token of ``examples`` pooled (labels ≠ -100,
+    not the first position), so each token is as likely as it is in the loss; each point is its example cut just
+    after that token, and ``token_margin`` reads it. Returns the points, in the examples' order, and the index of
+    the example each came from."""
+    import random
+
+    pool = [(i, j) for i, ex in enumerate(examples) for j, lab in enumerate(ex["labels"]) if j > 0 and lab != -100]
+    if not pool:
+        raise AnalysisError("examples: no trained token (every label is -100)")
+    chosen = sorted(random.Random(f"token_examples:{seed}").sample(pool, min(count, len(pool))))
+    points = [{"input_ids": list(examples[i]["input_ids"][:j + 1]), "attention_mask": [1] * (j + 1)} for i, j in chosen]
+    return points, [i for i, _ in chosen]
+
+
+def token_margin(model_out, batch: dict) -> torch.Tensor:
+    """The language-model loss of each point's last token y as a margin: u = z_y − log Σ_{k≠y} e^{z_k} from the
+    logits z at the position before it, so that token's cross-entropy is exactly softplus(−u) — a two-class
+    logistic loss on one scalar, which is what the kernel linearises. (B, 1). Reads ``logits_to_keep`` when the
+    collator asked the model for those positions only (``KeepLogits``)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = torch.arange(len(ids), device=ids.device)
+    last = (mask * torch.arange(ids.shape[1], device=ids.device)).argmax(1)
+    target = ids[rows, last]
+    keep = batch.get("logits_to_keep")
+    col = torch.searchsorted(keep, last - 1) if isinstance(keep, torch.Tensor) else last - 1
+    z = model_out.logits[rows, col].float()
+    zy = z.gather(1, target[:, None])[:, 0]
+    others = z.scatter(1, target[:, None], -math.inf).logsumexp(1)
+    return (zy - others)[:, None]
+
+
+class KeepLogits:
+    """Wraps a collator so a causal LM computes logits only where ``token_margin`` reads them (the position
+    before each row's last token), not over the whole vocabulary at every position."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        mask = batch["attention_mask"]
+        last = (mask * torch.arange(mask.shape[1])).argmax(1)
+        batch["logits_to_keep"] = torch.unique(last - 1)  # sorted
+        return batch
+
+
 # --- the kernel -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -408,14 +496,14 @@ def rate_from_decay(p: float) -> float:
 
 
 def empirical_ntk(model: nn.Module, data, targets: list[Target] | None = None, *, collator=None,
-                  adapter: str | None = None,
+                  adapter: str | None = None, heads: list[str] | None = None,
                   output: str | Callable = "margin", label_token_ids=None, sketch_dim: int | None = None,
                   sketch: str = "srht",
                   chunk_size: int = 16, dtype=torch.float64, seed: int = 0, sort_by_length: bool = True,
                   fit_range: tuple[int, int | None] = (2, None)) -> NTKResult:
     """The eNTK of ``model`` on ``data`` (a dict of (n, …) tensors, or a list/Dataset of examples with a
     ``collator``), over θ = the base weights of ``targets`` (a run's resolved slices, ``Run.targets``) or the
-    delta parameters of ``adapter``.
+    delta parameters of ``adapter``; ``heads``: also these task heads' linear layers, whole (kind ``head``).
 
     ``output``: "margin" | "logits" | callable(model_output, batch) -> (B,) or (B, C). ``sketch_dim``: keep k
     SRHT coordinates per target instead of the whole gradient (see ``sketch_band`` for the eigenvalue
@@ -426,14 +514,14 @@ def empirical_ntk(model: nn.Module, data, targets: list[Target] | None = None, *
         raise AnalysisError(f"chunk_size: must be >= 1, got {chunk_size}")
     if sketch_dim is not None and sketch_dim < 1:
         raise AnalysisError(f"sketch_dim: must be >= 1, got {sketch_dim}")
-    blocks = probes(model, targets, adapter)
+    blocks = probes(model, targets, adapter, heads)
     device = next(model.parameters()).device
     if sketch not in ("srht", "kron"):
         raise AnalysisError(f"sketch: expected srht or kron, got {sketch!r}")
     if sketch == "kron" and adapter is not None:
         raise AnalysisError("sketch: kron sketches base-weight gradients; use srht for an adapter's parameters")
-    make = (lambda i, p: KronSketch(p.target.rows.size, p.target.in_features, sketch_dim, seed + i, device)) \
-        if sketch == "kron" else (lambda i, p: SRHT(p.size, sketch_dim, seed + i, device))
+    make = lambda i, p: KronSketch(p.target.rows.size, p.target.in_features, sketch_dim, seed + i, device) \
+        if sketch == "kron" and p.target is not None else SRHT(p.size, sketch_dim, seed + i, device)  # noqa: E731
     sketches = {p.name: make(i, p) for i, p in enumerate(blocks) if sketch_dim is not None and sketch_dim < p.size}
     modules = list(dict.fromkeys(p.module for p in blocks))
     n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
@@ -462,7 +550,7 @@ def empirical_ntk(model: nn.Module, data, targets: list[Target] | None = None, *
                     k_out = per_out.setdefault(c, torch.zeros(n, n, dtype=dtype))
                     for p in blocks:
                         d = grads[p.module]
-                        if mask is not None and mask.shape == d.shape[:2]:
+                        if mask is not None and d.dim() == 3 and mask.shape == d.shape[:2]:
                             d = d * mask[..., None].to(d.dtype)  # padding tokens contribute nothing
                         sk = sketches.get(p.name)
                         if isinstance(sk, KronSketch):  # sketched before the gradient is ever formed
@@ -500,7 +588,7 @@ def empirical_ntk(model: nn.Module, data, targets: list[Target] | None = None, *
     eigs = eigenvalues(kernel)
     p_exp, rng = fit_decay(eigs, *fit_range)
     meta = {"kinds": sorted(per_kind), "targets": [p.name for p in blocks], "adapter": adapter,
-            "parameters": sum(p.size for p in blocks), "outputs": n_out,
+            "parameters": sum(p.size for p in blocks), "sizes": {p.name: p.size for p in blocks}, "outputs": n_out,
             "output": output if isinstance(output, str) else getattr(output, "__name__", "callable"),
             "sketch_dim": sketch_dim, "sketch": sketch if sketches else None, "seconds": time.perf_counter() - start}
     if sketches and sketch == "srht":

@@ -1,7 +1,12 @@
-"""Measures of the claims suite: the runs of one seed (task -> arm -> ``Run``) in, named quantities out.
+"""Measures of the claims suite: the runs of one seed (task -> arm -> ``Run``) in, named quantities out; and
+``without_delta``, every run scored with ΔW removed (the head-only baseline).
 
 Each measure is one analysis of the papers, in the suite's terms. ``TRAINING_MEASURES`` train runs of their
-own (the stopping rule needs a run at the rate the kernel sets); the others only read finished runs.
+own (the stopping rule needs a run at the rate the kernel sets); the others only read finished runs. Measures of
+adapters read what training moved (claims suite v3): LoRA's B (zero at the start), and the product
+B·(A − A₀) with A₀ the run's own initialisation rebuilt from its seed — A starts random and moves little in a
+short run, so measures on A's row space measured the initialisation. ``CROSS_SEED`` measures also receive the
+next seed's runs (``other``): a same-rank adapter trained with another seed is their control.
 """
 
 from __future__ import annotations
@@ -36,6 +41,89 @@ def settings_of(run) -> dict:
         return json.load(f)["settings"]
 
 
+WITHOUT_DELTA_FILE = "without_delta.json"
+
+
+def without_delta(run) -> dict:
+    """The run scored with ΔW removed — its task head as trained, every delta off (``attach.heads_only``; for a
+    causal LM, the pretrained model): ``val_score`` and ``score`` (the validation and test split's main metric)
+    and the test split's per-example ``predictions`` ({"labels", "predictions"}, as test_predictions.json); for a
+    loss also ``val_score_with``, the run's own validation loss computed the same way (token-weighted), so the
+    gate compares like with like. Computed once and kept in the run folder."""
+    from ..files import write_json
+
+    path = os.path.join(run.dir, WITHOUT_DELTA_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    from ..attach import heads_only
+    from ..runs import open_run
+
+    opened = open_run(run.dir)
+    with heads_only(opened.model, opened.adapter):
+        val, val_pred = _split_score(opened, run.task, "eval")
+        test, test_pred = _split_score(opened, run.task, "test")
+    out = {"val_score": val, "score": test, "predictions": test_pred}
+    from .scores import greater_is_better
+
+    if not greater_is_better(run.task):
+        out["val_score_with"] = _split_score(opened, run.task, "eval")[0]
+    write_json(path, out)
+    return out
+
+
+def _split_score(opened, task: str, split: str) -> tuple[float, dict]:
+    """(main metric, {"labels", "predictions"}) of an opened run's model as it is now on ``split``."""
+    from ..evaluation import predict, token_losses
+    from .scores import score_predictions
+
+    info, cfg = opened.info, opened.cfg
+    if info.scored_by_generation:
+        from ..data.commonsense import generation_accuracy
+
+        recs = opened.task.generation_records
+        records = recs["test"] if split == "test" or "validation" not in recs else recs["validation"]
+        res = generation_accuracy(opened.model, opened.tokenizer, records, batch_size=cfg.eval_batch_size,
+                                  max_new_tokens=cfg.max_new_tokens, choices=opened.task.answer_choices)
+        labels, preds = [r["answer"] for r in records], res["predictions"]
+    elif info.causal_lm:
+        preds, labels = token_losses(opened.model, opened.examples(split), opened.task.collator, cfg.eval_batch_size)
+    else:
+        logits, y = predict(opened.model, opened.examples(split), opened.task.collator, cfg.eval_batch_size)
+        labels = y.tolist()
+        preds = logits[:, 0].tolist() if info.regression else logits.argmax(-1).tolist()
+    return score_predictions(task, labels, preds), {"labels": labels, "predictions": preds}
+
+
+def moved_factors(run) -> dict[str, dict]:
+    """"module[kind]" -> {"B", "A_moved" (A − A₀), "A", "scale"} for each LoRA-style delta of a finished run, A₀
+    its initialisation rebuilt from the run's own config and seed (``runs.build`` with the same seed draws the
+    same head and factors; the data it needs is cut to a few rows, which draws nothing from the generator)."""
+    import dataclasses
+
+    from ..runs import build, open_run
+
+    opened = open_run(run.dir, with_task=False)
+    cfg = dataclasses.replace(opened.cfg, max_train_samples=8, max_eval_samples=8)
+    init = build(cfg)
+    start = {d.target.name: d.factors() for _, d in _iter(init.model, init.adapter)}
+    out = {}
+    for _, d in _iter(opened.model, opened.adapter):
+        f = d.factors()
+        if f is None or d.target.name not in start:
+            continue
+        a, b = f[0].detach().double(), f[1].detach().double()
+        a0 = start[d.target.name][0].detach().double()
+        out[d.target.name] = {"B": b, "A": a, "A_moved": a - a0, "scale": float(getattr(d, "scale", 1.0))}
+    return out
+
+
+def _iter(model, name):
+    from ..attach import iter_deltas
+
+    return list(iter_deltas(model, name))
+
+
 def steps_to_target(runs: dict, arms: list[str], reference: str, fraction: float = 0.97) -> dict:
     """First evaluated step at which each arm's *validation* score reaches ``fraction`` × the reference arm's
     best validation score (per task, same seed); an arm that never does counts as one evaluation interval past
@@ -58,21 +146,32 @@ def steps_to_target(runs: dict, arms: list[str], reference: str, fraction: float
     return out
 
 
-def subspace(runs: dict, a: str, b: str, side: str = "A", control: tuple[str, str] | None = None) -> dict:
-    """LoRA §7.2 between the adapters of arms a (rank r_a) and b (rank r_b), per matrix kind (median over
-    layers and tasks): φ(1, 1), the overlap of the two adapters' top directions, against its value for random
-    subspaces (closed form: j/d = 1/d for φ(1, 1)) and, with ``control`` = (a', b'), against the same
-    pair trained on shuffled labels; ψ_bottom, the share of a's bottom direction inside b's subspace, over
-    its random value r_b/d. Per layer values are kept as ``phi_top1:<kind>@<layer>``."""
+def subspace(runs: dict, a: str, b: str, side: str = "B", control: tuple[str, str] | None = None,
+             other: dict | None = None) -> dict:
+    """LoRA §7.2 between the adapters of arms a (rank r_a) and b (rank r_b), per matrix kind (median over layers
+    and tasks), on what training moved: ``side="B"`` compares B's column spaces (B starts at zero; side "A" is
+    §7.2's A, kept for comparison with the paper). Quantities:
+
+    * ``phi_top1:<kind>``: φ(1, 1), the overlap of the two adapters' top directions (same seed), and its closed-form
+      random value 1/d (``phi_top1_over_random``);
+    * ``phi_top1_other_seed:<kind>``: the same with arm b's adapter of *another seed* (``other``: the next seed's
+      runs) — a same-rank adapter that shares neither initialisation nor data order, so an overlap that only a
+      shared seed produced vanishes there;
+    * ``phi_top1_control:<kind>``: φ(1, 1) of the ``control`` pair (a', b'), trained on shuffled labels (patience
+      off, the same steps);
+    * ``psi_bottom_over_random:<kind>``: the share of a's bottom direction inside b's subspace over its random value
+      r_b/d (≈ 1 for a direction b does not hold; r_b/d·… up to d/r_b if b holds all of a).
+    Per layer values are kept as ``phi_top1:<kind>@<layer>``."""
     from ..runs import open_runs
     from ..analysis.subspace import adapter_factors, direction_shares, subspace_similarity
 
-    def phis(x: str, y: str):
+    def phis(x: str, y: str, y_runs: dict | None = None):
         vals = {}
         for task, by_arm in runs.items():
-            if x not in by_arm or y not in by_arm:
+            partner = (y_runs or runs).get(task, {})
+            if x not in by_arm or y not in partner:
                 continue
-            ra, rb = open_runs([by_arm[x].dir, by_arm[y].dir])
+            ra, rb = open_runs([by_arm[x].dir, partner[y].dir])
             fa, fb = adapter_factors(ra.model, ra.adapter, side), adapter_factors(ra.model, rb.adapter, side)
             for key in fa:
                 kind = kind_of(key)
@@ -92,6 +191,9 @@ def subspace(runs: dict, a: str, b: str, side: str = "A", control: tuple[str, st
         out[f"psi_bottom_over_random:{kind}"] = median([r["psi_bottom"] / r["random_psi"] for r in rows])
         for i, r in enumerate(rows):
             out[f"phi_top1:{kind}@{i}"] = r["phi"]
+    if other:
+        for kind, rows in phis(a, b, other).items():
+            out[f"phi_top1_other_seed:{kind}"] = median([r["phi"] for r in rows])
     if control:
         for kind, rows in phis(*control).items():
             out[f"phi_top1_control:{kind}"] = median([r["phi"] for r in rows])
@@ -100,10 +202,16 @@ def subspace(runs: dict, a: str, b: str, side: str = "A", control: tuple[str, st
     return out
 
 
-def amplification(runs: dict, arms: list[str]) -> dict:
-    """LoRA §7.3 per arm and matrix kind (median over layers and tasks): factor = ‖ΔW‖/‖UᵀWV‖ with U, V the top-r
-    singular vectors of ΔW, and ‖UᵀWV‖ along ΔW's directions over its expected value for random orthonormal
-    directions (closed form √(r²/(m·n))·‖W‖_F; > 1: W has ΔW's directions more than chance)."""
+def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dict:
+    """LoRA §7.3 per arm and matrix kind (median over layers and tasks), on what training moved: U, V are the
+    top-r singular vectors of M = s·B·(A − A₀) (``moved_factors``); ΔW = s·B·A itself has its row space in A's,
+    which is mostly A's random initialisation after a short run, so its directions are random on that side by
+    construction. ``factor:<arm>:<kind>`` = ‖ΔW‖_F / ‖UᵀWV‖_F; ``dirs_over_random`` = ‖UᵀWV‖_F over its value
+    for random orthonormal directions, √(r²/(m·n))·‖W‖_F — free of ‖ΔW‖, so a control with a smaller update is
+    compared fairly (> 1: W has M's directions more than chance). ``factor_product`` and
+    ``dirs_over_random_product``: the same on ΔW itself (v2's quantity). With ``other`` (the next seed's runs),
+    ``dirs_over_random_other_seed``: W along the directions of a same-rank adapter of another seed, which asks
+    whether W holds *these* directions or any trained adapter's."""
     from ..runs import open_runs
     from ..analysis.subspace import amplification as amp, delta_weights
 
@@ -114,14 +222,42 @@ def amplification(runs: dict, arms: list[str]) -> dict:
             if arm not in by_arm:
                 continue
             (run,) = open_runs([by_arm[arm].dir])
-            for key, (dw, w) in delta_weights(run.model, run.adapter).items():
-                row = amp(dw, w)
+            weights = delta_weights(run.model, run.adapter)
+            moved = moved_factors(by_arm[arm])
+            partner = moved_factors(other[task][arm]) if other and arm in (other.get(task) or {}) else {}
+            for key, (dw, w) in weights.items():
                 kind = kind_of(key)
-                rows.setdefault(kind, []).append((row["factor"], row["proj_delta_dirs"] / row["proj_random_expected"]))
+                row = {"product": amp(dw, w)}
+                if key in moved:
+                    f = moved[key]
+                    m = f["scale"] * f["B"] @ f["A_moved"]
+                    row["moved"] = _along(dw, w, m)
+                    if key in partner:
+                        g = partner[key]
+                        row["other"] = _along(dw, w, g["scale"] * g["B"] @ g["A_moved"])
+                rows.setdefault(kind, []).append(row)
         for kind, vals in rows.items():
-            out[f"factor:{arm}:{kind}"] = median([v[0] for v in vals])
-            out[f"dirs_over_random:{arm}:{kind}"] = median([v[1] for v in vals])
+            main = [v.get("moved", v["product"]) for v in vals]
+            out[f"factor:{arm}:{kind}"] = median([v["factor"] for v in main])
+            out[f"dirs_over_random:{arm}:{kind}"] = median([v["dirs_over_random"] for v in main])
+            out[f"factor_product:{arm}:{kind}"] = median([v["product"]["factor"] for v in vals])
+            out[f"dirs_over_random_product:{arm}:{kind}"] = median(
+                [v["product"]["proj_delta_dirs"] / v["product"]["proj_random_expected"] for v in vals])
+            if any("other" in v for v in vals):
+                out[f"dirs_over_random_other_seed:{arm}:{kind}"] = median(
+                    [v["other"]["dirs_over_random"] for v in vals if "other" in v])
     return out
+
+
+def _along(dw, w, directions) -> dict:
+    """‖ΔW‖_F / ‖UᵀWV‖_F and ‖UᵀWV‖_F over its random expectation, with U, V the top-r singular vectors of
+    ``directions`` (r: its numerical rank)."""
+    from ..analysis.subspace import amplification as amp
+
+    row = amp(directions.to(dw.dtype) if directions.dtype != dw.dtype else directions, w)
+    proj = row["proj_delta_dirs"]
+    return {"factor": float(dw.double().norm()) / proj if proj > 0 else math.inf,
+            "dirs_over_random": proj / row["proj_random_expected"], "r": row["r"]}
 
 
 def allocation(runs: dict, arm: str) -> dict:
@@ -234,15 +370,19 @@ def task_vectors(runs: dict, arm: str, coef: float = 1.0) -> dict:
 
 
 def ntk_stopping(ctx, claim, seed: int, runs: dict, arm: str, n: int = 256, lr_scale: float = 1.0,
-                 horizon_factor: float = 3.0, max_steps: int = 480, eval_points: int = 16) -> dict:
-    """Sun & Raskutti's early-stopping rule against training. The kernel of the arm's matrices at the
-    pretrained weights picks a stable SGD step (lr = lr_scale / λ_max(K/n)) and predicts T̂; the run trains
-    past T̂ (horizon_factor × T̂) evaluating the validation loss. Reported: log2(T̂ / best step) and the regret
-    at T̂, the validation loss there (interpolated between evaluations) over the minimum of the curve — on a
-    flat curve a far-off T̂ costs little, and the regret says so."""
+                 max_steps: int = 480, evals_per_prediction: int = 4, most_evals: int = 48,
+                 patience: int = 4) -> dict:
+    """Sun & Raskutti's early-stopping rule against training, on a square loss (a regression task: the rule is
+    stated for least squares). The kernel of the arm's matrices at the pretrained weights picks a stable SGD
+    step (lr = lr_scale / λ_max(K/n)) and predicts T̂; the run then trains at that rate, evaluated every
+    T̂/``evals_per_prediction`` steps (at most ``most_evals`` evaluations up to the cap), until its validation loss
+    turns — ``patience`` evaluations with neither a lower loss nor a better score — or ``max_steps``, the stated
+    cap. Per seed: the regret at T̂ (the validation loss there, interpolated between evaluations, over the curve's
+    minimum), log2(T̂ / best step), ``turned`` (1 if the loss rose again after its minimum, 0 if the minimum is the
+    last evaluation: truncation, not a minimum) and ``curve_range`` (highest over lowest loss)."""
     from ..analysis.stopping import predict_stopping
 
-    ratios, regrets, preds, obs, ranges = [], [], [], [], []
+    ratios, regrets, preds, obs, ranges, turned, steps = [], [], [], [], [], [], []
     for task in list(runs):
         settings = ctx.settings(claim, task, arm, seed)
         settings.update(max_train_samples=n)
@@ -255,9 +395,9 @@ def ntk_stopping(ctx, claim, seed: int, runs: dict, arm: str, n: int = 256, lr_s
         probe = predict_stopping(kernel, residuals=res.label_targets() - res.f0, lr=loss_scale * lr,
                                  total_steps=max_steps, scheduler="constant")
         t_hat = probe.step
-        horizon = int(min(max_steps, max(32, math.ceil(horizon_factor * max(t_hat, 1)))))
-        settings.update(lr=lr, max_steps=horizon, eval_strategy="steps", eval_steps=max(1, horizon // eval_points),
-                        logging_steps=max(1, horizon // eval_points), patience=None)
+        interval = max(1, math.ceil(max(t_hat, 1) / evals_per_prediction), math.ceil(max_steps / most_evals))
+        settings.update(lr=lr, max_steps=max_steps, eval_strategy="steps", eval_steps=interval,
+                        logging_steps=interval, patience=patience)
         run = ctx.run(settings, task, arm)
         curve = [(h["step"], h["eval_loss"]) for h in run.history if "eval_loss" in h]
         if not curve:
@@ -268,9 +408,12 @@ def ntk_stopping(ctx, claim, seed: int, runs: dict, arm: str, n: int = 256, lr_s
         ratios.append(abs(math.log2(max(t_hat, 1) / best_step)))
         regrets.append(interpolate(curve, t_hat) / best_loss)
         ranges.append(max(v for _, v in curve) / best_loss)
+        turned.append(1.0 if best_step < curve[-1][0] and curve[-1][1] > best_loss else 0.0)
+        steps.append(curve[-1][0])
         runs[task][arm] = run
     return {"abs_log2_pred_over_best": mean(ratios), "regret_at_prediction": mean(regrets),
-            "predicted_step": mean(preds), "observed_best_step": mean(obs), "curve_range": mean(ranges)}
+            "predicted_step": mean(preds), "observed_best_step": mean(obs), "curve_range": mean(ranges),
+            "turned": mean(turned), "steps_trained": mean(steps)}
 
 
 def interpolate(curve: list[tuple[int, float]], step: float) -> float:
@@ -285,4 +428,5 @@ def interpolate(curve: list[tuple[int, float]], step: float) -> float:
 
 MEASURES = {"steps_to_target": steps_to_target, "subspace": subspace, "amplification": amplification,
             "allocation": allocation, "kernel_curve": kernel_curve, "task_vectors": task_vectors}
+CROSS_SEED = ("subspace", "amplification")  # these also read the next seed's runs (``other``)
 TRAINING_MEASURES = {"ntk_stopping": ntk_stopping}  # these train runs of their own

@@ -1,8 +1,11 @@
-"""The claims report: Markdown with the command, machine, date, wall time and the learning-rate search's cost on
-top, a verdict table with each claim's parts, one section per claim (the gate per task, each arm's chosen rate
-and validation curve over the grid, test scores per arm and task as mean ± sd over seeds with the "not learned"
-flag, quantities, each check with its interval, verdict and power, the paper's own numbers) and PNG plots
-beside it; ``claims.json`` holds every figure."""
+"""The claims report: Markdown with the command, machine, date, wall and CPU time and the learning-rate search's
+cost on top, a verdict table with each claim's parts and the resolution it had, a "testable here?" table, one
+section per claim (the gate per task and the head's rate, each arm's chosen rate and validation curve over the
+grid with its flags — rate at the search's bound, tie broken, still rising at the step cap, not learned, adapter
+not learned — test scores per arm and task as mean ± sd over seeds beside the same runs with ΔW removed,
+quantities, each check with its interval, verdict and power, the papers' own words and numbers with the row they
+come from, and for a claim that sets two sources against each other which one the evidence supports) and PNG
+plots beside it; ``claims.json`` holds every figure."""
 
 from __future__ import annotations
 
@@ -44,6 +47,19 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     dev = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU only, {torch.get_num_threads()} threads"
     return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), {dev}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def cpu_minutes() -> float:
+    """User + system CPU time of this process and its finished children, in minutes."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime) / 60
+
+
+def _setting(run, key: str):
+    with open(os.path.join(run.dir, "claims_run.json")) as f:
+        return json.load(f)["settings"].get(key)
 
 
 def _plot_scores(result, path: str) -> bool:
@@ -152,6 +168,69 @@ def _plot_grid(result, path: str) -> bool:
     return True
 
 
+def quote_text(paper) -> str:
+    """A claim's ``paper:``: a line of text, or quotes — {table, row, cells} (a row of a table in the transcription
+    ``papers.md``, its cells as printed there) or {text, source} (words quoted verbatim)."""
+    if not paper:
+        return "–"
+    if isinstance(paper, str):
+        return paper.strip()
+    out = []
+    for q in paper:
+        if "text" in q:
+            out.append(f"{q.get('source', '')}: “{q['text']}”".strip(": "))
+        else:
+            cells = ", ".join(f"{k} {v}" for k, v in (q.get("cells") or {}).items())
+            out.append(f"{q.get('table', '')}, row “{q['row']}”: {cells}".strip(", "))
+    return "; ".join(out)
+
+
+def resolution(r) -> float:
+    """The median half-width of a claim's score comparisons' 90 % intervals (NaN if it has none)."""
+    widths = [(c["interval"].high - c["interval"].low) / 2 for c in r.checks
+              if str(c.get("a", "")).startswith("score:") and str(c.get("b", "")).startswith("score:")
+              and math.isfinite(c["interval"].high - c["interval"].low)]
+    return statistics.median(widths) if widths else math.nan
+
+
+def _flags(r, task: str, arm: str, res) -> list[str]:
+    flags = ["not learned"] if arm in r.not_learned.get(task, []) else []
+    head = (r.head_only.get(task) or {}).get(arm)
+    if head and not head["learned"]:
+        flags.append("adapter not learned")
+    if res.at_bound:
+        flags.append(f"rate at the search's {res.at_bound} bound")
+    for t in res.ties:
+        flags.append(f"tie at {', '.join(f'{x:g}' for x in t['rates'])} broken by {t['decided_by']}")
+    rising = (r.rising.get(task) or {}).get(arm) or []
+    if rising:
+        flags.append(f"still rising at the step cap in {len(rising)} of {len(res.runs)} seeds")
+    return flags
+
+
+def conclusion_lines(r) -> list[str]:
+    """``conclusion: {above, below, parts}``: for each listed part (a comparison a − b), which side its interval
+    supports: wholly above 0 ``above``, wholly below 0 ``below``, else neither."""
+    spec = r.claim.conclusion or {}
+    if not spec:
+        return []
+    lines = ["**Which source the evidence supports** (90 % t intervals of a − b; a loss as the gain b − a):", ""]
+    for chk in r.checks:
+        if chk["part"] not in (spec.get("parts") or [c["part"] for c in r.checks]):
+            continue
+        ci = chk["interval"]
+        if not math.isfinite(ci.mean):
+            side = f"not testable here ({chk.get('note', '')})"
+        elif ci.low > 0:
+            side = f"supports {spec['above']}"
+        elif ci.high < 0:
+            side = f"supports {spec['below']}"
+        else:
+            side = "supports neither: the interval holds 0"
+        lines.append(f"- {chk['part']}: {ci} → {side}")
+    return lines + [""]
+
+
 def _rule_text(c: dict) -> str:
     if c["rule"] in verdicts.COMPARISONS:
         return f"{c['rule']}({c['a']}, {c.get('b', 0)}, margin {c.get('margin', 0)})"
@@ -201,27 +280,46 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
                 if a.grid:
                     searches[(task, json.dumps(sorted(a.grid)), arm)] = a.search_seconds
     search_min = sum(searches.values()) / 60
+    cpu = cpu_minutes()
     lines = ["# qkvtune claims report", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of this invocation {seconds / 60:.1f} min "
-             "(runs already in the run folder are read, not retrained)",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of this invocation {seconds / 60:.1f} min, "
+             f"CPU time {cpu:.1f} min (user + system, this process and its children; runs already in the run folder "
+             "are read, not retrained)",
              f"- {len(unique)} training runs at the chosen rates, {sum(r.seconds for r in unique.values()) / 60:.1f} min "
-             f"of training (as timed when each was trained); the learning-rate search's other grid runs: "
-             f"{search_min:.1f} min more; analyses and kernels come on top", "",
+             f"of training (as timed when each was trained); the learning-rate search's other runs: "
+             f"{search_min:.1f} min more; the head-only scoring, analyses and kernels come on top", "",
              "Splits: each run's validation split is carved from its training data with its seed (`val_size`); "
              "learning rate, checkpoint and early stopping read only that. Every score in the tables below is on "
              "the task's dev/test file (the test split), which nothing selects on.", ""]
     if preface:
         lines += [preface.strip(), ""]
-    lines += ["## Verdicts", "", "| claim | verdict | parts | tasks (testable) | seeds | the papers' own numbers |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Verdicts", "",
+              "| claim | verdict | parts | tasks (testable) | seeds | resolution (median 90 % half-width of its score "
+              "comparisons) | the papers' own words and numbers |", "|---|---|---|---|---|---|---|"]
     for r in results:
         v = r.verdict + (f" ({r.skipped})" if r.skipped else "")
         parts = "; ".join(f"{c['part']}: {c['verdict']}" for c in r.checks) or "–"
         tasks = ", ".join(t + ("" if t in r.testable else " (not testable)") for t in r.tasks) or "–"
+        res = resolution(r)
         lines.append(f"| {r.claim.id}: {r.claim.title} | **{v}** | {parts} | {tasks} | {len(r.seeds)} | "
-                     f"{(r.claim.paper or '–').strip()} |")
+                     f"{'–' if not math.isfinite(res) else f'±{res:.3g}'} | {quote_text(r.claim.paper)} |")
+    lines += ["", "### Testable here?", "",
+              "Per claim: the parts decided (holds or does not hold) out of those that could be read, the parts "
+              "that could not (and why), and for the undecided comparisons the seeds that 80 % power would take "
+              "at this test set (– where no number of seeds reaches it: the test set's own noise is too large "
+              "against the margin).", "",
+              "| claim | decided / readable parts | not testable here | seeds for 80 % power (undecided comparisons) |",
+              "|---|---|---|---|"]
+    for r in results:
+        readable = [c for c in r.checks if c["verdict"] != verdicts.UNTESTABLE]
+        decided = [c for c in readable if c["verdict"] in (verdicts.HOLDS, verdicts.FAILS)]
+        missing = "; ".join(f"{c['part']} ({c.get('note', '')})" for c in r.checks
+                            if c["verdict"] == verdicts.UNTESTABLE) or (r.skipped or "–")
+        need = ", ".join(f"{c['part']}: {c.get('seeds_needed') or '–'}" for c in readable
+                         if c["verdict"] == verdicts.UNSURE and c["rule"] in verdicts.COMPARISONS) or "–"
+        lines.append(f"| {r.claim.id} | {len(decided)} / {len(readable)} | {missing} | {need} |")
     lines += ["", "### The verdict rule", "", verdicts.__doc__.split("\n\n", 1)[1].strip(), ""]
     lines += speed_section(speed_dir)
     record = []
@@ -233,31 +331,36 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
             continue
         if c.notes:
             lines += [c.notes.strip(), ""]
-        lines += ["| task | budget | gate (reference arm, validation) | best constant predictor (test) |",
-                  "|---|---|---|---|"]
+        lines += ["| task | budget | gate (reference arm, validation) | head's rate | best constant predictor (test) |",
+                  "|---|---|---|---|---|"]
         for t in r.tasks:
             ok, why = r.gates.get(t, (False, "not run"))
             const = r.constants.get(t)
             b = r.budgets.get(t)
             budget = "–" if not b else (f"×{b['factor']:g}: {b['max_train_samples'] or 'all'} examples, "
                                         f"≤ {b['max_steps']} steps, evaluated every {b['eval_steps']}")
+            head = r.head_lr.get(t)
             lines.append(f"| {t} | {budget} | {'passed' if ok else '**not testable at this budget**'}: {why} | "
+                         f"{'–' if head is None else f'{head:g}'} | "
                          f"{'–' if const is None or not math.isfinite(const) else f'{const:.4g}'} |")
         lines.append("")
-        lines += ["| arm | task | settings | η_Q chosen | validation over the grid (first seed) | test score | |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| arm | task | settings | η_Q chosen | validation over the search (first seed) | test score | "
+                  "same runs, ΔW removed (gain, 90 % t) | |", "|---|---|---|---|---|---|---|---|"]
         for t, arms in r.arms.items():
             for a, res in arms.items():
                 settings = ", ".join(f"{k}={v}" for k, v in (c.arms[a] or {}).items())
+                if (c.arms[a] or {}).get("params_from") and res.runs:
+                    run0 = next(iter(res.runs.values()))
+                    settings += f" → rank {_setting(run0, 'rank')}, α {_setting(run0, 'alpha')}"
                 grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res.grid) or \
                     ("borrowed from " + str((c.arms[a] or {}).get("lr_from")) if (c.arms[a] or {}).get("lr_from")
                      else "fixed")
-                flags = ["not learned"] if a in r.not_learned.get(t, []) else []
-                if len(res.grid) > 1 and res.lr in (res.grid[0][0], res.grid[-1][0]):
-                    flags.append("rate at the grid's edge")  # a wider grid might find a better one
-                flag = "; ".join(flags)
-                lines.append(f"| {a} | {t} | {settings} | {res.lr:g} | {grid} | "
-                             f"{_fmt([x.score for x in res.runs.values()])} | {flag} |")
+                head = (r.head_only.get(t) or {}).get(a)
+                without = "–" if not head else f"{head['score']:.4g} ({head['interval']})"
+                lr = "–" if res.lr is None else f"{res.lr:g}"
+                lines.append(f"| {a} | {t} | {settings} | {lr} | {grid} | "
+                             f"{_fmt([x.score for x in res.runs.values()])} | {without} | "
+                             f"{'; '.join(_flags(r, t, a, res))} |")
         lines.append("")
         extra = [k for k in r.quantities if not k.startswith("score:") and "@" not in k]
         if extra:
@@ -270,9 +373,11 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
                   "|---|---|---|---|---|---|---|"]
         for chk in r.checks:
             ci = chk["interval"]
-            lines.append(f"| {chk['part']} | {_rule_text(chk)} | {ci} ({ci.how}) | {chk['verdict']} | "
+            how = ci.how + (f", {ci.df:.1f} df" if math.isfinite(ci.df) else "")
+            lines.append(f"| {chk['part']} | {_rule_text(chk)} | {ci} ({how}) | {chk['verdict']} | "
                          f"{_pct(chk.get('power'))} | {chk.get('seeds_needed') or '–'} | {chk.get('note', '')} |")
-        lines += ["", f"**Verdict: {r.verdict}.** Paper: {(c.paper or '–').strip()}", ""]
+        lines += ["", f"**Verdict: {r.verdict}.** Paper: {quote_text(c.paper)}", ""]
+        lines += conclusion_lines(r)
         for name, fn in (("scores", _plot_scores), ("curves", _plot_curves), ("grid", _plot_grid),
                          ("stopping", _plot_loss_curves)):
             png = os.path.join(plots, f"{c.id}_{name}.png")
@@ -282,15 +387,19 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
         lines += [f"Training time of this claim's runs: {minutes:.1f} min (shared runs counted in each claim).", ""]
         record.append({"id": c.id, "verdict": r.verdict, "tasks": r.tasks, "testable": r.testable, "seeds": r.seeds,
                        "gates": {t: list(g) for t, g in r.gates.items()}, "budgets": r.budgets,
-                       "constants": r.constants,
-                       "not_learned": r.not_learned, "quantities": r.quantities,
-                       "learning_rates": {t: {a: {"lr": x.lr, "grid": x.grid} for a, x in arms.items()}
-                                          for t, arms in r.arms.items()},
-                       "checks": [{**{k: v for k, v in chk.items() if k != "interval"},
+                       "head_lr": r.head_lr, "constants": r.constants, "not_learned": r.not_learned,
+                       "head_only": {t: {a: {"score": h["score"], "learned": h["learned"],
+                                             "interval": vars(h["interval"])} for a, h in arms.items()}
+                                     for t, arms in r.head_only.items()},
+                       "rising": r.rising, "quantities": r.quantities,
+                       "learning_rates": {t: {a: {"lr": x.lr, "grid": x.grid, "at_bound": x.at_bound, "ties": x.ties}
+                                              for a, x in arms.items()} for t, arms in r.arms.items()},
+                       "resolution": resolution(r),
+                       "checks": [{**{k: v for k, v in chk.items() if k not in ("interval", "_task")},
                                    "interval": vars(chk["interval"])} for chk in r.checks]})
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "claims.json"), "w") as f:
         json.dump({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                   "wall_minutes": seconds / 60, "search_minutes": search_min, "claims": record},
+                   "wall_minutes": seconds / 60, "cpu_minutes": cpu, "search_minutes": search_min, "claims": record},
                   f, indent=2, default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x))

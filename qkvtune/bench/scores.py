@@ -1,16 +1,29 @@
 """What a claim reads of a run: the task's main metric on a split (validation: ``eval_*``, what selection
-reads; test: ``test_*``, what is reported), per-example test scores for the bootstrap, the score of the best
-constant predictor, and the testability gate."""
+reads; test: ``test_*``, what is reported) and which way is better, per-example test scores for the interval, the
+score of the best constant predictor, the testability gate, and whether a curve is still rising at its cap."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from ..data.metrics import PER_EXAMPLE, main_metric
+from ..data.metrics import greater_is_better as _greater
 
 
 def metric_name(task: str) -> str:
     return main_metric(task)
+
+
+def greater_is_better(task: str) -> bool:
+    """Whether a higher main metric is better (a loss: lower is)."""
+    return _greater(metric_name(task))
+
+
+def direction(task: str) -> float:
+    """+1 where higher is better, −1 for a loss: direction·(a − b) is how much better a is than b."""
+    return 1.0 if greater_is_better(task) else -1.0
 
 
 def score_key(task: str, split: str = "eval") -> str:
@@ -41,16 +54,19 @@ def encode(labels: list, predictions: list, task: str) -> tuple[np.ndarray, np.n
     return np.asarray(labels, dtype=float), np.asarray([np.nan if p is None else p for p in predictions], dtype=float)
 
 
-def constant_score(task: str, labels: list, choices: list | None = None) -> float:
-    """The best score a constant prediction gets on these labels (majority-class accuracy, the F1 of always
-    answering the positive class, 0 for correlations and MCC, the most frequent answer's rate)."""
-    if metric_name(task) in ("pearson", "matthews_correlation"):
-        return 0.0
+def score_predictions(task: str, labels: list, predictions: list) -> float:
+    """The main metric from a split's per-example labels and predictions (as ``test_predictions.json`` holds
+    them): accuracy where it is a mean of correctness, else the task's metric function."""
+    y, row = encode(labels, predictions, task)
     fn = metric(task)
-    if fn is None:
-        return majority(labels)
-    candidates = sorted(set(labels) | set(choices or []), key=str)
-    return max(fn(np.asarray(labels), np.full(len(labels), c)) for c in candidates)
+    return float(row.mean()) if fn is None else float(fn(y, row))
+
+
+def constant_score(task: str, labels: list, choices: list | None = None) -> float:
+    """The best score a constant prediction gets on these labels, by the task's main metric (data.metrics)."""
+    from ..data.metrics import constant_score as of_metric
+
+    return of_metric(metric_name(task), labels, choices)
 
 
 def majority(labels: list) -> float:
@@ -76,3 +92,28 @@ def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dic
     if value is None:
         return False, f"no validation {name}"
     return value >= need, f"validation {what}: {value:.3f} vs needed {need:.3f}"
+
+
+def loss_gate(with_delta: float, without: float, drop: float) -> tuple[bool, str]:
+    """A task judged by a loss learned when the run's validation loss is at least ``drop`` (a fraction) below the
+    same model's with ΔW removed (for a causal LM: the pretrained model)."""
+    if not (math.isfinite(with_delta) and math.isfinite(without)):
+        return False, "no validation loss"
+    need = without * (1 - drop)
+    return with_delta <= need, f"validation loss {with_delta:.4f} vs needed {need:.4f} ({drop:.0%} below {without:.4f} without ΔW)"
+
+
+def still_rising(history: list[dict], task: str, global_step, max_steps, margin: float) -> bool:
+    """Trained to its step cap and its last validation evaluation beats every earlier one by more than ``margin``
+    (score units; for a loss, a fraction of the earlier best): the curve had not converged when the cap stopped it."""
+    if not max_steps or global_step is None or int(global_step) < int(max_steps):
+        return False
+    curve = [v for h in history if h.get("step") is not None and (v := score_of(h, task)) is not None
+             and "train_runtime" not in h]
+    if len(curve) < 2:
+        return False
+    last, earlier = curve[-1], curve[:-1]
+    if greater_is_better(task):
+        return last - max(earlier) > margin
+    best = min(earlier)
+    return best - last > margin * abs(best)

@@ -1,20 +1,24 @@
-"""The claims suite's files: ``suite.yaml`` (seeds, shared and family settings, learning-rate grids, the gate,
-budgets, profiles) and one ``c*.yaml`` per claim, read and checked; task slots (``glue.0``, ``commonsense.1``)
-resolved against the tasks a data folder holds. The format is described in ``claims.py``."""
+"""The claims suite's files: ``suite.yaml`` (seeds, shared and family settings, each family's reference arm,
+learning-rate grids and their bounds, the gate, budgets, profiles) and one ``c*.yaml`` per claim, read and
+checked; task slots (``glue.0``, ``commonsense.1``, ``sft.0``, or by kind: ``glue.regression.0``) resolved against
+the tasks a data folder holds. The format is described in ``claims.py``."""
 
 from __future__ import annotations
 
 import glob
+import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, read_yaml
 from .measures import MEASURES, TRAINING_MEASURES
 
-FAMILIES = ("glue", "commonsense")
+FAMILIES = ("glue", "commonsense", "sft")
 CLAIM_KEYS = {"id", "title", "source", "paper", "tasks", "base", "arms", "measures", "checks", "derived", "notes",
-              "reference"}
-SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "gate", "not_learned", "profiles", "budgets"}
+              "reference", "quotes", "conclusion"}
+SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "lr_bounds", "gate", "not_learned", "rising",
+              "profiles", "budgets", "reference"}
 
 
 def default_suite_dir() -> str:
@@ -29,14 +33,17 @@ class Claim:
     tasks: list[str]
     arms: dict[str, dict]
     source: str = ""
-    paper: str = ""
+    paper: str | list = ""  # a line, or quotes: {table, row, cells} of papers.md's tables, {text, source}
     base: dict = field(default_factory=dict)
     measures: list[dict] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
     derived: list[dict] = field(default_factory=list)
     notes: str = ""
     reference: str | None = None
+    quotes: list[dict] = field(default_factory=list)  # the papers' words and numbers, each naming its source row
+    conclusion: dict = field(default_factory=dict)  # how the report words the answer (C10: which source it supports)
     path: str = ""
+    dropped: list[str] = field(default_factory=list)  # arms a profile left out (``arms:``)
 
     @property
     def ref(self) -> str:
@@ -69,10 +76,10 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
                 raise ConfigError(f"{cpath}: missing key {key!r}")
         claim = Claim(**{k: v for k, v in data.items()}, path=cpath)
         claim.base = claim.base or {}
-        for slot in claim.tasks:
-            family, _, index = str(slot).partition(".")
-            if family not in FAMILIES or not index.isdigit():
-                raise ConfigError(f"{cpath}: tasks: {slot!r} is not a slot like glue.0 or commonsense.1")
+        for slot in claim.tasks + [m["only_task"] for m in claim.measures if isinstance(m, dict) and m.get("only_task")]:
+            if not valid_slot(str(slot)):
+                raise ConfigError(f"{cpath}: tasks: {slot!r} is not a slot like glue.0, commonsense.1 or "
+                                  "glue.regression.0")
         if not isinstance(claim.arms, dict) or not all(isinstance(v, dict) or v is None for v in claim.arms.values()):
             raise ConfigError(f"{cpath}: arms: expected a mapping of arm name -> settings")
         for key in ("measures", "checks", "derived"):
@@ -81,11 +88,15 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
                 raise ConfigError(f"{cpath}: {key}: expected a list of mappings")
         if not isinstance(claim.base, dict) or not isinstance(claim.tasks, list):
             raise ConfigError(f"{cpath}: base must be a mapping and tasks a list")
+        if not isinstance(claim.paper, (str, list)) or isinstance(claim.paper, list) and not all(
+                isinstance(q, dict) and ("text" in q or {"table", "row", "cells"} <= set(q)) for q in claim.paper):
+            raise ConfigError(f"{cpath}: paper: a line of text, or quotes {{table, row, cells}} / {{text, source}}")
         if claim.reference is not None and claim.reference not in claim.arms:
             raise ConfigError(f"{cpath}: reference: {claim.reference!r} names no arm of this claim")
         for arm, spec in claim.arms.items():
-            if (spec or {}).get("lr_from") not in (None, *claim.arms):
-                raise ConfigError(f"{cpath}: arms: {arm}: lr_from {spec['lr_from']!r} names no arm of this claim")
+            for key in ("lr_from", "params_from", "steps_from"):
+                if (spec or {}).get(key) not in (None, *claim.arms):
+                    raise ConfigError(f"{cpath}: arms: {arm}: {key} {spec[key]!r} names no arm of this claim")
         for m in claim.measures:
             if m.get("name") not in MEASURES and m.get("name") not in TRAINING_MEASURES:
                 raise ConfigError(f"{cpath}: measures: unknown measure {m.get('name')!r} "
@@ -93,6 +104,8 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
         from .verdicts import RULES
 
         for check in claim.checks:
+            if "task" in check and not valid_slot(str(check["task"])):
+                raise ConfigError(f"{cpath}: checks: task {check['task']!r} is not a slot like glue.0")
             if check.get("rule") not in RULES:
                 raise ConfigError(f"{cpath}: checks: rule {check.get('rule')!r} is not one of {sorted(RULES)}")
             for side in ("a", "b"):
@@ -104,11 +117,51 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
         claims.append(claim)
     if not claims:
         raise ConfigError(f"--suite: {folder} holds no c*.yaml claim files")
-    return suite, claims
+    number = lambda c: (int(c.id[1:]) if c.id[1:].isdigit() else math.inf, c.id)
+    return suite, sorted(claims, key=number)  # C1, C2, …, C10 (not the files' C1, C10, C2 order)
+
+
+def valid_slot(slot: str) -> bool:
+    """``family.i`` (the i-th task of a family found) or ``family.kind.i`` (the i-th of its tasks of that kind)."""
+    from ..task import KINDS
+
+    parts = slot.split(".")
+    return parts[0] in FAMILIES and parts[-1].isdigit() and (len(parts) == 2 or len(parts) == 3 and parts[1] in KINDS)
+
+
+def task_settings(task: str, data_dir: str | None) -> dict:
+    """The run settings that name a suite task: its id, or for an sft file (``sft/<file>``, the file under
+    ``<data_dir>/text/``) ``task: sft`` with that ``train_file``."""
+    family, _, name = task.partition("/")
+    if family != "sft":
+        return {"task": task}
+    from ..data import resolve_data_dir
+
+    folder = resolve_data_dir(data_dir)
+    path = name if os.path.isabs(name) or folder is None else os.path.join(os.path.abspath(folder), "text", name)
+    return {"task": "sft", "train_file": path}
+
+
+SFT_FIELDS = (("messages",), ("prompt", "completion"), ("instruction", "output"))
+
+
+def _sft_records(path: str) -> bool:
+    """Whether a JSON/JSONL file under text/ holds sft records (its first record has one of SFT_FIELDS)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                first = json.loads(f.readline())
+            else:
+                head = json.load(f)
+                first = head[0] if isinstance(head, list) and head else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and any(all(k in first for k in keys) for keys in SFT_FIELDS)
 
 
 def discover_tasks(data_dir: str | None, prefer: dict | None = None) -> dict[str, list[str]]:
-    """Task ids per family found in a data folder laid out like shared/datasets (preferred order first)."""
+    """Task ids per family found in a data folder laid out like shared/datasets (preferred order first): GLUE
+    folders, LLM-Adapters tasks, and sft record files under ``text/`` (``sft/<file>``)."""
     from ..data import resolve_data_dir
     from ..data.glue import TASKS as GLUE_TASKS
 
@@ -127,6 +180,11 @@ def discover_tasks(data_dir: str | None, prefer: dict | None = None) -> dict[str
         for entry in sorted(os.listdir(cs)):
             if all(os.path.exists(os.path.join(cs, entry, f)) for f in ("train.json", "test.json")):
                 found["commonsense"].append(f"commonsense/{entry}")
+    text = os.path.join(data_dir, "text")
+    if os.path.isdir(text):
+        for entry in sorted(os.listdir(text)):
+            if entry.endswith((".json", ".jsonl")) and _sft_records(os.path.join(text, entry)):
+                found["sft"].append(f"sft/{entry}")
     for family, order in (prefer or {}).items():
         rank = {norm(t.split("/")[-1]): i for i, t in enumerate(order)}
         found[family] = sorted(found.get(family, []), key=lambda t: (rank.get(norm(t.split("/")[-1]), len(rank)), t))
@@ -138,12 +196,21 @@ def parse_tasks(spec: str) -> dict[str, list[str]]:
     for t in filter(None, (s.strip() for s in spec.split(","))):
         family = t.split("/")[0]
         if family not in FAMILIES:
-            raise ConfigError(f"--tasks: {t!r} is not glue/<task> or commonsense/<name>")
+            raise ConfigError(f"--tasks: {t!r} is not glue/<task>, commonsense/<name> or sft/<file under text/>")
         out[family].append(t)
     return out
 
 
-def slot_task(tasks: dict[str, list[str]], slot: str) -> str | None:
-    family, _, index = slot.partition(".")
+def slot_task(tasks: dict[str, list[str]], slot: str, all_tasks: dict[str, list[str]] | None = None) -> str | None:
+    """The task a slot names: ``glue.1`` the second GLUE task taken (wrapping around within them); ``glue.regression.0``
+    the first GLUE task of that kind among all found (a profile that takes one GLUE task still finds STS-B for a
+    claim that needs a square loss), None if there is none."""
+    parts = slot.split(".")
+    family, index = parts[0], int(parts[-1])
+    if len(parts) == 3:
+        from ..data.load import kind_of
+
+        found = [t for t in (all_tasks or tasks).get(family) or [] if kind_of(task_settings(t, None)["task"]) == parts[1]]
+        return found[index] if index < len(found) else None
     found = tasks.get(family) or []
-    return found[int(index) % len(found)] if found else None
+    return found[index % len(found)] if found else None

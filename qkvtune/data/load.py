@@ -56,6 +56,26 @@ def find_dir(parent: str, name: str) -> str:
     raise DataError(f"{path}: folder not found")
 
 
+def kind_of(task: str) -> str:
+    """A task id's kind (``task.KINDS``) without loading its data: GLUE's by its label (STS-B's score is a
+    regression), commonsense answers are generated, sft/text/pydoc are language modelling, your own tables are
+    what their id says."""
+    from ..task import CAUSAL_LM, CLASSIFICATION, QA_GENERATION, REGRESSION
+
+    family, _, rest = task.partition("/")
+    family = family.lower()
+    if family == "glue":
+        from .glue import TASKS
+
+        spec = TASKS.get(rest.lower().replace("-", "").replace("_", ""))
+        return REGRESSION if spec is not None and spec.values is None else CLASSIFICATION
+    if family == "commonsense":
+        return QA_GENERATION
+    if family in ("sft", "text") or task.lower() == "builtin/pydoc":
+        return CAUSAL_LM
+    return REGRESSION if family == "regression" else CLASSIFICATION
+
+
 def load_task(spec: DataSpec | str, tokenizer, *, seed: int = 0, **keys):
     """Load, subsample and tokenize a task: ``spec`` (a ``DataSpec``, or a task id with its data keys as keyword
     arguments: ``load_task("glue/sst2", tok, data_dir=…, max_train_samples=50)``), checked first.
@@ -90,7 +110,7 @@ def _load(spec: DataSpec, tokenizer, seed: int):
         return load_files_task(family, spec, tokenizer, **opts, **held)
     if family == "sft" and not rest:
         from .sft import load_sft
-        return load_sft(spec, tokenizer, train_on_inputs=spec.train_on_inputs, **opts)
+        return load_sft(spec, tokenizer, train_on_inputs=spec.train_on_inputs, **opts, **held)
     if family == "glue" and rest:
         from .glue import load_glue
         return load_glue(rest, tokenizer, resolve_data_dir(spec.data_dir), **opts, **held)

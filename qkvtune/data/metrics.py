@@ -121,4 +121,28 @@ def pearson_of(y, p) -> float:
     return float(np.corrcoef(y, p)[0, 1])
 
 
-PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of}  # metric -> fn(labels, predictions)
+def token_loss_of(tokens, nll) -> float:
+    """A language-model loss from per-example (trained-token count, summed loss): Σ loss / Σ tokens."""
+    total = float(np.sum(np.asarray(tokens, dtype=float)))
+    return float(np.sum(np.asarray(nll, dtype=float)) / total) if total else float("nan")
+
+
+# metric -> fn(labels, predictions); for the loss the labels are token counts and the predictions summed losses
+PER_EXAMPLE = {"f1": f1_of, "matthews_correlation": matthews_of, "pearson": pearson_of, "loss": token_loss_of}
+
+
+def constant_score(metric: str, labels, choices=None) -> float:
+    """The best score of a constant prediction on these labels, by a task's main metric: the majority class's
+    share (accuracy; the most frequent answer's rate), the best F1 of always answering one class (or one of
+    ``choices``), 0 for correlations and MCC. (Not for ``loss``: a language model's baseline is the pretrained
+    model itself.)"""
+    if metric == "loss":
+        return float("nan")
+    labels = np.asarray(labels)
+    if metric in ("pearson", "spearmanr", "matthews_correlation"):
+        return 0.0
+    values = np.unique(labels)
+    if metric == "f1":
+        values = sorted(set(values.tolist()) | set(choices or []), key=str)
+        return max(f1_of(labels, np.full(len(labels), v)) for v in values)
+    return max(float(np.mean(labels == v)) for v in values)

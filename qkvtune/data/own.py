@@ -100,7 +100,10 @@ def read_dataset(name: str, config: str | None, split: str) -> Table:
 def read_splits(spec: DataSpec, seed: int) -> tuple[Table, Table, str]:
     """(train, validation, where the training rows came from) for a task on the user's own data: files or a
     dataset, with a seeded ``validation_fraction`` of the training rows held out when no validation data
-    (file or split) is given."""
+    (file or split) is given. With ``val_size`` those held-out rows are the test split, and they are drawn the
+    same for every seed (seed 0), as a dev file would be: runs of several seeds answer the same test questions."""
+    if spec.val_size:
+        seed = 0
     if spec.train_file:
         train = read_table(spec.train_file, "train_file")
         source = train.where[0][0]

@@ -7,8 +7,11 @@ SFTTrainer reads them:
 * ``prompt`` + ``completion`` strings: the loss covers the completion;
 * Alpaca records (``instruction``, ``input``, ``output``), with the Alpaca prompt.
 
-Sources as for classification (``train_file``/``validation_file`` or ``dataset``; a seeded
-``validation_fraction`` is held out otherwise). Examples longer than ``max_length`` are truncated, counted
+``as_chat: true`` renders prompt/completion and Alpaca records as a one-turn chat through the tokenizer's own
+chat template instead (user: the prompt, or the instruction with its input below it; assistant: the answer), as
+a chat model is used. Sources as for classification (``train_file``/``validation_file`` or ``dataset``; a seeded
+``validation_fraction`` is held out otherwise); with ``val_size`` a seeded validation split is carved out of the
+training records and the validation records become the test split (scored once, per example). Examples longer than ``max_length`` are truncated, counted
 (``num_truncated``) and logged; one whose trained tokens are all cut off is dropped (its loss would be 0/0).
 """
 
@@ -22,7 +25,7 @@ import datasets
 from ..errors import DataError
 from .examples import TaskData
 from .load import read_text
-from .spec import subsample
+from .spec import split_train, subsample
 from .own import Table, read_splits
 from .text import alpaca_prompt, causal_task, encode_sft
 
@@ -96,7 +99,20 @@ def encode_chat(tokenizer, convs: list, max_length: int, train_on_inputs: bool) 
     return out, truncated
 
 
-def _encode(tokenizer, form: str, rows: list, max_length: int, train_on_inputs: bool, desc: str):
+def as_messages(form: str, rows: list) -> list:
+    """prompt/completion or Alpaca rows as one-turn chats: [user: the prompt (the instruction, its input below it),
+    assistant: the answer]."""
+    if form == "prompt":
+        pairs = [(r[0], r[1]) for r in rows]
+    else:
+        pairs = [(r[0] + ("\n\n" + r[1] if r[1] else ""), r[2]) for r in rows]
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in pairs]
+
+
+def _encode(tokenizer, form: str, rows: list, max_length: int, train_on_inputs: bool, desc: str,
+            as_chat: bool = False):
+    if as_chat and form != "messages":
+        form, rows = "messages", as_messages(form, rows)
     if form == "messages":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("messages: the tokenizer has no chat template; give one with chat_template: <file.jinja>")
@@ -131,15 +147,27 @@ def _check_rows(table: Table, form: str, rows: list) -> None:
 
 
 def load_sft(spec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples, seed: int,
-             train_on_inputs: bool) -> TaskData:
+             train_on_inputs: bool, val_size: int | float | None = None) -> TaskData:
     train, dev, _ = read_splits(spec, seed)
-    parts = {}
-    for split, table, cap, sub_seed in (("train", train, max_train_samples, seed), ("dev", dev, max_eval_samples, None)):
+    splits = {}
+    for split, table in (("train", train), ("dev", dev)):
         form, rows = _rows(table)
         _check_rows(table, form, rows)
-        idx = subsample({"i": list(range(len(rows)))}, cap, sub_seed)["i"]
-        parts[split] = _encode(tokenizer, form, [rows[i] for i in idx], max_length, train_on_inputs,
-                               f"sft {split} ({os.path.basename(table.where[0][0].split(' [')[0])})")
-    task = causal_task("sft", parts["train"][0], {"dev": parts["dev"][0]}, tokenizer)
-    task.info = {"num_truncated": parts["train"][1] + parts["dev"][1]}
+        splits[split] = (form, rows)
+    form, rows = splits["train"]
+    kept, held = split_train({"i": list(range(len(rows)))}, max_train_samples, val_size, seed)
+    chosen = {"train": (form, [rows[i] for i in kept["i"]])}
+    if held is not None:
+        chosen["validation"] = (form, [rows[i] for i in held["i"]])
+    form, rows = splits["dev"]
+    chosen["dev"] = (form, [rows[i] for i in subsample({"i": list(range(len(rows)))}, max_eval_samples, None)["i"]])
+    name = lambda t: os.path.basename(t.where[0][0].split(" [")[0])
+    parts = {k: _encode(tokenizer, f, r, max_length, train_on_inputs, f"sft {k} ({name(dev if k == 'dev' else train)})",
+                        spec.as_chat) for k, (f, r) in chosen.items()}
+    if held is None:
+        task = causal_task("sft", parts["train"][0], {"dev": parts["dev"][0]}, tokenizer)
+    else:  # three splits: validation (selection) out of the training records, the validation records as the test
+        task = causal_task("sft", parts["train"][0], {"validation": parts["validation"][0]}, tokenizer)
+        task.tests = {"test": parts["dev"][0]}
+    task.info = {"num_truncated": sum(p[1] for p in parts.values())}
     return task

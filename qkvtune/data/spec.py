@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError
 OWN_TABLES = ("classification", "regression")  # the user's table rows: text column(s) and a label column
 OWN_DATA = OWN_TABLES + ("sft",)  # read from the user's files or dataset
 LABELLED = ("glue", "classification", "regression", "builtin/vader")  # a label per example: shuffle_labels
-HOLDS_OUT = ("glue", "commonsense", "classification", "regression")  # a test split besides validation: val_size
+HOLDS_OUT = ("glue", "commonsense", "classification", "regression", "sft")  # a test split besides validation: val_size
 LANGUAGE_MODELLING = ("sft", "text")  # causal-LM examples: packing
 TEXT_GUESSES = ("text", "sentence", "prompt")  # predict's text column when none is configured
 
@@ -60,6 +60,8 @@ class DataSpec:
                                            # (test_* metrics, test_predictions.json), never selected on
     shuffle_labels: bool = False           # permute the training labels (seeded): a control run that cannot learn
     chat_template: str | None = None       # a Jinja chat template file (task: sft with messages; predict)
+    as_chat: bool = False                  # sft: prompt/completion and Alpaca records as a one-turn chat through
+                                           # the tokenizer's chat template (user: the prompt, assistant: the answer)
     # how much of it, and how long
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -106,8 +108,10 @@ class DataSpec:
                 not (isinstance(v, float) and 0 < v < 1):
             raise ConfigError(f"val_size: expected a row count >= 1 or a fraction in (0, 1), got {v!r}")
         if v is not None and not offers(self.task, HOLDS_OUT):
-            raise ConfigError(f"val_size: holds out a validation split for glue/…, commonsense/…, classification and "
-                              f"regression tasks, not {self.task}")
+            raise ConfigError(f"val_size: holds out a validation split for glue/…, commonsense/…, classification, "
+                              f"regression and sft tasks, not {self.task}")
+        if self.as_chat and self.family != "sft":
+            raise ConfigError(f"as_chat: renders sft records through the chat template (task: sft), not {self.task}")
         if self.shuffle_labels and not offers(self.task, LABELLED):
             raise ConfigError(f"shuffle_labels: needs a classification or regression task, not {self.task}")
         if self.packing and not offers(self.task, LANGUAGE_MODELLING):

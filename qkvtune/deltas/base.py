@@ -32,6 +32,7 @@ class Delta(nn.Module):
     peft_type: str | None = None   # PEFT's peft_type of the equivalent adapter, or None (no PEFT form)
     peft_variant: dict = {}        # adapter_config.json flags that tell this method apart (use_dora)
     rate_family: str = "delta"     # methods whose good learning rates lie on one grid (the claims suite's lr_grid)
+    rate_grid: tuple[float, ...] = ()  # that grid (log-spaced η_Q): what ``qkvtune plan`` predicts by default
 
     def __init__(self, target: Target):
         super().__init__()
@@ -62,6 +63,30 @@ class Delta(nn.Module):
     def hparams_from_config(cls, cfg) -> dict:
         """This method's constructor keywords from a run config (``config_keys``)."""
         return {k: getattr(cfg, k) for k in cls.config_keys}
+
+    @classmethod
+    def parameter_count(cls, cfg, rows: int, in_features: int) -> int:
+        """Trainable parameters of this method (with ``cfg``'s hyperparameters) on a slice of rows × in_features."""
+        raise NotImplementedError(f"{cls.method} states no parameter count")
+
+    @classmethod
+    def kernel_factor(cls, cfg, rows: int, in_features: int) -> tuple[float, int]:
+        """(c, P): at its initialisation this method's kernel on a slice is c times the kernel of the slice's
+        weights (in expectation over its random initialisation), carried by P parameters that move there (what
+        ``qkvtune plan`` simulates, and what Adam normalises each step by)."""
+        raise NotImplementedError(f"{cls.method} has no kernel at initialisation to plan with")
+
+    @classmethod
+    def kernel_growth(cls, cfg, rows: int, in_features: int, rule: str) -> tuple[float, int]:
+        """(γ, p): as training moves the parameters that move at initialisation to a root mean square σ, the
+        method's kernel on a slice grows to (1 + γ·σᵖ) times its initial one under the update ``rule`` ("adam",
+        "sgd"); (0, 1) for a method whose kernel stays (dense)."""
+        return 0.0, 1
+
+    def moved_rms(self) -> float | None:
+        """The root mean square of the parameters that move first (LoRA's B): what a short real run measures of
+        ``kernel_growth``'s σ; None where the kernel does not grow."""
+        return None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Low-rank factors (A: r × in, B: rows × r) when ΔW is their product, else None (subspace analysis)."""

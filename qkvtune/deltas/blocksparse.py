@@ -144,6 +144,7 @@ def check_blocks(entries: list, block_size: int, shapes: dict | None = None,
 class BlockSparse(Delta):
     method = "smt"
     rate_family = "smt"
+    rate_grid = (1e-4, 3e-4, 1e-3)  # the rates worth trying (the claims suite's lr_grid for this family)
     hparam_keys = ("block_size", "blocks")
     config_keys = ("block_size",)
     needs_selection = True  # the blocks come from smt.py's warm-up (or a fixed selection file)

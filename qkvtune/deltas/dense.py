@@ -12,6 +12,7 @@ from .base import Delta, adapter_dtype
 class Dense(Delta):
     method = "dense"
     rate_family = "dense"
+    rate_grid = (3e-5, 1e-4, 3e-4)  # the rates worth trying (the claims suite's lr_grid for this family)
 
     def __init__(self, target, base_weight: torch.Tensor):
         super().__init__(target)
@@ -25,3 +26,12 @@ class Dense(Delta):
 
     def param_roles(self):
         yield "dense", self.weight, True
+
+    @classmethod
+    def parameter_count(cls, cfg, rows, in_features):
+        return rows * in_features
+
+    @classmethod
+    def kernel_factor(cls, cfg, rows, in_features):
+        """ΔW is the slice's weights: their kernel, every entry moving."""
+        return 1.0, rows * in_features

@@ -24,6 +24,10 @@ class DoRA(LoRA):
         norms = base_weight.detach().to(self.lora_A.dtype).norm(dim=1)
         self.magnitude = nn.Parameter(norms.clone())
 
+    @classmethod
+    def parameter_count(cls, cfg, rows, in_features):
+        return cfg.rank * (rows + in_features) + rows  # and the magnitude
+
     def _norm(self, base_weight: torch.Tensor) -> torch.Tensor:
         w = base_weight.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A).detach() * self.scale
         return w.norm(dim=1).detach()

@@ -23,6 +23,7 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
 class LoRA(Delta):
     method = "lora"
     rate_family = "lora"  # DoRA too: a low-rank update with the same scale
+    rate_grid = (3e-4, 1e-3, 3e-3)  # the rates worth trying (the claims suite's lr_grid for this family)
     hparam_keys = config_keys = ("rank", "alpha", "rslora", "dropout")
     peft_type = "LORA"
     peft_variant = {"use_dora": False}
@@ -64,6 +65,31 @@ class LoRA(Delta):
 
     def factors(self):
         return self.lora_A, self.lora_B
+
+    @classmethod
+    def parameter_count(cls, cfg, rows, in_features):
+        return cfg.rank * (rows + in_features)
+
+    @classmethod
+    def kernel_factor(cls, cfg, rows, in_features):
+        """At B = 0 only B moves: ∂f/∂B = s·G·Aᵀ for the weight gradient G, and PEFT's Kaiming-uniform A (a = √5:
+        entries U(±1/√in), variance 1/(3·in)) gives E[AᵀA] = r/(3·in)·I, so the kernel is s²·r/(3·in) times the
+        weights', carried by the r·rows entries of B. (DoRA's magnitude is left out: the same factor.)"""
+        s = lora_scale(cfg.rank, cfg.alpha, cfg.rslora)
+        return s * s * cfg.rank / (3.0 * in_features), cfg.rank * rows
+
+    @classmethod
+    def kernel_growth(cls, cfg, rows, in_features, rule):
+        """Once B ≠ 0, A moves too: ∂f/∂A = s·Bᵀ·G, whose kernel for B of root mean square σ is s²·r·σ² times the
+        weights' (E[B·Bᵀ] = r·σ²·I), carried by the r·in entries of A. Against B's (kernel_factor): SGD adds
+        3·in·σ²; Adam, which moves every parameter at the same pace, weighs each block by √(c·P/E‖ḡ‖²) and adds
+        σ·√3·in/√rows."""
+        if rule == "sgd":
+            return 3.0 * in_features, 2
+        return 3.0 ** 0.5 * in_features / rows ** 0.5, 1
+
+    def moved_rms(self):
+        return float(self.lora_B.detach().pow(2).mean().sqrt())
 
     # --- PEFT: slices of a fused projection become one LoRA of rank Σrᵢ on the whole module, with B zero
     # outside the slices' rows; PEFT then reproduces the outputs exactly and untouched slices stay untouched.
