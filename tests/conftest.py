@@ -131,3 +131,12 @@ def run_cli(*args, env: dict | None = None):
             else:
                 os.environ[k] = v
     return subprocess.CompletedProcess(["qkvtune", *args], code, out.getvalue(), err.getvalue())
+
+
+def randomize_trainable(model, seed: int = 3, scale: float = 0.1) -> None:
+    """Non-zero values added to every trainable tensor, so every gradient path is exercised (LoRA's B starts at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny
+from conftest import randomize_trainable, tiny
 from qkvtune import attach, lmloss
 from qkvtune.config import ConfigError, build_config
 from qkvtune.io import QKV_WEIGHTS
@@ -22,17 +22,9 @@ LM = TaskInfo("causal_lm", 0)
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 
 
-def _randomize(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _lora(model):
     attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", rank=4)
-    _randomize(model)
+    randomize_trainable(model)
     return model
 
 
@@ -60,7 +52,7 @@ def _full_tied_gpt2():
     model = tiny("gpt2")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     model.requires_grad_(True)
-    _randomize(model)
+    randomize_trainable(model)
     return model
 
 

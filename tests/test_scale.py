@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import data_dir, tiny
+from conftest import data_dir, randomize_trainable, tiny
 from qkvtune import attach, io, runs, smt
 from qkvtune.attach import DeltaProjection
 from qkvtune.config import ConfigError, build_config
@@ -19,15 +19,6 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 needs_data = pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
 
 METHODS = [("lora", {}), ("lora", {"rslora": True}), ("dora", {}), ("dense", {}), ("smt", {"block_size": 8})]
-
-
-def _randomize(model, seed=3):
-    """Non-zero values in every trainable tensor, so every gradient path is exercised (LoRA's B starts at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def _blocks(targets):
@@ -41,7 +32,7 @@ def _with_adapter(arch, method, hparams):
     if method == "smt":
         hparams = {**hparams, "blocks": _blocks(targets)}
     attach.add_adapter(model, targets, method, **hparams)
-    _randomize(model)
+    randomize_trainable(model)
     return model
 
 
@@ -133,7 +124,7 @@ def test_quantized_adapter_loads_in_peft_on_the_same_base(tmp_path, tiny_llama_d
     targets = find_targets(model, ["q", "v", "gate", "down"])  # MLP projections are quantized too
     assert all(is_quantized(t.projection(model)) for t in targets)
     attach.add_adapter(model, targets, method, rank=4)
-    _randomize(model)
+    randomize_trainable(model)
     io.save_adapter(model, str(tmp_path / "a"))
     x = torch.randint(5, 1000, (2, 10))
     with torch.no_grad():
