@@ -1,6 +1,5 @@
 """Tests of qkvtune.data against the real files in the shared data folder and tiny files written here."""
 import copy
-import csv
 import importlib.util
 import json
 import math

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from conftest import tiny

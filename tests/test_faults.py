@@ -2,7 +2,6 @@
 bit; incomplete checkpoints are never resumed; concurrent runs are refused; non-finite values stop the run
 naming the step; fuzzed configs, data files and adapters end in success or one clean line, never a traceback."""
 
-import json
 import os
 import random
 import shutil
@@ -194,7 +193,6 @@ _TOK = {}
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=64), st.sampled_from(["json", "weights"]))
 def test_fuzzed_adapter_files_are_refused_cleanly(tmp_path_factory, garbage, which):
-    import copy
 
     from conftest import tiny
     from qkvtune import attach

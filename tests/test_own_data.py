@@ -2,7 +2,6 @@
 ``qkvtune predict`` reproducing the run's own evaluation row for row."""
 
 import json
-import os
 
 import pandas as pd
 import pytest

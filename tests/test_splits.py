@@ -3,7 +3,6 @@ as a test split scored once at the end with per-example predictions; the shuffle
 ``pooling: mean`` against a hand-computed masked mean."""
 
 import json
-import os
 
 import numpy as np
 import pytest

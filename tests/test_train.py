@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import REPO, data_dir, run_cli
-from qkvtune import attach, io
+from qkvtune import io
 from qkvtune.config import build_config
 from qkvtune.runs import open_run
 from qkvtune.train import evaluate_run, train

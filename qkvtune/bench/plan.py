@@ -22,7 +22,6 @@ model's, and their budget is not laddered (``LM_FAMILY`` holds their settings, `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
