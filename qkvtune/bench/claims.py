@@ -182,8 +182,11 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     note, p = "", None
     only = c.get("_task")  # a check read on one task (its ``task`` slot), e.g. one model of C10
     if "task" in c and (only is None or only not in result.testable):
-        why = "no such task in the data folder" if only is None else \
-            f"{only} not among this claim's tasks here" if only not in result.tasks else f"{only} not testable"
+        if only is None:  # the slot names no task here: none was found, or the profile did not take it
+            found = c.get("_found")
+            why = f"{found} not among this profile's tasks" if found else "no such task in the data folder"
+        else:
+            why = f"{only} not among this claim's tasks here" if only not in result.tasks else f"{only} not testable"
         return {**blank, "verdict": UNTESTABLE, "note": why}
     compared = [x[len("score:"):].split("@")[0] for x in (a, b) if str(x).startswith("score:")]
     if [arm for arm in compared if arm in result.claim.dropped]:
@@ -295,6 +298,7 @@ def run_claim(claim: Claim, ctx: Context) -> ClaimResult:
     for c in claim.checks:  # a check's ``task`` slot names the one task it reads
         if "task" in c:
             c["_task"] = slot_task(tasks, c["task"], ctx.all_tasks)
+            c["_found"] = slot_task(ctx.all_tasks, c["task"], ctx.all_tasks)
     result.checks = [evaluate_check(result, c) for c in claim.checks]
     result.verdict = combine(c["verdict"] for c in result.checks) if result.testable else UNTESTABLE
     result.seconds = time.perf_counter() - t0

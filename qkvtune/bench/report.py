@@ -395,7 +395,7 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
                        "learning_rates": {t: {a: {"lr": x.lr, "grid": x.grid, "at_bound": x.at_bound, "ties": x.ties}
                                               for a, x in arms.items()} for t, arms in r.arms.items()},
                        "resolution": resolution(r),
-                       "checks": [{**{k: v for k, v in chk.items() if k not in ("interval", "_task")},
+                       "checks": [{**{k: v for k, v in chk.items() if k not in ("interval", "_task", "_found")},
                                    "interval": vars(chk["interval"])} for chk in r.checks]})
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
