@@ -71,20 +71,21 @@ def spec_of(name: str) -> dict:
 # --- data -------------------------------------------------------------------------------------------------
 
 def chats(source: str, n_train: int, n_dev: int) -> tuple[list, list]:
-    """The first n_train + n_dev Alpaca records as (user, assistant) pairs."""
+    """The first n_train + n_dev Alpaca records as one-turn chats, as ``as_chat`` renders them."""
+    from ..data.sft import as_messages
+
     with open(source, encoding="utf-8") as f:
         records = json.load(f)
     if len(records) < n_train + n_dev:
         raise QkvtuneError(f"{source}: {len(records)} records, fewer than --examples + --dev = {n_train + n_dev}")
-    pairs = [(r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), r["output"]) for r in records]
-    return pairs[:n_train], pairs[n_train:n_train + n_dev]
+    convs = as_messages("alpaca", [(r["instruction"], r.get("input") or "", r["output"]) for r in records])
+    return convs[:n_train], convs[n_train:n_train + n_dev]
 
 
-def write_messages(pairs: list, path: str) -> str:
+def write_messages(convs: list, path: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
-        for user, assistant in pairs:
-            f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": assistant}]}) + "\n")
+        for conv in convs:
+            f.write(json.dumps({"messages": conv}) + "\n")
     return path
 
 
