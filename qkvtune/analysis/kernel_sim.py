@@ -218,21 +218,32 @@ def train_linearised(kernel: torch.Tensor, n_train: int, f0: torch.Tensor, y: to
     f = f0.double().reshape(k.shape[-2], -1).expand(*batch, -1, -1).clone()
     steps = torch.as_tensor(step_sizes, dtype=torch.float64)
     steps = steps.expand(*batch, steps.shape[-1])
+    # momentum averages the kernel's moves; the step size scales the average
+    return _iterate(f, n, y, loss, record, steps.shape[-1], lambda t, g: (k @ g / n, steps[..., t, None, None]),
+                    beta, bias_correction, record_train)
+
+
+def _iterate(f, n: int, y, loss: str, record, total: int, move_at, beta: float, bias_correction: bool,
+             record_train: bool) -> Trajectory:
+    """The iteration both trainers share: ``move_at(t, ℓ'(f on the training points))`` gives step t's move and
+    the factor it is taken with (after the average of ``beta``); outputs recorded after the steps in ``record``,
+    non-finite runs flagged and clamped."""
+    batch = f.shape[:-2]
     want = sorted({int(s) for s in record})
-    if want and (want[0] < 1 or want[-1] > steps.shape[-1]):
-        raise AnalysisError(f"record: steps must lie in 1..{steps.shape[-1]}, got {want[0]}..{want[-1]}")
+    if want and (want[0] < 1 or want[-1] > total):
+        raise AnalysisError(f"record: steps must lie in 1..{total}, got {want[0]}..{want[-1]}")
     y_train = None if y is None else y.reshape(n, -1) if y.is_floating_point() else y.reshape(n)
     momentum = torch.zeros_like(f)
     vals, trains, losses = [], [], []
     finite = torch.ones(batch, dtype=torch.bool)
     nxt = 0
-    for t in range(steps.shape[-1]):
+    for t in range(total):
         _, g, _ = loss_terms(loss, f[..., :n, :], y_train)
-        move = k @ g / n
+        move, scale = move_at(t, g)
         if beta:
             momentum = beta * momentum + (1 - beta) * move
             move = momentum / (1 - beta ** (t + 1)) if bias_correction else momentum
-        f = f - steps[..., t, None, None] * move
+        f = f - scale * move
         bad = ~torch.isfinite(f).flatten(len(batch)).all(-1)
         if bad.any():
             finite &= ~bad
@@ -295,36 +306,12 @@ def train_by_kinds(unit: torch.Tensor, n_train: int, f0: torch.Tensor, y: torch.
     if k.shape[0] != kinds:
         raise AnalysisError(f"weights: {kinds} kinds, the unit kernels have {k.shape[0]}")
     f = f0.double().reshape(k.shape[-2], -1).expand(runs, -1, -1).clone()
-    want = sorted({int(s) for s in record})
-    if want and (want[0] < 1 or want[-1] > total):
-        raise AnalysisError(f"record: steps must lie in 1..{total}, got {want[0]}..{want[-1]}")
-    y_train = None if y is None else y.reshape(n, -1) if y.is_floating_point() else y.reshape(n)
-    momentum = torch.zeros_like(f)
-    vals, trains, losses = [], [], []
-    finite = torch.ones(runs, dtype=torch.bool)
-    nxt = 0
-    for t in range(total):
-        _, g, _ = loss_terms(loss, f[:, :n, :], y_train)
+
+    def move_at(t, g):  # the weights are the step sizes: momentum averages the weighted moves
         per_kind = (k.reshape(-1, n) @ g.permute(1, 0, 2).reshape(n, -1)).reshape(kinds, -1, runs, g.shape[-1])
-        move = torch.einsum("bk,knbc->bnc", weights[:, :, t], per_kind) / n  # no (runs × n × n) kernel formed
-        if beta:
-            momentum = beta * momentum + (1 - beta) * move
-            move = momentum / (1 - beta ** (t + 1)) if bias_correction else momentum
-        f = f - move
-        bad = ~torch.isfinite(f).flatten(1).all(-1)
-        if bad.any():
-            finite &= ~bad
-            f = torch.nan_to_num(f, nan=0.0, posinf=1e30, neginf=-1e30)
-        while nxt < len(want) and want[nxt] == t + 1:
-            vals.append(f[:, n:, :].clone())
-            if record_train:
-                trains.append(f[:, :n, :].clone())
-            losses.append(loss_terms(loss, f[:, :n, :], y_train)[0].mean(-1))
-            nxt += 1
-    if not vals:
-        return Trajectory(want, f.new_zeros(runs, 0, f.shape[1] - n, f.shape[2]), f.new_zeros(runs, 0), finite)
-    return Trajectory(want, torch.stack(vals, 1), torch.stack(losses, 1), finite,
-                      torch.stack(trains, 1) if trains else None)
+        return torch.einsum("bk,knbc->bnc", weights[:, :, t], per_kind) / n, 1.0  # no (runs × n × n) kernel formed
+
+    return _iterate(f, n, y, loss, record, total, move_at, beta, bias_correction, record_train)
 
 
 def top_eigenvalues(unit: torch.Tensor, weights: torch.Tensor, curvature: torch.Tensor, n: int,
