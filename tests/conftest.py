@@ -140,3 +140,17 @@ def randomize_trainable(model, seed: int = 3, scale: float = 0.1) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def randomize_deltas(model, seed: int = 3, scale: float = 0.1, heads: bool = False) -> None:
+    """Non-zero values added to every adapter parameter (and, with ``heads``, the task heads'), so ΔW ≠ 0."""
+    from qkvtune import attach
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, d in attach.iter_deltas(model):
+            for _, p, _ in d.param_roles():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+        for head in attach.head_modules(model).values() if heads else ():
+            for p in head.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)

@@ -7,20 +7,11 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import randomize_deltas, tiny
 from qkvtune import attach
 from qkvtune.targets import find_targets
 
 ARCHS = [("bert", 2), ("gpt2", None), ("neox", None), ("phi3", None), ("llama", 2)]
-
-
-def _randomize(model):
-    """Give every delta non-zero values so ΔW ≠ 0 (B starts at zero)."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, d in attach.iter_deltas(model):
-            for _, p, _ in d.param_roles():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _reference(base, model, method):
@@ -52,7 +43,7 @@ def test_delta_matches_dense_reference_and_merge(arch, labels, method, kinds, id
     model = copy.deepcopy(base)
     targets = find_targets(model, kinds)  # all-linear: MLP slices (Phi-3's fused gate/up halves) and the rest too
     attach.add_adapter(model, targets, method, rank=4, alpha=8, heads=[])
-    _randomize(model)
+    randomize_deltas(model)
     model.eval()
     ref = _reference(base, model, method)
     out = lambda m: (m(ids).logits)
@@ -101,11 +92,11 @@ def test_adapters_switch_with_their_heads(ids):
     base = tiny("bert", 2)
     model = copy.deepcopy(base)
     attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", name="a", rank=2)
-    _randomize(model)
+    randomize_deltas(model)
     with torch.no_grad():
         model.classifier.copies["a"].weight.add_(1.0)
     attach.add_adapter(model, find_targets(model, ["v"]), "dense", name="b")
-    _randomize(model)
+    randomize_deltas(model)
     with torch.no_grad():
         attach.set_adapter(model, "a")
         ya = model(ids).logits
@@ -123,7 +114,7 @@ def test_adapters_switch_with_their_heads(ids):
 def test_unwrap_gives_plain_model_with_merged_weights(ids):
     model = tiny("llama", 2)
     attach.add_adapter(model, find_targets(model, ["q", "v"]), "lora", rank=2)
-    _randomize(model)
+    randomize_deltas(model)
     with torch.no_grad():
         y = model(ids).logits
         plain = attach.unwrap(model)

@@ -10,20 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny
+from conftest import randomize_deltas, tiny
 from qkvtune import attach, files, io
 from qkvtune.targets import find_targets
-
-
-def _randomize(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, d in attach.iter_deltas(model):
-            for _, p, _ in d.param_roles():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for head in attach.head_modules(model).values():
-            for p in head.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 CASES = [("bert", 2, ["q", "v"], "lora"), ("bert", 2, ["q", "k", "v", "o"], "dora"), ("llama", 2, ["q", "v"], "lora"),
@@ -37,7 +26,7 @@ def test_peft_loads_our_adapter_with_same_logits(arch, labels, kinds, method, id
     model = copy.deepcopy(base)
     attach.add_adapter(model, find_targets(model, kinds, layers="last:1" if arch == "llama" else None), method,
                        rank=4, alpha=8, rslora=arch == "neox")
-    _randomize(model)
+    randomize_deltas(model, heads=True)
     io.save_adapter(model, str(tmp_path))
     cfg = json.load(open(tmp_path / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == (method == "dora")
@@ -76,7 +65,7 @@ def test_qkvtune_format_round_trip(method, ids, tmp_path):
     base = tiny("gpt2")
     model = copy.deepcopy(base)
     attach.add_adapter(model, find_targets(model, ["q", "v"]), method, rank=2, alpha=4)
-    _randomize(model)
+    randomize_deltas(model, heads=True)
     io.save_adapter(model, str(tmp_path), extra={"lr": 1e-3})
     again = copy.deepcopy(base)
     meta = io.load_adapter(again, str(tmp_path))

@@ -12,7 +12,7 @@ import torch
 import transformers as T
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from conftest import run_cli, tiny
+from conftest import randomize_deltas, run_cli, tiny
 from qkvtune import attach, io
 from qkvtune.config import ConfigError, build_config
 from qkvtune.targets import ATTENTION_KINDS, MLP_KINDS, TargetError, find_targets
@@ -122,14 +122,6 @@ def test_mlp_slices_are_what_the_models_own_mlp_computes(arch):
     assert received.shape == want.shape and torch.equal(received, want), arch
 
 
-def _randomize(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, d in attach.iter_deltas(model):
-            for _, p, _ in d.param_roles():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_on_up_moves_only_up_and_peft_loads_it(arch, tmp_path):
     base = _build(arch)
@@ -141,7 +133,7 @@ def test_lora_on_up_moves_only_up_and_peft_loads_it(arch, tmp_path):
              and t.kind != "down"]
     before = _capture(model, {t.module for t in first}, ids)
     attach.add_adapter(model, find_targets(model, ["up"]), "lora", rank=2, alpha=4)
-    _randomize(model)
+    randomize_deltas(model, scale=0.3)
     after = _capture(model, {t.module for t in first}, ids)
     assert {t.kind for t in first} >= {"q", "up"}
     for t in first:
@@ -170,7 +162,7 @@ def test_all_linear_round_trips_through_peft(arch, method, tmp_path):
     base = _build(arch)
     model = copy.deepcopy(base)
     attach.add_adapter(model, find_targets(model, "all-linear"), method, rank=2, alpha=4)
-    _randomize(model)
+    randomize_deltas(model, scale=0.3)
     ids = _ids()
     io.save_adapter(model, str(tmp_path))
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()

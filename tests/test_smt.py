@@ -310,15 +310,8 @@ def test_prepare_smt_report_and_training(tmp_path, ids):
 
     attach.add_adapter(model, smt.targets_of(model, sel), "smt", block_size=8, blocks=sel)
     opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-2)))
-    batch = _collate(_dataset()[:4])
-    losses = []
     model.train()
-    for _ in range(5):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_steps(model, opt, _collate(_dataset()[:4]), 5)
     assert losses[-1] < losses[0]
     trainable = attach.trainable_parameters(model)[0] - sum(p.numel() for p in model.classifier.copies.parameters())
     assert trainable == 64 * len(sel)
@@ -327,6 +320,18 @@ def test_prepare_smt_report_and_training(tmp_path, ids):
     fixed = smt.prepare_smt(tiny("bert", 2), None, None, selection_path=str(tmp_path / smt.SELECTION_FILE),
                             progress=False, **kw)
     assert fixed == sel
+
+
+def _train_steps(model, opt, batch, steps: int) -> list[float]:
+    """The losses of ``steps`` optimizer steps on one batch."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def _write(path, obj):
@@ -428,14 +433,7 @@ def test_mlp_kinds_are_eligible_selected_and_trained(tmp_path):
     opt = torch.optim.AdamW(param_groups(model, TrainConfig(lr=1e-2, lr_mlp_ratio=2)))
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {f"{k}.blocks": 1e-2 if k == "v" else 2e-2
                                                             for k in {e["kind"] for e in sel}}
-    batch = _collate(causal(4, seed=1))
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_steps(model, opt, _collate(causal(4, seed=1)), 4)
     assert losses[-1] < losses[0]
     legacy = [{**e, "kind": "mlp_" + e["kind"] if e["kind"] != "v" else "v"} for e in sel]
     path = _write(tmp_path / "legacy.json", {"block_size": 8, "blocks": legacy})
