@@ -438,7 +438,7 @@ def register(sub) -> None:
     p.add_argument("--claims", help="only these claims, e.g. C1,C3")
     p.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     p.add_argument("--profile", help="a named profile of suite.yaml: default (the first GLUE task; "
-                   "~110 runs, 1.3-2.7 h on 2 CPU cores), full (every task, SmolLM2 included, C8, C9), quick (a smoke version)")
+                   "C1, C2, C3, C10; ≤ 60 min on 2 CPU cores), full (C4-C9 too, every task, SmolLM2 included), quick (a smoke version)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where runs train: auto (a GPU if there is one), cpu, cuda (refused without a GPU)")
     p.add_argument("--out", default="runs/claims", help="folder for the runs, the log and the report")
