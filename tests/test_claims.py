@@ -397,7 +397,29 @@ def test_the_ladder_searches_again_until_a_rate_learns_and_stops_rising(monkeypa
     assert gate[0] and ctx.budget["glue/sst2"] == 4 and res.lr == 3e-3
     steps = sorted({(s["max_steps"], s["lr"]) for s in trained})
     assert steps == [(m, lr) for m in (100, 200, 400) for lr in (1e-3, 3e-3, 1e-2)]  # the grid at every budget
-    assert res.search_seconds == 2.0 + 3.0 * 2  # this budget's other rates, and every run at the budgets not kept
+    # this budget's other rates, and every run at the budgets not kept: ×1's grid, ×2's grid and its other seeds
+    # (×2 passed, so seeds 1 and 2 ran there to check the gate in every seed)
+    assert res.search_seconds == 2.0 + 3.0 + (3.0 + 2.0)
+
+
+def test_the_ladder_wants_the_gate_passed_in_every_seed(monkeypatch):
+    """×1: the search seed passes but seed 2 does not (one lucky seed is not a budget at which the arm learns):
+    ×2 is tried; there every seed passes and it is kept. The other seeds run at the chosen rate only."""
+    table = {(100, 0): 0.8, (100, 1): 0.75, (100, 2): 0.6, (200, 0): 0.85, (200, 1): 0.8, (200, 2): 0.78}
+    ctx, trained = _context(monkeypatch, lambda s: table[s["max_steps"], s["seed"]] - abs(s["lr"] - 3e-3),
+                            {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
+                             "budgets": [1, 2, 4], "rising": 0.01})
+    monkeypatch.setattr(ctx, "gate", lambda claim, task, arm, run: (run.val_score >= 0.7, f"seed {run.seed} gate"))
+    from qkvtune.bench import scores
+
+    monkeypatch.setattr(scores, "still_rising", lambda *a: False)  # every curve flat: only the gate decides
+    res, gate = ctx.ladder(_claim(), "glue/sst2", "a")
+    assert gate[0] and ctx.budget["glue/sst2"] == 2 and res.lr == 3e-3
+    assert sorted((s["max_steps"], s["seed"]) for s in trained if s["seed"] != 0) == [(100, 1), (100, 2), (200, 1),
+                                                                                       (200, 2)]
+    assert all(s["lr"] == 3e-3 for s in trained if s["seed"] != 0)
+    res = ctx.arm(_claim(), "glue/sst2", "a", {})  # the arm's seeds afterwards: at the kept budget
+    assert {s: r.max_steps for s, r in res.runs.items()} == {0: 200, 1: 200, 2: 200}
 
 
 def test_still_rising_at_the_cap():

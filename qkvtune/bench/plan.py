@@ -71,10 +71,14 @@ def best_step(run, task: str) -> int | None:
 
 
 def plan_claim(cands: list):
-    """The grid as a claim of the runner: one arm per candidate (its targets and λ), the reference q,v λ=1."""
+    """The grid as a claim of the runner: one arm per candidate (its targets and λ), the reference q,v λ=1. A whole
+    λ is written as an int, as the claims' YAML writes it, so runs hash alike and the two benchmarks share them."""
     from .suite import Claim
 
-    arms = {c.name: c.settings() for c in cands}
+    def whole(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    arms = {c.name: {k: whole(v) for k, v in c.settings().items()} for c in cands}
     return Claim(id="plan", title="plan against a real grid", tasks=[], arms=arms, base=dict(PLAN_CLAIM_BASE),
                  reference=REFERENCE.name)
 

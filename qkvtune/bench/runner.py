@@ -244,9 +244,11 @@ class Context:
     def ladder(self, claim: "Claim", task: str, arm: str, head: bool = False) -> tuple["ArmResult", tuple[bool, str]]:
         """The budget ladder: at each factor of ``budgets`` (examples, steps and evaluation interval multiplied),
         the whole grid is searched again (a rate chosen where nothing learned is no choice) until the best rate
-        passes the gate with a curve that no longer rises at the step cap. A budget where it passes but still
-        rises is not converged: the next is tried; at the largest, the last budget that passed is kept (flagged
-        rising). No pass anywhere: "not testable", with every rate's score at every budget in the log."""
+        passes the gate in every seed (one lucky seed is not a budget at which the arm learns: the other seeds run
+        at that rate, as they would anyway) with the search seed's curve no longer rising at the step cap. A
+        budget where it passes but still rises is not converged: the next is tried; at the largest, the last
+        budget that passed is kept (flagged rising). No pass anywhere: "not testable", with every rate's score at
+        every budget in the log."""
         factors = [float(f) for f in self.suite.get("budgets") or [1]]
         start = self.budget.get(task, factors[0])
         margin = float(self.suite.get("rising", 0.01))
@@ -256,11 +258,19 @@ class Context:
             res = self.arm(claim, task, arm, {}, self.seeds[:1], head=head)
             run = res.runs[self.seeds[0]]
             passed = self.gate(claim, task, arm, run)
+            cost = res.search_seconds + run.seconds
+            if passed[0] and len(self.seeds) > 1:
+                others = [self.run(self.at_rate(claim, task, arm, seed, res.lr, head), task, arm)
+                          for seed in self.seeds[1:]]
+                cost += sum(r.seconds for r in others)  # search cost where this budget is not kept
+                missed = next(((r.seed, g[1]) for r in others if not (g := self.gate(claim, task, arm, r))[0]), None)
+                if missed:
+                    passed = (False, f"seed {missed[0]}: {missed[1]}")
             rising = passed[0] and run.rising(margin)
             every = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res.grid) or f"{res.lr:g}: {run.val_score:.3f}"
             self.log(f"{claim.id} {task}: budget ×{factor:g}, rates {every}: gate "
                      f"{'passed' if passed[0] else 'missed'} ({passed[1]})" + (", still rising at the cap" if rising else ""))
-            tried.append((res, res.search_seconds + run.seconds))
+            tried.append((res, cost))
             if passed[0]:
                 kept = (res, passed, factor)
                 if not rising:
@@ -278,7 +288,7 @@ class Context:
 
             off = without_delta(run)
             return scores.loss_gate(off["val_score_with"], off["val_score"], float(rule.get("loss", 0.02)))
-        labels = self.labels(self.settings(claim, task, arm, self.seeds[0]))
+        labels = self.labels(self.settings(claim, task, arm, run.seed))  # the run's own validation split
         return scores.gate(task, run.metrics, labels["validation"], labels["choices"], rule)
 
     # --- one arm -----------------------------------------------------------------------------------------
@@ -297,9 +307,7 @@ class Context:
         else:
             res = self.search(claim, task, arm, first, head)
         def at(seed):
-            s = self.settings(claim, task, arm, seed, res.lr)
-            if head:
-                s["lr_head"] = res.lr
+            s = self.at_rate(claim, task, arm, seed, res.lr, head)
             if spec.get("steps_from"):  # exactly the steps the other arm trained in this seed, no early stop
                 s.update(max_steps=int((done or {})[spec["steps_from"]].runs[seed].metrics["global_step"]),
                          patience=None)
@@ -307,6 +315,11 @@ class Context:
 
         res.runs = {seed: self.run(at(seed), task, arm) for seed in seeds or self.seeds}
         return res
+
+    def at_rate(self, claim: "Claim", task: str, arm: str, seed: int, lr: float, head: bool = False) -> dict:
+        """An arm's settings at a chosen rate; a reference arm (``head``) trains its head at that rate too."""
+        s = self.settings(claim, task, arm, seed, lr)
+        return {**s, "lr_head": lr} if head else s
 
     def search(self, claim: "Claim", task: str, arm: str, first: dict, head: bool = False) -> ArmResult:
         family = delta_class(first.get("method", "lora")).rate_family
@@ -317,8 +330,7 @@ class Context:
         greater = scores.greater_is_better(task)
 
         def settings(lr, seed):
-            s = self.settings(claim, task, arm, seed, lr)
-            return {**s, "lr_head": lr} if head else s
+            return self.at_rate(claim, task, arm, seed, lr, head)
 
         runs = {lr: self.run(settings(lr, self.seeds[0]), task, arm) for lr in values}
         res = ArmResult(None, [], {}, grid_runs=runs)
