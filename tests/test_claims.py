@@ -418,6 +418,15 @@ def test_the_ladder_wants_the_gate_passed_in_every_seed(monkeypatch):
     assert sorted((s["max_steps"], s["seed"]) for s in trained if s["seed"] != 0) == [(100, 1), (100, 2), (200, 1),
                                                                                        (200, 2)]
     assert all(s["lr"] == 3e-3 for s in trained if s["seed"] != 0)
+    # every seed passes at ×1, but seed 1 still rises at the cap there: not converged, ×2 is kept
+    table.update({(100, 2): 0.75})
+    ctx, trained = _context(monkeypatch, lambda s: table[s["max_steps"], s["seed"]] - abs(s["lr"] - 3e-3),
+                            {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
+                             "budgets": [1, 2, 4], "rising": 0.01})
+    monkeypatch.setattr(ctx, "gate", lambda claim, task, arm, run: (run.val_score >= 0.7, f"seed {run.seed} gate"))
+    monkeypatch.setattr(scores, "still_rising", lambda history, task, g, m, margin: history[-1]["eval_accuracy"] == 0.75)
+    res, gate = ctx.ladder(_claim(), "glue/sst2", "a")
+    assert gate[0] and ctx.budget["glue/sst2"] == 2
     res = ctx.arm(_claim(), "glue/sst2", "a", {})  # the arm's seeds afterwards: at the kept budget
     assert {s: r.max_steps for s, r in res.runs.items()} == {0: 200, 1: 200, 2: 200}
 

@@ -245,9 +245,9 @@ class Context:
         """The budget ladder: at each factor of ``budgets`` (examples, steps and evaluation interval multiplied),
         the whole grid is searched again (a rate chosen where nothing learned is no choice) until the best rate
         passes the gate in every seed (one lucky seed is not a budget at which the arm learns: the other seeds run
-        at that rate, as they would anyway) with the search seed's curve no longer rising at the step cap. A
-        budget where it passes but still rises is not converged: the next is tried; at the largest, the last
-        budget that passed is kept (flagged rising). No pass anywhere: "not testable", with every rate's score at
+        at that rate, as they would anyway) with no seed's curve still rising at the step cap. A budget where it
+        passes but still rises is not converged: the next is tried; at the largest, the last budget that passed
+        is kept (flagged rising). No pass anywhere: "not testable", with every rate's score at
         every budget in the log."""
         factors = [float(f) for f in self.suite.get("budgets") or [1]]
         start = self.budget.get(task, factors[0])
@@ -258,7 +258,7 @@ class Context:
             res = self.arm(claim, task, arm, {}, self.seeds[:1], head=head)
             run = res.runs[self.seeds[0]]
             passed = self.gate(claim, task, arm, run)
-            cost = res.search_seconds + run.seconds
+            cost, others = res.search_seconds + run.seconds, []
             if passed[0] and len(self.seeds) > 1:
                 others = [self.run(self.at_rate(claim, task, arm, seed, res.lr, head), task, arm)
                           for seed in self.seeds[1:]]
@@ -266,7 +266,7 @@ class Context:
                 missed = next(((r.seed, g[1]) for r in others if not (g := self.gate(claim, task, arm, r))[0]), None)
                 if missed:
                     passed = (False, f"seed {missed[0]}: {missed[1]}")
-            rising = passed[0] and run.rising(margin)
+            rising = passed[0] and any(r.rising(margin) for r in [run, *others])
             every = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res.grid) or f"{res.lr:g}: {run.val_score:.3f}"
             self.log(f"{claim.id} {task}: budget ×{factor:g}, rates {every}: gate "
                      f"{'passed' if passed[0] else 'missed'} ({passed[1]})" + (", still rising at the cap" if rising else ""))
