@@ -404,28 +404,25 @@ def test_the_ladder_searches_again_until_a_rate_learns_and_stops_rising(monkeypa
 
 def test_the_ladder_wants_the_gate_passed_in_every_seed(monkeypatch):
     """×1: the search seed passes but seed 2 does not (one lucky seed is not a budget at which the arm learns):
-    ×2 is tried; there every seed passes and it is kept. The other seeds run at the chosen rate only."""
-    table = {(100, 0): 0.8, (100, 1): 0.75, (100, 2): 0.6, (200, 0): 0.85, (200, 1): 0.8, (200, 2): 0.78}
-    ctx, trained = _context(monkeypatch, lambda s: table[s["max_steps"], s["seed"]] - abs(s["lr"] - 3e-3),
-                            {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
-                             "budgets": [1, 2, 4], "rising": 0.01})
-    monkeypatch.setattr(ctx, "gate", lambda claim, task, arm, run: (run.val_score >= 0.7, f"seed {run.seed} gate"))
+    ×2 is tried; there every seed passes and it is kept. The other seeds run at the chosen rate only. Then: every
+    seed passes at ×1 but one still rises at the cap there: not converged, ×2 is kept."""
     from qkvtune.bench import scores
 
-    monkeypatch.setattr(scores, "still_rising", lambda *a: False)  # every curve flat: only the gate decides
-    res, gate = ctx.ladder(_claim(), "glue/sst2", "a")
+    def ladder(table, rising):
+        ctx, trained = _context(monkeypatch, lambda s: table[s["max_steps"], s["seed"]] - abs(s["lr"] - 3e-3),
+                                {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
+                                 "budgets": [1, 2, 4], "rising": 0.01})
+        monkeypatch.setattr(ctx, "gate", lambda claim, task, arm, run: (run.val_score >= 0.7, f"seed {run.seed}"))
+        monkeypatch.setattr(scores, "still_rising", lambda history, task, g, m, margin: rising(history))
+        return ctx, trained, *ctx.ladder(_claim(), "glue/sst2", "a")
+
+    table = {(100, 0): 0.8, (100, 1): 0.75, (100, 2): 0.6, (200, 0): 0.85, (200, 1): 0.8, (200, 2): 0.78}
+    ctx, trained, res, gate = ladder(table, lambda history: False)  # every curve flat: only the gate decides
     assert gate[0] and ctx.budget["glue/sst2"] == 2 and res.lr == 3e-3
     assert sorted((s["max_steps"], s["seed"]) for s in trained if s["seed"] != 0) == [(100, 1), (100, 2), (200, 1),
                                                                                        (200, 2)]
     assert all(s["lr"] == 3e-3 for s in trained if s["seed"] != 0)
-    # every seed passes at ×1, but seed 1 still rises at the cap there: not converged, ×2 is kept
-    table.update({(100, 2): 0.75})
-    ctx, trained = _context(monkeypatch, lambda s: table[s["max_steps"], s["seed"]] - abs(s["lr"] - 3e-3),
-                            {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
-                             "budgets": [1, 2, 4], "rising": 0.01})
-    monkeypatch.setattr(ctx, "gate", lambda claim, task, arm, run: (run.val_score >= 0.7, f"seed {run.seed} gate"))
-    monkeypatch.setattr(scores, "still_rising", lambda history, task, g, m, margin: history[-1]["eval_accuracy"] == 0.75)
-    res, gate = ctx.ladder(_claim(), "glue/sst2", "a")
+    ctx, _, res, gate = ladder({**table, (100, 2): 0.75}, lambda history: history[-1]["eval_accuracy"] == 0.75)
     assert gate[0] and ctx.budget["glue/sst2"] == 2
     res = ctx.arm(_claim(), "glue/sst2", "a", {})  # the arm's seeds afterwards: at the kept budget
     assert {s: r.max_steps for s, r in res.runs.items()} == {0: 200, 1: 200, 2: 200}

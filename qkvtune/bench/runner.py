@@ -247,8 +247,8 @@ class Context:
         passes the gate in every seed (one lucky seed is not a budget at which the arm learns: the other seeds run
         at that rate, as they would anyway) with no seed's curve still rising at the step cap. A budget where it
         passes but still rises is not converged: the next is tried; at the largest, the last budget that passed
-        is kept (flagged rising). No pass anywhere: "not testable", with every rate's score at
-        every budget in the log."""
+        is kept (flagged rising). No pass anywhere: "not testable", with every rate's score at every budget in
+        the log."""
         factors = [float(f) for f in self.suite.get("budgets") or [1]]
         start = self.budget.get(task, factors[0])
         margin = float(self.suite.get("rising", 0.01))
