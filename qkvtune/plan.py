@@ -561,16 +561,25 @@ def extend_budget(st: Setting, cfg: TrainConfig, cands: list, rows: list, total:
                                   y=None if st.y is None else st.y[:k], curvature=st.curvature[:k])
         r = simulate_grid(sub, cfg, [(cand, top["lr"])], steps, [steps])[0]
         curve.append((k, r["simulated_best"]))
-    gains = [(k, abs(v - st.baseline)) for k, v in curve]
-    need = abs(goal - st.baseline)
     out["learning_curve"] = curve
-    if all(g > 0 for _, g in gains) and gains[-1][1] > gains[0][1]:
-        slope = math.log(gains[-1][1] / gains[0][1]) / math.log(gains[-1][0] / gains[0][0])
-        multiple = (need / gains[-1][1]) ** (1 / slope) if slope > 0 else math.inf
-        out["slope"] = slope
+    found = examples_needed(curve, goal, metric)
+    if found is not None:
+        out["slope"], multiple = found
         if multiple <= max_budget:
             out.update(found="examples", examples_factor=multiple, rows=ext)
     return out
+
+
+def examples_needed(curve: list[tuple[int, float]], goal: float, metric: str) -> tuple[float, float] | None:
+    """How many times the examples reach ``goal``, from a learning curve [(n, score)]: the error (1 − score for
+    a score bounded by 1, the loss itself for a loss) fitted as a power law c·n^(−slope) through the curve's
+    ends. Returns (slope, multiple of the largest n), or None where the error does not fall with n."""
+    err = (lambda v: v) if metric == "loss" else (lambda v: 1.0 - v)
+    (n0, e0), (n1, e1), want = (curve[0][0], err(curve[0][1])), (curve[-1][0], err(curve[-1][1])), err(goal)
+    if not (e1 > 0 and e0 > e1 and want > 0 and n1 > n0):
+        return None
+    slope = math.log(e0 / e1) / math.log(n1 / n0)
+    return slope, max(1.0, (e1 / want) ** (1 / slope))
 
 
 # --- the plan --------------------------------------------------------------------------------------------------
@@ -578,9 +587,11 @@ def extend_budget(st: Setting, cfg: TrainConfig, cands: list, rows: list, total:
 def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: int | None = None,
          calibration_steps: int = 20, chunk_size: int = 16, cands: list[Candidate] | None = None,
          lrs: list[float] | None = None, label_words: str | None = None, tokens: int = 4, sketch: str = "kron",
-         goal: float | None = None, max_budget: int = 16, save_kernels: bool = False, log=print) -> dict:
+         goal: float | None = None, metric: str | None = None, max_budget: int = 16, save_kernels: bool = False,
+         log=print) -> dict:
     """Kernels, calibration, simulation of every candidate at every rate, budget and recommendation; writes
-    plan.json, plan.md (+ PNG) and plan.yaml. Returns plan.json's content."""
+    plan.json, plan.md (+ PNG) and plan.yaml. Returns plan.json's content. ``metric`` scores a classifier's
+    candidates by another metric than the task's main one (``goal`` is in it): e.g. accuracy on an F1 task."""
     from .analysis.kernel_sim import loss_terms
     from .analysis.ntk import eigenvalues, fit_decay, label_targets, outputs, rate_from_decay
     from .data.metrics import constant_score
@@ -600,6 +611,10 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     t0 = time.perf_counter()
     run = pretrained(cfg, n_train=n, n_eval=m, kinds=[ALL_LINEAR])
     readout = kernel_examples(run, n, m, label_words, tokens, log)
+    if metric and metric != readout.metric:
+        if readout.metric == "loss" or metric == "loss":
+            raise ConfigError(f"metric: a language model's own loss is planned on its loss, not {metric}")
+        readout.metric = metric
     if not readout.val:
         raise ConfigError("val_size: plan scores candidates on validation examples; the task has none")
     n, m = len(readout.train), len(readout.val)

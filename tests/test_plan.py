@@ -196,6 +196,30 @@ def test_lora_kernel_factor_and_growth_against_explicit_lora_gradients():
 
 
 @needs_data
+def test_a_plan_scored_by_accuracy_on_an_f1_task(tmp_path, tiny_bert_dir):
+    """The suite's gate reads accuracy on MRPC (main metric F1): a plan asked for accuracy scores every candidate,
+    its constant predictor and its goal in accuracy — the majority class's share of the validation labels."""
+    from qkvtune.config import ConfigError
+    from qkvtune.plan import plan
+
+    cfg = build_config({"model": tiny_bert_dir, "task": "glue/mrpc", "data_dir": data_dir(), "max_train_samples": 32,
+                        "val_size": 24, "max_steps": 8, "eval_strategy": "steps", "eval_steps": 4, "batch_size": 8,
+                        "lr": 1e-3, "output_dir": str(tmp_path / "unused")})
+    kw = dict(n=32, m=24, calibration_steps=2, cands=[Candidate(("q", "v"), 1.0)], lrs=[1e-3], max_budget=1,
+              log=lambda *_: None)
+    summary = plan(cfg, str(tmp_path / "plan"), metric="accuracy", goal=0.99, **kw)
+    written = json.load(open(tmp_path / "plan" / "plan.json"))
+    assert written["metric"] == summary["metric"] == "accuracy" and summary["goal"] == 0.99
+    f1 = plan(cfg, str(tmp_path / "f1"), **kw)
+    assert f1["metric"] == "f1"
+    # the same kernel and simulation: the constant predictor's F1 (all positive) sits above its accuracy on MRPC
+    share = summary["baseline"]
+    assert 0.5 <= share < 1 and f1["baseline"] == pytest.approx(2 * share / (1 + share))
+    with pytest.raises(ConfigError, match="metric"):
+        plan(cfg, str(tmp_path / "bad"), metric="loss", **kw)
+
+
+@needs_data
 def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     """bench plan on a three-candidate grid × two rates × two seeds: every grid point trained on every seed, the
     plan made at the reference's searched rate choosing among the same rates, its pick trained as plan.yaml says;
@@ -215,7 +239,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     out = tmp_path / "out"
     r = run_cli("bench", "plan", "--suite", str(suite), "--data-dir", data_dir(), "--out", str(out), "--n", "24",
                 "--m", "16", "--kinds", "v;q,v;mlp", "--lambdas", "1,4", "--grid-kinds", "v;q,v", "--seeds", "0,1",
-                "--check-budget", "glue/sst2", "--cost-ns", "16", "--cost-models", f"{tiny_bert_dir},{tiny_llama_dir}")
+                "--tasks", "glue/sst2", "--check-budget", "glue/sst2", "--cost-ns", "16", "--cost-models", f"{tiny_bert_dir},{tiny_llama_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.load(open(out / "PLAN.json"))
     (task,) = record["tasks"]
@@ -272,12 +296,16 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     r = run_cli("bench", "plan", "--suite", str(suite), "--data-dir", data_dir(), "--out", str(tmp_path / "cs"),
                 "--kinds", "q,v", "--grid-kinds", "v;q,v")
     assert r.returncode == 2 and "--grid-kinds" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("bench", "plan", "--suite", str(suite), "--data-dir", data_dir(), "--out", str(tmp_path / "sft"),
+                "--check-budget", "sft/alpaca_data_1k.json")
+    assert r.returncode == 2 and "--check-budget" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "sft").exists()  # refused before anything is written
 
 
 @needs_data
 def test_bench_plan_on_a_language_models_loss(tmp_path, tiny_llama_dir):
-    """bench plan on SFT (Alpaca records on a tiny Llama): judged by validation loss, the gate against the
-    pretrained model's loss, attention only vs MLP only with a paired interval over validation examples."""
+    """bench plan on SFT (Alpaca chats on a tiny Llama, the claims suite's task id): judged by validation loss, the
+    gate against the pretrained model's loss, attention only vs MLP only with a paired interval over validation examples."""
     from qkvtune.bench.plan import LM_GATE
 
     suite = tmp_path / "suite"
@@ -286,9 +314,9 @@ def test_bench_plan_on_a_language_models_loss(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     r = run_cli("bench", "plan", "--suite", str(suite), "--data-dir", data_dir(), "--out", str(out), "--n", "16",
                 "--m", "8", "--kinds", "q,v;mlp", "--lambdas", "1", "--seeds", "0,1", "--tasks",
-                "text/alpaca_data_1k.json", f"text.model={tiny_llama_dir}", "text.max_train_samples=16",
-                "text.max_eval_samples=6", "text.max_length=64", "text.max_steps=4", "text.eval_steps=2",
-                "text.batch_size=4", "text.logging_steps=1")
+                "sft/alpaca_data_1k.json", f"sft.model={tiny_llama_dir}", "sft.max_train_samples=16",
+                "sft.val_size=6", "sft.max_eval_samples=6", "sft.max_length=64", "sft.max_steps=4",
+                "sft.eval_steps=2", "sft.batch_size=4", "sft.logging_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
     (lm,) = json.load(open(out / "PLAN.json"))["tasks"]
     assert lm["metric"] == "loss" and lm["pretrained_loss"] > 0 and lm["points"] == 2
@@ -481,6 +509,23 @@ def test_a_budget_too_short_is_extended_to_where_the_kernel_learns():
     assert found["eval_steps"] == 20 and found["rows"][0]["best_score"] <= goal
     never = extend_budget(st, cfg, [cand], rows, 10, -1.0, 4, log=lambda *_: None)
     assert never["found"] == "none" and never["cap"] == 4
+
+
+def test_examples_needed_from_a_power_law_learning_curve():
+    """The examples a goal needs, from the kernel's learning curve in n: an error c·n^(−a) gives back a and the
+    exact multiple of n; a curve still under the constant predictor but falling counts (MRPC at 60 steps: 0.70 →
+    0.75 accuracy on a 0.73 constant); an error that does not fall with n names none."""
+    from qkvtune.plan import examples_needed
+
+    ns = [256, 512, 1024]
+    acc = [(n, 1 - 0.5 * n ** -0.25) for n in ns]
+    slope, multiple = examples_needed(acc, 1 - 0.5 * 4096 ** -0.25, "accuracy")
+    assert slope == pytest.approx(0.25) and multiple == pytest.approx(4.0)
+    loss = [(n, 2 * n ** -0.5) for n in ns]
+    slope, multiple = examples_needed(loss, 2 * (9 * 1024) ** -0.5, "loss")
+    assert slope == pytest.approx(0.5) and multiple == pytest.approx(9.0)
+    assert examples_needed([(256, 0.703), (512, 0.711), (1024, 0.75)], 0.805, "accuracy")[1] > 1
+    assert examples_needed([(256, 0.8), (512, 0.8), (1024, 0.79)], 0.9, "accuracy") is None
 
 
 @needs_data

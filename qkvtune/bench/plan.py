@@ -15,9 +15,10 @@ says. Reported against the issue's targets:
 - ``--check-budget TASK``: the plan made at the task's first budget, and one real run of the reference at the
   budget it names.
 
-Language-model tasks (``text/<file>``: SFT on Alpaca records) are judged by validation loss; the suite's gate
-has no rule for a loss, so the reference passes here when its validation loss is 2 % under the pretrained
-model's, and their budget is not laddered (``LM_FAMILY`` holds their settings, ``text.key=value`` changes them).
+SFT tasks (``sft/<file>``, the claims suite's id: the file's records under ``<data-dir>/text/`` as chats through the
+model's template) are judged by validation loss. The reference passes the gate when its validation loss is 2 %
+under the pretrained model's, and their budget is not laddered: the suite's ``sft`` family, sized down by
+``LM_SIZE`` for a grid on 2 CPU cores (``sft.key=value`` changes either).
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ import time
 from ..config import ConfigError
 from ..plan import REFERENCE, add_candidate_options, parse_candidates, parse_numbers
 
-LM_FAMILY = {  # SmolLM2 SFT on the shared Alpaca records (loss on responses), sized for 2 shared CPU cores
-    "model": "smollm2-135m", "max_train_samples": 400, "max_eval_samples": 48, "max_length": 128,
-    "batch_size": 4, "eval_batch_size": 8, "warmup_ratio": 0.06, "max_steps": 40, "eval_strategy": "steps",
+LM_SIZE = {  # the suite's sft family (SmolLM2, Alpaca chats, loss on responses) sized for a grid on 2 CPU cores
+    "max_train_samples": 400, "val_size": 48, "max_length": 128, "eval_batch_size": 8, "max_steps": 40,
     "eval_steps": 20,
 }
 LM_GATE = 0.02  # a language model learns when its validation loss is this much (relative) under the pretrained's
@@ -178,7 +178,8 @@ def lm_gate(ctx, claim, task: str, log) -> tuple[tuple[bool, str], float]:
 def group_interval(ctx, claim, task: str, grid: list[dict], rows: dict, log, reps: int = 2000) -> dict:
     """Attention only vs MLP only vs all-linear on a loss task: each group's best grid point (by the mean
     validation loss over seeds), its per-example validation losses re-measured on every seed, and a paired
-    bootstrap over validation examples (the seeds averaged) of each difference from the best group."""
+    bootstrap of each difference from the best group: validation examples resampled within each seed (a seed's
+    validation split is its own), the same resample for every group, the seeds' losses averaged."""
     import numpy as np
 
     from ..plan import Candidate
@@ -188,34 +189,34 @@ def group_interval(ctx, claim, task: str, grid: list[dict], rows: dict, log, rep
         g = Candidate(tuple(r["targets"]), r["lr_ratio"]).group
         if g in ("attention only", "MLP only", "all-linear") and (g not in groups or r["real"] < groups[g][1]):
             groups[g] = (key, r["real"])
-    per = {}
+    per = {}  # group -> seed -> (per-example loss sums, token counts)
     for g, (key, _) in groups.items():
         name, lr = key
-        runs = [x for x in grid if x["candidate"] == name and x["lr"] == lr]
-        sums, counts = [], []
-        for x in runs:
+        per[g] = {}
+        for x in (x for x in grid if x["candidate"] == name and x["lr"] == lr):
             losses = validation_losses({}, os.path.join(ctx.out, x["dir"]))
-            sums.append([s for s, _ in losses])
-            counts.append([c for _, c in losses])
-        per[g] = (np.array(sums), np.array(counts))  # (seeds, examples)
+            per[g][x["seed"]] = (np.array([s for s, _ in losses]), np.array([c for _, c in losses]))
     if not per:
         return {}
     rng = np.random.default_rng(0)
-    m = next(iter(per.values()))[0].shape[1]
-    idx = rng.integers(0, m, size=(reps, m))
+    first = next(iter(per.values()))
+    seeds = sorted(first)
+    idx = {s: rng.integers(0, len(first[s][0]), size=(reps, len(first[s][0]))) for s in seeds}
 
-    def boot(g):
-        s, c = per[g]
-        return (s[:, idx].sum(2) / c[:, idx].sum(2)).mean(0)  # (reps,) the seeds' mean of each resample
+    def seed_loss(g, s, i=slice(None)):
+        sums, counts = per[g][s]
+        return sums[i].sum(-1) / counts[i].sum(-1)
 
-    means = {g: float((per[g][0].sum(1) / per[g][1].sum(1)).mean()) for g in per}
+    def boot(g):  # (reps,) the seeds' mean of each resample
+        return np.mean([seed_loss(g, s, idx[s]) for s in seeds], axis=0)
+
+    means = {g: float(np.mean([seed_loss(g, s) for s in seeds])) for g in per}
     best = min(means, key=means.get)
     out = {"best_group": best}
     for g in per:
         diff = boot(g) - boot(best)
         out[g] = {"point": f"{groups[g][0][0]} lr={groups[g][0][1]:g}", "loss": means[g],
-                  "seeds": [float(v) for v in per[g][0].sum(1) / per[g][1].sum(1)],
-                  "minus_best": means[g] - means[best],
+                  "seeds": [float(seed_loss(g, s)) for s in seeds], "minus_best": means[g] - means[best],
                   "interval": [float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975))]}
     log(f"{task}: groups {', '.join(f'{g} {v:.4f}' for g, v in means.items())}")
     return out
@@ -240,7 +241,9 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
     else:
         res, gate = ctx.reference(claim, task, claim.ref)
         log(f"{task}: gate {'passed' if gate[0] else 'missed'} ({gate[1]}), budget ×{ctx.budget.get(task, 1):g}")
-        goal = gate_goal(ctx, claim, task)
+        goal_metric, goal = gate_goal(ctx, claim, task)
+        if goal_metric != metric:  # the grid is judged by the main metric: the plan's own goal there
+            goal = None
     ref_lr = ctx.arm(claim, task, claim.ref, {}, ctx.seeds[:1]).lr
     rates = grid_rates(ctx, claim, task)
     grid = real_grid(ctx, claim, task, grid_cands, rates, log)
@@ -337,19 +340,20 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
     return result
 
 
-def gate_goal(ctx, claim, task: str) -> float:
-    """The validation score the suite's gate asks of the reference, as the plan's goal."""
+def gate_goal(ctx, claim, task: str) -> tuple[str, float]:
+    """The metric the suite's gate reads on the task and the validation score it asks of the reference, as the
+    plan's goal (accuracy on an F1 task: the gate asks 10 points of accuracy over the constant predictor)."""
     from .scores import majority, metric_name
 
     rule = ctx.suite.get("gate") or {}
     name = metric_name(task)
     if name in ("matthews_correlation", "pearson"):
-        return float(rule.get(name, 0.2 if name == "matthews_correlation" else 0.5))
+        return name, float(rule.get(name, 0.2 if name == "matthews_correlation" else 0.5))
     labels = ctx.labels(ctx.settings(claim, task, claim.ref, ctx.seeds[0]))
     base = majority(labels["validation"])
     if task.startswith("commonsense/") and labels["choices"]:
         base = max(base, 1 / len(labels["choices"]))
-    return base + float(rule.get("over_constant", 0.10))
+    return "accuracy", base + float(rule.get("over_constant", 0.10))
 
 
 def plan_budget_keys(settings: dict, summary: dict) -> dict:
@@ -382,14 +386,15 @@ def check_budget(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: li
         first = ctx.arm(claim, task, claim.ref, {}, ctx.seeds[:1])  # the reference searched at ×1 (cached)
         first_gate = ctx.gate(claim, task, claim.ref, first.runs[ctx.seeds[0]])
         settings = ctx.settings(claim, task, claim.ref, ctx.seeds[0], first.lr)
-        goal = gate_goal(ctx, claim, task)
+        goal_metric, goal = gate_goal(ctx, claim, task)
+        m = max(m, len(ctx.labels(settings)["validation"]))  # the goal is the gate's: scored on its whole split
         plan_dir = os.path.join(out, "plans", task.replace("/", "-") + "-x1")
         cfg = build_config({**settings, "output_dir": os.path.join(out, "unused")})
         summary = plan(cfg, plan_dir, n=n, m=m, sketch_dim=sketch_dim, cands=cands, log=log, sketch=sketch,
-                       tokens=tokens, goal=goal, lrs=grid_rates(ctx, claim, task))
+                       tokens=tokens, goal=goal, metric=goal_metric, lrs=grid_rates(ctx, claim, task))
         b = summary["budget"]
-        result = {"task": task, "configured_gate": list(first_gate), "goal": goal, "budget": b,
-                  "plan_dir": os.path.relpath(plan_dir, out), "recommended": summary["recommended"],
+        result = {"task": task, "configured_gate": list(first_gate), "goal": goal, "goal_metric": goal_metric,
+                  "budget": b, "plan_dir": os.path.relpath(plan_dir, out), "recommended": summary["recommended"],
                   "plan_seconds": summary["seconds"]["total"]}
         if b.get("found") in ("steps", "examples"):
             factor = b.get("factor") or b.get("examples_factor")
@@ -567,7 +572,8 @@ def write_report(results: list[dict], checks: list[dict], cost: list[dict], path
         b = c["budget"]
         lines += [f"## Budget check: {c['task']} at ×1", "",
                   f"The reference at the configured budget: {c['configured_gate'][1]} "
-                  f"({'passed' if c['configured_gate'][0] else 'missed'}). The plan's goal: {c['goal']:.3g}.", ""]
+                  f"({'passed' if c['configured_gate'][0] else 'missed'}). The plan's goal: validation "
+                  f"{c['goal_metric']} {c['goal']:.3g}.", ""]
         if b.get("found") == "configured":
             lines += ["The plan predicts a candidate reaching the goal within the configured budget: nothing to extend.",
                       ""]
@@ -609,8 +615,8 @@ def write_report(results: list[dict], checks: list[dict], cost: list[dict], path
 def parse_bench_tasks(spec: str) -> list[str]:
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     for t in tasks:
-        if t.split("/")[0] not in ("glue", "commonsense", "text") or "/" not in t:
-            raise ConfigError(f"--tasks: {t!r} is not glue/<task>, commonsense/<name> or text/<file>")
+        if t.split("/")[0] not in ("glue", "commonsense", "sft") or "/" not in t:
+            raise ConfigError(f"--tasks: {t!r} is not glue/<task>, commonsense/<name> or sft/<file under text/>")
     return tasks
 
 
@@ -630,7 +636,8 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--cost-ns/--seeds: expected comma-separated integers, got {args.cost_ns or args.seeds!r}") \
             from None
     suite = load_settings(args.suite)
-    suite = {**suite, "families": {**(suite.get("families") or {}), "text": dict(LM_FAMILY)}}
+    families = suite.get("families") or {}
+    suite = {**suite, "families": {**families, "sft": {**(families.get("sft") or {}), **LM_SIZE}}}
     overrides = dict(parse_override(o) for o in args.overrides)
     if overrides:
         suite = {**suite, "overrides": {**(suite.get("overrides") or {}), **overrides}}
@@ -640,16 +647,21 @@ def cmd_plan(args) -> int:
     budgets = parse_numbers(args.budgets, "--budgets")
     if budgets:
         suite = {**suite, "budgets": budgets}
+    checks_for = parse_bench_tasks(args.check_budget) if args.check_budget else []
     if args.tasks:
         chosen = parse_bench_tasks(args.tasks)
+    elif checks_for:  # a budget check alone trains no grid
+        chosen = []
     else:
         chosen = (discover_tasks(args.data_dir, suite.get("prefer")).get("glue") or [])[:1]
-    if not chosen:
-        raise ConfigError("--tasks: bench plan needs a task (no GLUE task found in the data folder)")
+        if not chosen:
+            raise ConfigError("--tasks: bench plan needs a task (no GLUE task found in the data folder)")
     if any(t.startswith("commonsense/") for t in chosen) and not args.label_words:
         raise ConfigError("--label-words: commonsense tasks are planned through their label words, e.g. "
                           "--label-words false,true")
-    checks_for = parse_bench_tasks(args.check_budget) if args.check_budget else []
+    if any(t.startswith("sft/") for t in checks_for):
+        raise ConfigError("--check-budget: checks a budget by the suite's gate on a GLUE or commonsense task, "
+                          "not an sft file")
     cands = parse_candidates(args.kinds, args.lambdas)
     grid_cands = parse_candidates(args.grid_kinds or args.kinds, args.grid_lambdas or args.lambdas) \
         if (args.grid_kinds or args.grid_lambdas) else cands
@@ -666,10 +678,10 @@ def cmd_plan(args) -> int:
     lm_ctx = Context({**suite, "budgets": [1]}, tasks, seeds, args.data_dir, args.out, log)  # no ladder for a loss
     results, checks = [], []
     for t in chosen:
-        c = lm_ctx if t.startswith("text/") else ctx
+        c = lm_ctx if t.startswith("sft/") else ctx
         if args.grid_only:
             claim = plan_claim(grid_cands)
-            if t.startswith("text/"):
+            if t.startswith("sft/"):
                 lm_gate(c, claim, t, log)
             else:
                 c.reference(claim, t, claim.ref)
@@ -712,8 +724,8 @@ def register(sub) -> None:
     p.add_argument("--suite", default=default_suite_dir(), help="the claims suite whose settings, lr grid, gate and "
                    "budget ladder the real grid uses (default: configs/claims)")
     p.add_argument("--data-dir", help="folder laid out like shared/datasets")
-    p.add_argument("--tasks", help="task ids: glue/<task>, commonsense/<name>, text/<file> (SFT; judged by validation "
-                   "loss) (default: the first GLUE task found)")
+    p.add_argument("--tasks", help="task ids: glue/<task>, commonsense/<name>, sft/<file under text/> (judged by "
+                   "validation loss) (default: the first GLUE task found, unless --check-budget is given alone)")
     p.add_argument("--seeds", default="0,1", help="seeds of the real grid (two or more: its reliability is measured)")
     p.add_argument("--n", type=int, default=1024, help="training points in the plan's kernel")
     p.add_argument("--m", type=int, default=128, help="validation points the plan scores on")
@@ -733,7 +745,7 @@ def register(sub) -> None:
     p.add_argument("--label-words", help="for commonsense tasks: the label words the plan reads, e.g. false,true")
     p.add_argument("--preface", help="a Markdown file put at the top of the report")
     p.add_argument("overrides", nargs="*", help="key=value for every run, or family.key=value for one family "
-                   "(glue., commonsense., text.), as for bench claims")
+                   "(glue., commonsense., sft.), as for bench claims")
     p.add_argument("--out", default="runs/bench-plan", help="folder for the runs, plans and the report")
     p.add_argument("--report", help="Markdown report path (default: OUT/PLAN.md); a JSON beside it")
     p.set_defaults(func=cmd_plan)
