@@ -322,6 +322,8 @@ def test_bench_plan_on_a_language_models_loss(tmp_path, tiny_llama_dir):
     assert lm["metric"] == "loss" and lm["pretrained_loss"] > 0 and lm["points"] == 2
     assert lm["gate"][0] == (min(x["seeds"][0] for x in lm["rows"] if x["candidate"] == "q,v λ=1")
                              <= lm["pretrained_loss"] * (1 - LM_GATE))
+    for x in lm["rows"]:  # a language model diverged where it ends worse than the pretrained model
+        assert x["diverged"] == [v >= lm["pretrained_loss"] for v in x["seeds"]]
     groups = lm["groups_real"]
     assert set(groups) == {"best_group", "attention only", "MLP only"}
     best = groups["best_group"]

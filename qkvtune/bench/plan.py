@@ -95,18 +95,23 @@ def grid_rates(ctx, claim, task: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def diverged(run) -> bool:
-    """A run that made its own training loss worse (its last logged loss at or above its first) or lost it."""
+def diverged(run, pretrained_loss: float | None = None) -> bool:
+    """A run that lost its loss, or made it worse: a language model's validation loss at or above the pretrained
+    model's (``pretrained_loss``; its two or three logged training losses, each a 20-step mean taken while it
+    learns, are too few to read), a classifier's last logged training loss at or above its first."""
     losses = [h["loss"] for h in run.history if "loss" in h and "eval_loss" not in h]
     if not losses or not all(math.isfinite(v) for v in losses) or not math.isfinite(run.val_score):
         return True
+    if pretrained_loss is not None:
+        return run.val_score >= pretrained_loss
     return len(losses) > 1 and losses[-1] >= 0.98 * losses[0]
 
 
-def real_grid(ctx, claim, task: str, cands: list, rates: list[float], log) -> list[dict]:
+def real_grid(ctx, claim, task: str, cands: list, rates: list[float], log,
+              pretrained_loss: float | None = None) -> list[dict]:
     """Every candidate at every rate of the grid and every seed, at the task's budget (``ctx.budget``, set by the
     reference's gate and ladder): runs cached by their settings. Seed by seed, so a cut-short grid is whole for
-    its first seeds. One record per run."""
+    its first seeds. One record per run (a language model's ``diverged`` against ``pretrained_loss``)."""
     from .scores import score_of
 
     out = []
@@ -118,7 +123,7 @@ def real_grid(ctx, claim, task: str, cands: list, rates: list[float], log) -> li
                 losses = [(h["step"], h["loss"]) for h in run.history if "loss" in h and "eval_loss" not in h]
                 out.append({"candidate": c.name, "lr": lr, "seed": seed, "val_score": run.val_score,
                             "test_score": run.score, "best_step": best_step(run, task), "seconds": run.seconds,
-                            "diverged": diverged(run), "val_curve": curve, "train_loss": losses,
+                            "diverged": diverged(run, pretrained_loss), "val_curve": curve, "train_loss": losses,
                             "dir": os.path.relpath(run.dir, ctx.out)})
         log(f"{task}: grid seed {seed} done ({len(cands)} candidates × {len(rates)} rates)")
     return out
@@ -246,7 +251,7 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
             goal = None
     ref_lr = ctx.arm(claim, task, claim.ref, {}, ctx.seeds[:1]).lr
     rates = grid_rates(ctx, claim, task)
-    grid = real_grid(ctx, claim, task, grid_cands, rates, log)
+    grid = real_grid(ctx, claim, task, grid_cands, rates, log, base_loss)
     seed = ctx.seeds[0]
     settings = ctx.settings(claim, task, claim.ref, seed, ref_lr)
     plan_dir = os.path.join(out, "plans", task.replace("/", "-"))
@@ -681,11 +686,12 @@ def cmd_plan(args) -> int:
         c = lm_ctx if t.startswith("sft/") else ctx
         if args.grid_only:
             claim = plan_claim(grid_cands)
+            base = None
             if t.startswith("sft/"):
-                lm_gate(c, claim, t, log)
+                base = lm_gate(c, claim, t, log)[1]
             else:
                 c.reference(claim, t, claim.ref)
-            real_grid(c, claim, t, grid_cands, grid_rates(c, claim, t), log)
+            real_grid(c, claim, t, grid_cands, grid_rates(c, claim, t), log, base)
             continue
         results.append(bench_task(c, t, args.out, args.n, args.m, args.sketch_dim, cands, grid_cands, log,
                                   args.label_words, args.sketch, args.tokens))
