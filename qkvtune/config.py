@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
 import os
@@ -142,9 +143,15 @@ _CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": (
             "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
 
 
+@functools.cache
+def _type_hints() -> dict:
+    """TrainConfig's field types, resolved once (get_type_hints costs ~1 ms a call; a config checks every key)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def _check_type(key: str, value):
     """Coerce ints to floats where a float is wanted; refuse anything else of the wrong type."""
-    hint = typing.get_type_hints(TrainConfig)[key]
+    hint = _type_hints()[key]
     if hint is typing.Any:
         return value
     args = typing.get_args(hint)

@@ -237,6 +237,7 @@ def test_kernel_predictions_on_a_tiny_model():
     res = empirical_ntk(model, batch, targets=find_targets(model, ["v", "o"]), output="logits", chunk_size=8)
     assert res.per_output.shape == (3, 24, 24) and res.labels.tolist() == batch["labels"].tolist()
     part = res.subset(range(5, 12))
+    # bit-exact: a subset is the same entries picked out, no arithmetic
     assert torch.equal(part.kernel, res.kernel[5:12, 5:12]) and part.labels.tolist() == res.labels[5:12].tolist()
     assert torch.equal(part.per_output, res.per_output[:, 5:12, 5:12]) and len(part.eigenvalues) == 7
     for method in ("ridge", "logistic"):

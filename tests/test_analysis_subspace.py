@@ -134,7 +134,7 @@ def test_adapters_on_mlp_slices():
         dw, w_slice = pairs[key]
         delta = mlp.gate_up_proj.adapters["r2"][key[key.index("[") + 1:-1]] if "gate_up" in key \
             else mlp.down_proj.adapters["r2"]["down"]
-        assert torch.equal(w_slice, w)
+        assert torch.equal(w_slice, w)  # bit-exact here and below: the same rows, and the same product s·B·A
         torch.testing.assert_close(dw, delta.scale * delta.lora_B @ delta.lora_A, rtol=0, atol=0)
         row = amplification(dw, w_slice)
         assert row["r"] == 2 and math.isfinite(row["factor"]) and spectrum(dw)["numerical_rank"] == 2

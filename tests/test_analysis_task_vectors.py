@@ -139,7 +139,7 @@ def test_saved_adapter_gives_the_same_task_vector(tmp_path):
     loaded = TaskVector.from_adapter(base, str(tmp_path))
     here = TaskVector.from_model(model)
     assert loaded.deltas.keys() == here.deltas.keys()
-    assert all(torch.equal(loaded.deltas[k], here.deltas[k]) for k in here.deltas)
+    assert all(torch.equal(loaded.deltas[k], here.deltas[k]) for k in here.deltas)  # the same factors, same product
     assert attach.adapter_names(base) == []  # the temporary adapter is gone again
 
 

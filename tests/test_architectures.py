@@ -89,7 +89,7 @@ def test_slices_match_the_models_own_split(arch):
         hook.remove()
     for t, want in zip(layer0, received):  # want: (batch, heads, seq, head_dim)
         mine = t.outputs(ys[0]).unflatten(-1, (-1, want.shape[-1])).transpose(1, 2)
-        assert mine.shape == want.shape and torch.equal(mine, want), (arch, t.kind)
+        assert mine.shape == want.shape and torch.equal(mine, want), (arch, t.kind)  # same values, indexed: bit-exact
 
 
 @pytest.mark.parametrize("arch", ["modernbert", "mpt", "falcon-grouped", "falcon-multi-query", "bloom", "bigcode-mq",
@@ -125,6 +125,7 @@ def test_lora_on_q_and_v_moves_only_their_rows_and_round_trips_through_peft(arch
     assert not torch.equal(q0.outputs(outs[q0.module]), q0.outputs(before[q0.module]))  # q of layer 0 moved
     for t in kv:
         if t.kind == "k" and t.layer == min(x.layer for x in kv):  # k of the first layer sees the same input
+            # bit-exact: the same weights on the same input, computed the same way
             assert torch.equal(t.outputs(outs[t.module]), t.outputs(before[t.module])), (arch, t.name)
     io.save_adapter(model, str(tmp_path))
     base = _model(arch)

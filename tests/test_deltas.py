@@ -56,8 +56,8 @@ def test_delta_matches_dense_reference_and_merge(arch, labels, method, kinds, id
         torch.testing.assert_close(out(model), y_ref, atol=1e-5, rtol=1e-4)
         attach.unmerge_adapter(model)
         for n, p in model.named_parameters():
-            assert torch.equal(p, before[n]), n  # bit-exact
-        torch.testing.assert_close(out(model), y, atol=0, rtol=0)
+            assert torch.equal(p, before[n]), n  # bit-exact: unmerge restores the weights it kept
+        torch.testing.assert_close(out(model), y, atol=0, rtol=0)  # the same path as y: bit-exact
 
 
 def test_fused_k_slice_untouched_by_training_and_merge(ids):
@@ -103,7 +103,7 @@ def test_adapters_switch_with_their_heads(ids):
         attach.set_adapter(model, "b")
         yb = model(ids).logits
         attach.set_adapter(model, "a")
-        torch.testing.assert_close(model(ids).logits, ya, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids).logits, ya, atol=0, rtol=0)  # adapter a again: the same path
         assert not torch.allclose(ya, yb)
         attach.delete_adapter(model, "a")
         attach.delete_adapter(model, "b")

@@ -51,7 +51,7 @@ def test_fast_dropout_scales_kept_values_and_gradient():
     drop = fastpath.FastDropout(p).train()
     y = drop(x)
     kept = y != 0
-    assert torch.equal(y[kept], (x * (1 / (1 - p)))[kept])
+    assert torch.equal(y[kept], (x * (1 / (1 - p)))[kept])  # one multiplication either way: bit-exact
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / (1 - p))
     # unbiased: E[y] = x, checked through the keep count of a constant input
@@ -146,7 +146,7 @@ def test_train_mode_dropout_is_live_and_disable_restores_eager(ids):
     fastpath.disable(model)
     assert not any(isinstance(m, fastpath.FastDropout) for m in model.modules())
     # eager again, attention included: the same seed draws the same masks as a copy that never had the fast path
-    assert torch.equal(_train_logits(model, ids), _train_logits(eager, ids))
+    assert torch.equal(_train_logits(model, ids), _train_logits(eager, ids))  # same modules, same masks: same path
     assert not hasattr(model, "qkvtune_fastpath")
 
 
@@ -154,7 +154,7 @@ def test_llama_without_dropout_is_left_alone(ids):
     model = tiny("llama")
     untouched = copy.deepcopy(model)
     assert fastpath.enable(model) == []
-    assert torch.equal(_train_logits(model, ids), _train_logits(untouched, ids))
+    assert torch.equal(_train_logits(model, ids), _train_logits(untouched, ids))  # left alone: the same path
 
 
 def test_merge_save_load_with_fast_path_on(ids, tmp_path):

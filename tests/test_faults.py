@@ -48,6 +48,7 @@ def reference(tiny_bert_dir, tmp_path_factory):
 
 
 def _assert_same(a, b):
+    """Bit for bit: a resumed run repeats the uninterrupted run's arithmetic (same path, same process count)."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -83,7 +84,7 @@ def test_incomplete_checkpoint_is_skipped_on_resume(reference, tiny_bert_dir, tm
     with open(os.path.join(last, "optimizer.pt"), "r+b") as f:  # a write the kill cut short
         f.truncate(10)
     assert checkpoints.last_complete(out) == checkpoints.checkpoints(out)[-2]
-    r = _run(_args(tiny_bert_dir, out, f"resume={last}"))
+    r = run_cli(*_args(tiny_bert_dir, out, f"resume={last}"))  # refused before training: in this process
     assert r.returncode == 2 and "incomplete or was modified" in r.stderr
     r = _run(_args(tiny_bert_dir, out, "resume=true"))
     assert r.returncode == 0, r.stderr[-2000:]

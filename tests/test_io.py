@@ -71,7 +71,7 @@ def test_qkvtune_format_round_trip(method, ids, tmp_path):
     meta = io.load_adapter(again, str(tmp_path))
     assert meta["settings"] == {"lr": 1e-3} and meta["method"] == method
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)  # reloaded: the same path
     assert os.path.exists(tmp_path / "adapter_config.json") == (method != "dense")
 
 

@@ -73,7 +73,7 @@ def test_training_movement_from_the_eigenbasis_and_the_calibration_scale():
 
 def test_untuned_kinds_drop_out_and_zero_modes_move_linearly():
     per_kind, f0, g = _kernels()
-    assert torch.equal(rate_kernel(per_kind, {"q": 0.5, "v": 0.0}), 0.5 * per_kind["q"])
+    assert torch.equal(rate_kernel(per_kind, {"q": 0.5, "v": 0.0}), 0.5 * per_kind["q"])  # adding 0·K_v is exact
     with pytest.raises(AnalysisError, match="'k'"):
         rate_kernel(per_kind, {"k": 1.0})
     # a rank-deficient kernel (5 features, 10 points): the null modes give (1 − d)/μ → t/n, no division by 0

@@ -119,7 +119,7 @@ def test_mlp_slices_are_what_the_models_own_mlp_computes(arch):
     up = mlp["up"].outputs(seen[mlp["up"].module][1])
     want = act(mlp["gate"].outputs(seen[mlp["gate"].module][1])) * up if "gate" in mlp else act(up)
     received = seen[mlp["down"].module][0]
-    assert received.shape == want.shape and torch.equal(received, want), arch
+    assert received.shape == want.shape and torch.equal(received, want), arch  # the model's own ops on the same tensors
 
 
 @pytest.mark.parametrize("arch", ARCHS)

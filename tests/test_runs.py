@@ -97,6 +97,7 @@ def test_open_runs_share_one_base(tmp_path, tiny_bert_dir):
     batch.pop("labels")
     attach.set_adapter(a.model, "r1")
     with torch.no_grad():
+        # the same weights and adapter on the same batch, one process: the same path, so bit-exact
         assert torch.equal(a.model.eval()(**batch).logits, single.model.eval()(**batch).logits)
 
 

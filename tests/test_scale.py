@@ -152,7 +152,7 @@ def test_dequantized_weights_equal_transformers_dequantize(tiny_llama_dir, quant
     for n in names:
         plain = model.get_submodule(n)
         assert type(plain) is nn.Linear
-        torch.testing.assert_close(ours[n], plain.weight, atol=0, rtol=0)
+        torch.testing.assert_close(ours[n], plain.weight, atol=0, rtol=0)  # both bitsandbytes' dequantization
 
 
 @needs_bnb

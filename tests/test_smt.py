@@ -77,7 +77,7 @@ def test_block_gradients_equal_masked_dense_and_input_grad_exact(arch, kind, b):
 
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-12, rtol=1e-12)   # input gradient exact
-    torch.testing.assert_close(delta.delta_weight(), dW.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(delta.delta_weight(), dW.detach(), atol=0, rtol=0)  # the same blocks placed: exact
     R, C = target.shape
     for (r, c), g in zip(delta.blocks.tolist(), delta.values.grad):
         h, wd = min(b, R - r * b), min(b, C - c * b)
@@ -152,7 +152,7 @@ def test_merge_unmerge_exact_and_export(ids):
         attach.unmerge_adapter(model)
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]), n
-        assert torch.equal(model(ids).logits, y)
+        assert torch.equal(model(ids).logits, y)  # unmerged again: y's path, bit-exact
         plain = attach.unwrap(model)
         torch.testing.assert_close(plain(ids).logits, y, atol=1e-5, rtol=1e-4)
 
@@ -177,7 +177,7 @@ def test_save_load_round_trip_and_index_validation(tmp_path, ids):
     fresh = tiny("llama", 2)
     io.load_adapter(fresh, str(tmp_path))
     with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, y)
+        assert torch.equal(fresh(ids).logits, y)  # reloaded: the same path
 
     # A selection in the JSON that disagrees with the saved indices is refused.
     meta["hparams"]["blocks"][0]["col"] = (meta["hparams"]["blocks"][0]["col"] + 1) % 3

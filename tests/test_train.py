@@ -92,7 +92,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
     a = load_file(tmp_path / "full" / "checkpoint-6" / io.QKV_WEIGHTS)
     b = load_file(tmp_path / "part" / "checkpoint-6" / io.QKV_WEIGHTS)
     assert a.keys() == b.keys()
-    for k in a:
+    for k in a:  # resumed against uninterrupted: the same path, bit for bit
         assert torch.equal(a[k], b[k]), k
 
 
@@ -190,7 +190,7 @@ def test_smt_end_to_end_reload_and_resume(tmp_path, tiny_bert_dir):
     train(build_config(dict(common, max_steps=4, output_dir=str(part), resume=True)))
     assert not (part / "smt_allocation.json").exists()  # no second warm-up
     a, b = load_file(out / io.QKV_WEIGHTS), load_file(part / io.QKV_WEIGHTS)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resumed: the same path
 
 
 def test_cli_block_size_larger_than_matrix(tmp_path, tiny_bert_dir):

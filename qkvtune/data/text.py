@@ -7,7 +7,7 @@ import datasets
 
 from ..errors import DataError
 from ..task import CAUSAL_LM
-from .examples import PadCollator, TaskData
+from .examples import PadCollator, TaskData, map_in_memory
 from .load import read_text
 from .spec import subsample
 
@@ -68,8 +68,8 @@ def tokenize_sft(records: dict[str, list], tokenizer, max_length: int, train_on_
                  desc: str, source: str | None = None) -> datasets.Dataset:
     """Columns prompt, response -> input_ids, attention_mask, labels."""
     ds = datasets.Dataset.from_dict({"prompt": records["prompt"], "response": records["response"]})
-    out = ds.map(lambda b: encode_sft(tokenizer, b["prompt"], b["response"], max_length, train_on_inputs),
-                 batched=True, remove_columns=ds.column_names, desc=desc)
+    out = map_in_memory(ds, lambda b: encode_sft(tokenizer, b["prompt"], b["response"], max_length, train_on_inputs),
+                        desc)
     if len(out) == 0:
         raise DataError(f"{source or desc}: every record's prompt fills max_length={max_length}; raise max_length")
     if len(out) < len(ds):
