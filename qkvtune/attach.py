@@ -18,6 +18,7 @@ from torch import nn
 from .deltas import Delta, build_delta
 from .quant import standard_layout
 from .targets import HEAD_NAMES, Rows, Target, Wrapped, weight_rows, write_slice
+from .task import is_causal_lm
 
 
 class DeltaProjection(Wrapped):
@@ -156,7 +157,7 @@ def _wrapper(model: nn.Module, target: Target) -> DeltaProjection:
 
 def find_heads(model: nn.Module, new_modules: list[str] | tuple = ()) -> list[str]:
     """Task-head modules: the usual head names at the top level, plus modules created fresh at load."""
-    if type(model).__name__.endswith("ForCausalLM"):
+    if is_causal_lm(model):
         return []
     heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     for n in new_modules:

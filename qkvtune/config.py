@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import yaml
 
 from .deltas import METHODS
-from .data.spec import LABELLED, DataSpec, offers
+from .data.spec import DataSpec
 from .errors import ConfigError  # noqa: F401 (defined with the other errors; callers import it from here too)
 from .files import atomic_write
-from .targets import ALL_LINEAR, GROUPS, KINDS
+from .quant import QUANTIZE
+from .targets import ALL_LINEAR, GROUPS, MATRIX_KINDS
 
 
 @dataclass
@@ -103,7 +104,7 @@ class TrainConfig(DataSpec):
     fsdp_min_params: int | None = None     # FSDP units: submodules of at least this many parameters (default: each layer)
     # causal LMs: less memory and less padding (README "Lean LM fine-tuning")
     chunked_loss: str = "auto"             # auto | on | off: the LM head's loss a chunk of tokens at a time, never the
-                                           # whole B×T×V logits (qkvtune/lmloss.py); auto = where it is exactly the
+                                           # whole B×T×V logits (qkvtune/chunked_loss.py); auto = where it is exactly the
                                            # model's own loss; on = refuse a model where it is not
 
     def to_dict(self) -> dict:
@@ -189,9 +190,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.targets is not None and (not cfg.targets or not all(isinstance(t, str) for t in cfg.targets)):
         raise ConfigError(f"targets: expected a non-empty list such as [q, v], got {cfg.targets!r}")
     if not cfg.target_modules:
-        bad = [t for t in cfg.targets if t not in (*KINDS, *GROUPS, ALL_LINEAR)]
+        bad = [t for t in cfg.targets if t not in (*MATRIX_KINDS, *GROUPS, ALL_LINEAR)]
         if bad:
-            raise ConfigError(f"targets: {bad} are not matrix kinds ({', '.join(KINDS)}, mlp or all-linear)")
+            raise ConfigError(f"targets: {bad} are not matrix kinds ({', '.join(MATRIX_KINDS)}, mlp or all-linear)")
     if cfg.targets and ALL_LINEAR in cfg.targets and (len(cfg.targets) > 1 or cfg.target_modules):
         raise ConfigError(f"targets: {ALL_LINEAR} names every linear layer itself; give it alone, "
                           "without target_modules")
@@ -230,10 +231,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError("smt_warmup_head: the head trains at smt_warmup_lr during the warm-up; set smt_warmup_lr")
     if cfg.block_size <= 0 or cfg.smt_warmup_steps <= 0:
         raise ConfigError("block_size and smt_warmup_steps: must be > 0")
-    bad = [t for t in cfg.smt_targets if t not in (*KINDS, *GROUPS)]
+    bad = [t for t in cfg.smt_targets if t not in (*MATRIX_KINDS, *GROUPS)]
     if bad or not cfg.smt_targets:
         raise ConfigError(f"smt_targets: {bad or cfg.smt_targets} must be a non-empty subset of "
-                          f"{', '.join((*KINDS, *GROUPS))}")
+                          f"{', '.join((*MATRIX_KINDS, *GROUPS))}")
     if cfg.smt_selection and not os.path.isfile(cfg.smt_selection):
         raise ConfigError(f"smt_selection: {cfg.smt_selection} not found")
     _validate_scale(cfg)
@@ -262,11 +263,19 @@ COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "ad
                      "paged_adamw_8bit", "paged_adamw_32bit", "lion_32bit", "lion_8bit")
 
 
+def _trains_a_classifier(task: str) -> bool:
+    from .data.families import find_family
+    from .task import TaskInfo
+
+    fam = find_family(task)
+    return fam is not None and TaskInfo(fam.task_kind(task), 0).sequence_classifier
+
+
 def _validate_scale(cfg: TrainConfig) -> None:
     """quantize / fsdp: the combinations that cannot work, refused before any work."""
     if cfg.quantize is not None:
-        if cfg.quantize not in ("nf4", "fp4", "int8"):
-            raise ConfigError(f"quantize: {cfg.quantize!r} is not one of nf4, fp4, int8 (or null)")
+        if cfg.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize: {cfg.quantize!r} is not one of {', '.join(QUANTIZE)} (or null)")
         if METHODS[cfg.method].needs_selection:
             raise ConfigError(f"quantize: {cfg.method} scores blocks by the gradient of the base weights and updates "
                               "them in its warm-up, which a quantized base does not allow; train it unquantized")
@@ -274,7 +283,7 @@ def _validate_scale(cfg: TrainConfig) -> None:
             raise ConfigError("quantize: a bitsandbytes base cannot be sharded with fsdp here; use one of them")
     if cfg.fsdp_min_params is not None and (cfg.fsdp_min_params < 1 or not cfg.fsdp):
         raise ConfigError(f"fsdp_min_params: needs fsdp: true and a positive count, got {cfg.fsdp_min_params!r}")
-    if cfg.chunked_loss == "on" and offers(cfg.task, LABELLED):
+    if cfg.chunked_loss == "on" and _trains_a_classifier(cfg.task):
         raise ConfigError(f"chunked_loss: on is the loss of a causal LM's head; {cfg.task} trains a classifier")
 
 

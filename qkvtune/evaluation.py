@@ -49,7 +49,7 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
     if task.causal_lm and not task.scored_by_generation and "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if task.scored_by_generation and task.generation_records:
-        from .data.commonsense import generation_accuracy
+        from .data.answers import generation_accuracy
 
         for name, records in task.generation_records.items():
             result = generation_accuracy(model, tokenizer, records, batch_size=cfg.eval_batch_size,

@@ -11,13 +11,13 @@ from torch import nn
 
 from . import attach
 from .config import TrainConfig
-from .targets import KINDS, MLP_KINDS
+from .targets import MATRIX_KINDS, MLP_KINDS
 
 
 def lr_for_kind(rates: TrainConfig, kind: str) -> float:
     """η of a matrix kind: its explicit ``lr_<kind>``, else λ·lr for v, lr_mlp_ratio·lr for gate, up and down, else
     lr (also for the other modules all-linear takes whole, such as BERT's pooler)."""
-    explicit = getattr(rates, f"lr_{kind}", None) if kind in KINDS else None  # a module named "ratio" is no rate
+    explicit = getattr(rates, f"lr_{kind}", None) if kind in MATRIX_KINDS else None  # a module named "ratio" is no rate
     if explicit is not None:
         return explicit
     if kind == "v":

@@ -20,6 +20,7 @@ from .deltas import delta_class, peft_class
 from .errors import AdapterError, first_line
 from .files import read_json, read_tensors, save_tensors, write_json
 from .targets import Rows, Target, all_projections, is_projection, mlp_projections, projection_shape
+from .task import is_causal_lm, is_sequence_classifier
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -57,8 +58,7 @@ def save_peft(model, path: str, name: str | None = None) -> None:
     cfg = getattr(model, "config", None)
     config = {
         "peft_type": cls.peft_type,
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else (
-            "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None),
+        "task_type": "CAUSAL_LM" if is_causal_lm(model) else ("SEQ_CLS" if is_sequence_classifier(model) else None),
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "r": r, "lora_alpha": alpha, **cls.peft_config(first),
         "bias": "none", "fan_in_fan_out": first[0].target.transposed,

@@ -48,9 +48,9 @@ import torch
 
 from .analysis import AnalysisError
 from .config import ConfigError, TrainConfig, build_config, save_config
-from .deltas import delta_class
+from .deltas import delta_class, parameter_count
 from .optim import lr_for_head, lr_for_kind, update_rule
-from .targets import ALL_LINEAR, ATTENTION_KINDS, GROUPS, KINDS, MLP_KINDS, expand_kinds
+from .targets import ALL_LINEAR, ATTENTION_KINDS, GROUPS, MATRIX_KINDS, MLP_KINDS, expand_kinds
 
 KIND_SETS = (("v",), ("q", "v"), ("q", "k", "v"), ("q", "k", "v", "o"), ("mlp",), (ALL_LINEAR,))
 LAMBDAS = (1.0, 2.0, 4.0, 8.0)
@@ -73,11 +73,11 @@ class Candidate:
     def name(self) -> str:
         return f"{','.join(self.targets)} λ={self.lr_ratio:g}"
 
-    def kinds(self, have=KINDS) -> list[str]:
+    def kinds(self, have=MATRIX_KINDS) -> list[str]:
         """The matrix kinds it tunes on a model whose kinds are ``have`` (``mlp``, ``all-linear`` expanded)."""
         return expand_kinds(self.targets, have)
 
-    def rates(self, have=KINDS, lr: float = 1.0, lr_mlp_ratio: float = 1.0) -> dict[str, float]:
+    def rates(self, have=MATRIX_KINDS, lr: float = 1.0, lr_mlp_ratio: float = 1.0) -> dict[str, float]:
         """Each tuned kind's rate at η_Q = ``lr``, by the optimizer's own rule (``optim.lr_for_kind``)."""
         unit = TrainConfig(lr=lr, lr_ratio=self.lr_ratio, lr_mlp_ratio=lr_mlp_ratio)
         return {k: lr_for_kind(unit, k) for k in self.kinds(have)}
@@ -116,10 +116,10 @@ def parse_candidates(kinds: str | None, lambdas: str | None) -> list[Candidate]:
     sets = KIND_SETS
     if kinds:
         sets = tuple(tuple(k.strip() for k in group.split(",") if k.strip()) for group in kinds.split(";"))
-        known = set(KINDS) | set(GROUPS)
+        known = set(MATRIX_KINDS) | set(GROUPS)
         bad = [k for group in sets for k in group if k not in known and k != ALL_LINEAR]
         if bad or not all(sets) or any(ALL_LINEAR in g and len(g) > 1 for g in sets):
-            raise ConfigError(f"--kinds: expected groups of {', '.join(KINDS)}, mlp, or all-linear alone, separated "
+            raise ConfigError(f"--kinds: expected groups of {', '.join(MATRIX_KINDS)}, mlp, or all-linear alone, separated "
                               f"by ';', got {kinds!r}")
     try:
         lams = tuple(float(x) for x in lambdas.split(",")) if lambdas else LAMBDAS
@@ -169,7 +169,7 @@ def kernel_examples(run, n: int, m: int, label_words: str | None = None, tokens:
     causal LM's label words (``label_words``), or a causal LM's own token loss: ``n`` training and ``m``
     validation tokens drawn from ⌈n/tokens⌉ and ⌈m/tokens⌉ examples (``ntk.token_examples``)."""
     from .analysis.ntk import KeepLogits, label_word_examples, token_examples, token_margin
-    from .data.metrics import main_metric
+    from .data.families import main_metric
 
     info, cfg = run.info, run.cfg
     metric = main_metric(cfg.task)
@@ -358,11 +358,6 @@ def step_weights(kinds: Kinds, rates: torch.Tensor, shape: torch.Tensor, scale: 
     eta = rates[..., :, None] * shape  # (…, K, T)
     before = torch.cumsum(eta, -1) - eta
     return scale * eta * (1 + kinds.growth[:, None] * (kappa * before) ** kinds.power)
-
-
-def candidate_kernel(kinds: Kinds, cand: "Candidate", cfg: TrainConfig, lr: float) -> torch.Tensor:
-    """Σ_k η_k·K_k at η_Q = ``lr`` at initialisation (the kernel before it grows)."""
-    return torch.einsum("k,kij->ij", kind_rates(kinds, cand, cfg, lr), kinds.unit)
 
 
 # --- calibration -----------------------------------------------------------------------------------------------
@@ -726,13 +721,11 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
 
 def parameter_counts(run, cands: list, cfg: TrainConfig) -> dict[str, int]:
     """Trainable parameters of each candidate's targets under the configured method (heads aside)."""
-    method = delta_class(cfg.method)
     have = sorted({t.kind for t in run.targets})
     out = {}
     for c in cands:
         kinds = set(c.kinds(have))
-        out[c.name] = sum(method.parameter_count(cfg, t.rows.size, t.in_features) for t in run.targets
-                          if t.kind in kinds)
+        out[c.name] = parameter_count(cfg.method, cfg, [t for t in run.targets if t.kind in kinds])
     return out
 
 

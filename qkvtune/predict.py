@@ -55,10 +55,10 @@ def load_predictor(source: str, overrides: dict):
 # --- the input ------------------------------------------------------------------------------------------
 
 def read_input(path: str):
-    """The input rows as a ``data.own.Table``: a data file, or one text per line of a .txt file (column
+    """The input rows as a ``data.tables.Table``: a data file, or one text per line of a .txt file (column
     ``text``, rows numbered by line)."""
     from .data import DataError, read_text
-    from .data.own import FORMATS, Table, read_table
+    from .data.tables import FORMATS, Table, read_table
 
     if path.lower().endswith(".txt"):
         kept = [(i + 1, line) for i, line in enumerate(read_text(path).splitlines()) if line.strip()]
@@ -90,7 +90,7 @@ def classify(model, tokenizer, texts: list[list[str]], *, batch_size: int, max_l
 
 def _prompts(table, tokenizer) -> list[str]:
     from .data import DataError
-    from .data.own import texts
+    from .data.tables import texts
 
     columns = table.columns
     if "messages" in columns:
@@ -112,8 +112,8 @@ def _prompts(table, tokenizer) -> list[str]:
 def predict_rows(model, tokenizer, info, cfg, table, *, batch_size: int, max_length: int,
                  max_new_tokens: int, sampling: dict | None = None) -> list[dict]:
     """Each input row of ``table`` (as a dict) with its prediction added."""
-    from .data.own import texts
-    from .data.spec import text_columns
+    from .data.rows import text_columns
+    from .data.tables import texts
     from .inference import generate
 
     columns = table.columns

@@ -98,7 +98,7 @@ def task_data(cfg: TrainConfig, tokenizer, n_train: int | None, n_eval: int | No
 
 def tokenizer_of(cfg: TrainConfig):
     """The config's tokenizer, with its chat_template when one is given."""
-    from .data.sft import set_chat_template
+    from .data.causal import set_chat_template
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     set_chat_template(tokenizer, cfg.chat_template)

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from .deltas.blocksparse import SelectionError, block_grid, check_blocks
-from .targets import KINDS, Target, all_projections, find_targets, layer_index, mlp_projections, write_slice
+from .targets import MATRIX_KINDS, Target, all_projections, find_targets, layer_index, mlp_projections, write_slice
 
 SELECTION_FILE = "smt_selection.json"
 REPORT_JSON = "smt_allocation.json"
 REPORT_PNG = "smt_allocation.png"
-KIND_ORDER = KINDS
+KIND_ORDER = MATRIX_KINDS
 # selection files written before the MLP kinds had their own names
 _LEGACY_KINDS = {"mlp_gate": "gate", "mlp_up": "up", "mlp_down": "down"}
 

@@ -1,6 +1,6 @@
 """Find the attention and MLP projections of a Hugging Face model and name their slices by role.
 
-The matrix kinds (``KINDS``, defined here once): attention q, k, v, o and MLP gate, up, down. MLP kinds go by
+The matrix kinds (``MATRIX_KINDS``, defined here once): attention q, k, v, o and MLP gate, up, down. MLP kinds go by
 what the block does with each output, whatever the model calls it: ``up`` is the input projection of the MLP
 (of a gated MLP, the linear branch), ``gate`` the branch a gated MLP passes through its activation before
 multiplying (down(act(gate(x)) · up(x)), as Llama's ``gate_proj``), ``down`` the projection back to the
@@ -40,7 +40,7 @@ from .quant import QuantizeError, dequantized, is_quantized
 
 ATTENTION_KINDS = ("q", "k", "v", "o")
 MLP_KINDS = ("gate", "up", "down")
-KINDS = ATTENTION_KINDS + MLP_KINDS
+MATRIX_KINDS = ATTENTION_KINDS + MLP_KINDS
 GROUPS = {"mlp": MLP_KINDS}  # a name for several kinds in targets / smt_targets: those of them the model has
 ALL_LINEAR = "all-linear"    # PEFT's target_modules="all-linear": every linear layer but the output layer and heads
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")  # task heads: trained whole, never sliced

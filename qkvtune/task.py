@@ -20,12 +20,24 @@ import os
 from dataclasses import asdict, dataclass
 
 CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION = "classification", "regression", "causal_lm", "qa_generation"
-KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION)
+TASK_KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION)
+
+
+def is_causal_lm(model=None, *, architectures: list[str] | None = None) -> bool:
+    """Whether a model (or a config's ``architectures``) is a causal LM: transformers' ``*ForCausalLM``."""
+    names = architectures if architectures is not None else [type(model).__name__]
+    return any(n.endswith("ForCausalLM") for n in names or ())
+
+
+def is_sequence_classifier(model=None, *, architectures: list[str] | None = None) -> bool:
+    """Whether a model (or a config's ``architectures``) is transformers' ``*ForSequenceClassification``."""
+    names = architectures if architectures is not None else [type(model).__name__]
+    return any(n.endswith("ForSequenceClassification") for n in names or ())
 
 
 @dataclass
 class TaskInfo:
-    kind: str                      # one of KINDS
+    kind: str                      # one of TASK_KINDS
     num_labels: int                # classes; 1 for regression; 0 for causal LM kinds
     label_names: list[str] | None = None
 
@@ -93,9 +105,9 @@ class TaskInfo:
             except (OSError, ValueError) as e:
                 raise error(f"model: cannot read the config of {name!r} ({str(e).splitlines()[0]})") from None
         archs = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in archs):
+        if is_causal_lm(architectures=archs):
             return cls(CAUSAL_LM, 0)
-        classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        classifier = is_sequence_classifier(architectures=archs)
         if trained_head and not classifier:
             raise error(f"{path if os.path.isfile(path) else name}: architectures {archs} are neither a sequence "
                         "classifier nor a causal LM")

@@ -17,7 +17,7 @@ from accelerate.utils import save_fsdp_optimizer
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
-from . import attach, checkpoints, io, lmloss, runs, sharding
+from . import attach, checkpoints, chunked_loss, io, runs, sharding
 from .callbacks import PatienceCallback, ntk_stopping
 from .config import ConfigError, TrainConfig, save_config
 from .errors import QkvtuneError, check_output_dir
@@ -26,7 +26,7 @@ from .files import write_json
 from .models import default_dtype
 from .optim import param_groups
 from .runs import is_main_process
-from .task import TaskInfo
+from .task import TaskInfo, is_causal_lm
 
 
 PREDICTIONS_FILE = "test_predictions.json"
@@ -52,9 +52,9 @@ def adapters_attached(model):
 
 class QkvTrainer(Trainer):
     def __init__(self, *args, rates, settings: dict | None = None, on_nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 10, lm_loss: lmloss.ChunkedLoss | None = None, **kwargs):
+                 max_nonfinite_skips: int = 10, lm_loss: chunked_loss.ChunkedLoss | None = None, **kwargs):
         self.rates = rates
-        self.lm_loss = lm_loss  # chunked_loss: the model's loss without its full logits (lmloss.py)
+        self.lm_loss = lm_loss  # chunked_loss: the model's loss without its full logits (chunked_loss.py)
         self.settings = settings or {}
         self.on_nonfinite, self.max_nonfinite_skips, self.nonfinite_skips = on_nonfinite, max_nonfinite_skips, 0
         with adapters_attached(kwargs.get("model")):
@@ -62,7 +62,7 @@ class QkvTrainer(Trainer):
         # Trainer assumes a forward(**kwargs) normalises its loss by num_items_in_batch and then multiplies
         # the loss by the number of processes; sequence classifiers ignore that kwarg, so under DDP their
         # gradients came out world_size times too large. Only causal LMs really use it.
-        if not type(self.model).__name__.endswith("ForCausalLM"):
+        if not is_causal_lm(self.model):
             self.model_accepts_loss_kwargs = False
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -282,14 +282,14 @@ def _train(cfg: TrainConfig) -> dict:
                 "learning_rates": {g["name"]: g["lr"] for g in param_groups(model, cfg)}}
     train_set, collator = task.train, task.collator
     if cfg.packing:  # the training rows only: evaluation and predict stay unpacked
-        from .data.packing import packed_training
+        from .packing import packed_training
 
         train_set, collator = packed_training(model, task.train, task.collator, cfg.max_length)
     trainer = QkvTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
                          data_collator=collator, compute_metrics=task.compute_metrics,
                          callbacks=callbacks, rates=cfg, settings=settings,
                          on_nonfinite=cfg.on_nonfinite, max_nonfinite_skips=cfg.max_nonfinite_skips,
-                         lm_loss=lmloss.for_run(model, cfg.chunked_loss, task))
+                         lm_loss=chunked_loss.for_run(model, cfg.chunked_loss, task))
     result = trainer.train(resume_from_checkpoint=resume)
     predictions = {}
     metrics = evaluate_all(trainer, model, run.tokenizer, task, cfg, predictions)
@@ -315,7 +315,7 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     args = training_arguments(run.cfg, run.task, "loss", False, has_eval=False)  # evaluate() only, no loop
     trainer = QkvTrainer(model=run.model, args=args, data_collator=run.task.collator, rates=run.cfg,
                          compute_metrics=run.task.compute_metrics,
-                         lm_loss=lmloss.for_run(run.model, run.cfg.chunked_loss, run.task))
+                         lm_loss=chunked_loss.for_run(run.model, run.cfg.chunked_loss, run.task))
     return evaluate_all(trainer, run.model, run.tokenizer, run.task, run.cfg)
 
 

@@ -17,14 +17,16 @@ def pytest_collection_finish(session):
     collector's sight. Trainer runs gc.collect() at every train(), whose cost grows with every object alive in
     the process: 0.33 s a call in this process, a third of a tiny run."""
     import gc
+    import importlib
 
     import matplotlib
 
     matplotlib.use("Agg")  # what qkvtune's plots use
-    import matplotlib.pyplot  # noqa: F401  (imported lazily by the code under test: frozen with the rest)
+    importlib.import_module("matplotlib.pyplot")  # imported lazily by the code under test: frozen with the rest
 
-    import qkvtune.cli  # noqa: F401
-    import qkvtune.train  # noqa: F401
+    for module in ("qkvtune.cli", "qkvtune.train"):
+        importlib.import_module(module)
+    importlib.import_module("qkvtune.data.families").families()  # every family's module
     for name in ("BertModel", "BertForSequenceClassification", "LlamaForCausalLM", "GPT2LMHeadModel",
                  "GPTNeoXForCausalLM", "Phi3ForCausalLM", "RobertaForSequenceClassification"):
         getattr(transformers, name)  # transformers imports each model's module on first use

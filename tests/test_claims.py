@@ -321,12 +321,12 @@ def test_overrides_reach_every_run_or_one_family():
 # --- the rate search and the budget ladder, on runs whose scores are set by hand ------------------------------
 
 def _context(monkeypatch, score, suite=None, seeds=(0, 1, 2)):
-    """A Context whose runs are not trained: each run's validation score is ``score(settings)`` (a number, or
+    """A Runner whose runs are not trained: each run's validation score is ``score(settings)`` (a number, or
     (score, loss)); every run is recorded in ``trained``."""
     from qkvtune.bench import runner
 
     suite = suite or {"lr_grid": {"lora": [1e-3, 3e-3, 1e-2]}, "lr_bounds": {"lora": [1e-4, 1e-1]}}
-    ctx = runner.Context(suite, {"glue": ["glue/sst2"]}, list(seeds), None, "unused", lambda msg: None)
+    ctx = runner.Runner(suite, {"glue": ["glue/sst2"]}, list(seeds), None, "unused", lambda msg: None)
     trained = []
 
     def run(settings, task, arm):
@@ -335,7 +335,7 @@ def _context(monkeypatch, score, suite=None, seeds=(0, 1, 2)):
         val, loss = val if isinstance(val, tuple) else (val, 1.0)
         curve = [{"step": s, "eval_accuracy": val - 0.1 * (settings["max_steps"] - s) / settings["max_steps"]}
                  for s in range(10, settings["max_steps"] + 1, 10)]
-        return runner.Run(task, arm, settings["seed"], "unused", {"eval_loss": loss, "global_step": settings["max_steps"]},
+        return runner.SuiteRun(task, arm, settings["seed"], "unused", {"eval_loss": loss, "global_step": settings["max_steps"]},
                           val, val, curve, 1.0, settings["max_steps"])
 
     monkeypatch.setattr(ctx, "run", run)

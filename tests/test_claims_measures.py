@@ -42,7 +42,7 @@ def trained(tmp_path_factory, tiny_bert_dir):
     return dirs
 
 
-def _edit(src: str, dst: str, fn) -> runner.Run:
+def _edit(src: str, dst: str, fn) -> runner.SuiteRun:
     """A copy of run ``src`` at ``dst`` whose deltas ``fn(delta)`` rewrote; as the suite's Run."""
     shutil.copytree(src, dst)
     opened = open_run(dst, with_task=False)
@@ -51,7 +51,7 @@ def _edit(src: str, dst: str, fn) -> runner.Run:
         for _, d in iter_deltas(opened.model, opened.adapter):
             fn(d)
     io.save_adapter(opened.model, dst, extra=settings)
-    return runner.Run("glue/sst2", "a", 0, dst, {}, math.nan, math.nan, [], 0.0)
+    return runner.SuiteRun("glue/sst2", "a", 0, dst, {}, math.nan, math.nan, [], 0.0)
 
 
 def _unit(n, g):
@@ -66,9 +66,9 @@ def _verdict(rule, values, threshold=None, margin=0.0):
 @needs_data
 def test_the_initialisation_is_rebuilt_from_the_run_seed(trained):
     """A − A₀ is what training moved: zero for a run whose A never moved, though A itself is far from zero."""
-    moved = measures.moved_factors(runner.Run("glue/sst2", "a", 0, trained["still"], {}, 0, 0, [], 0))
+    moved = measures.moved_factors(runner.SuiteRun("glue/sst2", "a", 0, trained["still"], {}, 0, 0, [], 0))
     assert moved and all(float(f["A_moved"].abs().max()) < 1e-6 < float(f["A"].abs().max()) for f in moved.values())
-    moved = measures.moved_factors(runner.Run("glue/sst2", "a", 0, trained["r2"], {}, 0, 0, [], 0))
+    moved = measures.moved_factors(runner.SuiteRun("glue/sst2", "a", 0, trained["r2"], {}, 0, 0, [], 0))
     assert all(float(f["A_moved"].abs().max()) > 1e-5 for f in moved.values())
 
 
@@ -144,7 +144,7 @@ def test_amplification_on_what_moved_can_fail_and_ignores_the_update_norm(traine
     ones far less (the check fails). A control with the same directions and a 3× smaller update has a 3× smaller
     factor — v2's "exceeds the control" held on that alone — but the same dirs_over_random, so the v3 check on
     it does not hold."""
-    base = measures.moved_factors(runner.Run("glue/sst2", "a", 0, trained["r2"], {}, 0, 0, [], 0))
+    base = measures.moved_factors(runner.SuiteRun("glue/sst2", "a", 0, trained["r2"], {}, 0, 0, [], 0))
     weights = {}
     opened = open_run(trained["r2"], with_task=False)
     for wrapper, d in iter_deltas(opened.model, opened.adapter):
@@ -182,8 +182,8 @@ def _result(tmp_path, preds_on, preds_off, labels):
         (d / measures.WITHOUT_DELTA_FILE).write_text(json.dumps(
             {"score": sum(p == y for p, y in zip(off, labels)) / len(labels), "val_score": 0.5,
              "predictions": {"labels": labels, "predictions": off}}))
-        runs[seed] = {"glue/sst2": {"a": runner.Run("glue/sst2", "a", seed, str(d), {}, 0.5, 0.5, [], 0.0),
-                                    "b": runner.Run("glue/sst2", "b", seed, str(d), {}, 0.5, 0.5, [], 0.0)}}
+        runs[seed] = {"glue/sst2": {"a": runner.SuiteRun("glue/sst2", "a", seed, str(d), {}, 0.5, 0.5, [], 0.0),
+                                    "b": runner.SuiteRun("glue/sst2", "b", seed, str(d), {}, 0.5, 0.5, [], 0.0)}}
     claim = Claim(id="C", title="t", tasks=["glue.0"], arms={"a": {}, "b": {}})
     result = ClaimResult(claim, ["glue/sst2"], list(runs), runs, {}, [], V.UNSURE,
                          gates={"glue/sst2": (True, "")})

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer, EvalPrediction
 
 from qkvtune.data import DataError, PadCollator, load_task
 from qkvtune.data import metrics
-from qkvtune.data.commonsense import extract_answer, generation_accuracy
-from qkvtune.data.text import PROMPT, PROMPT_WITH_INPUT
+from qkvtune.data.answers import extract_answer, generation_accuracy
+from qkvtune.data.causal import PROMPT, PROMPT_WITH_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 

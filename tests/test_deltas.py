@@ -121,3 +121,19 @@ def test_unwrap_gives_plain_model_with_merged_weights(ids):
     assert not any(isinstance(m, (attach.DeltaProjection, attach.TrainableHead)) for m in plain.modules())
     assert all(k.count("base") == 0 for k in plain.state_dict())
     torch.testing.assert_close(plain(ids).logits, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,labels", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "dora", "dense"])
+def test_the_parameter_count_is_what_the_attached_deltas_hold(arch, labels, method):
+    """deltas.parameter_count (what plan and the claims suite's equal-parameter arms use) against the deltas
+    themselves, on fused, grouped-query and MLP slices."""
+    from types import SimpleNamespace
+
+    from qkvtune.deltas import parameter_count
+
+    model = tiny(arch, labels)
+    targets = find_targets(model, "all-linear")
+    attach.add_adapter(model, targets, method, rank=3, alpha=6, heads=[])
+    held = sum(p.numel() for _, d in attach.iter_deltas(model) for p in d.parameters())
+    assert parameter_count(method, SimpleNamespace(rank=3, alpha=6, rslora=False), targets) == held > 0

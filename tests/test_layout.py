@@ -1,5 +1,5 @@
 """The README's floor map is the code's: every module of qkvtune is on a floor, and imports only modules on its
-floor or below (lazy imports inside functions included)."""
+floor or below, and no modules import each other in a circle (lazy imports inside functions included)."""
 
 import ast
 import os
@@ -62,7 +62,10 @@ def imports(module: str, path: str, known: set[str]) -> set[str]:
             else:
                 continue
             name = ".".join(base)
-            out |= {n for n in (name, *(f"{name}.{a.name}".strip(".") for a in node.names)) if n in known}
+            subs = {f"{name}.{a.name}".strip(".") for a in node.names}
+            # "from . import scores" imports the submodule scores; the package itself only for names that are
+            # not submodules (its own definitions)
+            out |= (subs & known) | ({name} & known if subs - known else set())
         elif isinstance(node, ast.Import):
             out |= {a.name[len("qkvtune."):] for a in node.names if a.name.startswith("qkvtune.")} & known
     return out - {module}
@@ -85,5 +88,48 @@ def test_every_module_is_on_the_map_and_imports_only_its_floor_or_below():
 def test_the_map_reader_sees_the_floors():
     floors = readme_floors()
     assert floors["cli.py"] == 4 and floors["analysis/cli.py"] == 4 and floors["analysis/"] == 2
-    assert floors["data/spec.py"] == 0 and floor_of("data.spec", floors) == 0 and floor_of("data.glue", floors) == 2
+    assert floors["data/"] == 0 and floor_of("data.spec", floors) == 0 and floor_of("data.families.glue", floors) == 0
+    assert floors["packing.py"] == 1 and floor_of("chunked_loss", floors) == 1
     assert floor_of("bench.runner", floors) == 4 and floor_of("deltas.lora", floors) == 0
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each is an import circle."""
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_module_imports_another_in_a_circle():
+    mods = modules()
+    mods.pop("", None)
+    mods.pop("__main__", None)
+    graph = {m: imports(m, path, set(mods)) - {""} for m, path in mods.items()}
+    assert import_circles(graph) == []
+    # the check sees a circle where there is one, lazy or not
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []

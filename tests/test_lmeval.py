@@ -10,7 +10,7 @@ import yaml
 from conftest import data_dir
 from qkvtune import io, lmeval, runs
 from qkvtune.config import build_config
-from qkvtune.data.commonsense import extract_answer, generation_accuracy
+from qkvtune.data.answers import extract_answer, generation_accuracy
 from qkvtune.models import resolve
 
 pytestmark = [

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import tiny
 from qkvtune.config import ConfigError, build_config
 from qkvtune.data import PadCollator
-from qkvtune.data.packing import PackedCollator, PackingError, best_fit, check, pack
+from qkvtune.packing import PackedCollator, PackingError, best_fit, check, pack
 
 
 @settings(max_examples=60, deadline=None)

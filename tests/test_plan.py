@@ -226,7 +226,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     the figures (Spearman, the seeds' reliability, divergences, the pick's gap, compute) follow from the recorded
     runs."""
     from qkvtune.bench.plan import diverged, reliability, spearman
-    from qkvtune.bench.runner import Run
+    from qkvtune.bench.runner import SuiteRun
 
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -258,7 +258,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
         assert row["real"] == pytest.approx(sum(row["seeds"]) / 2)
         p = next(c for c in plan["candidates"] if c["name"] == row["candidate"] and c["lr"] == row["lr"])
         assert row["predicted"] == p["best_score"] and row["unstable"] == p["unstable"]
-        assert row["diverged"] == [diverged(Run(**{k: x[k] for k in ("task", "arm", "seed", "metrics", "score",
+        assert row["diverged"] == [diverged(SuiteRun(**{k: x[k] for k in ("task", "arm", "seed", "metrics", "score",
                                                                        "val_score", "history", "seconds")}, dir=""))
                                    for x in sorted(mine, key=lambda x: x["seed"])]
     rows = task["rows"]

@@ -10,7 +10,7 @@ import transformers
 from conftest import minilm_folder
 from qkvtune.config import build_config
 from qkvtune.data import DataError, load_task
-from qkvtune.data.sft import set_chat_template
+from qkvtune.data.causal import set_chat_template
 from qkvtune.train import train
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }} [SEP] {% endfor %}"

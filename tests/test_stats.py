@@ -133,12 +133,14 @@ def test_task_metrics_for_the_bootstrap_equal_sklearn_and_scipy():
 
 def test_constant_predictor_and_gate():
     from qkvtune.bench import scores
+    from qkvtune.data import main_metric, metrics
 
+    constant_score = lambda task, labels, choices=None: metrics.constant_score(main_metric(task), labels, choices)
     labels = [1] * 68 + [0] * 32  # MRPC-like: always answering "paraphrase"
-    assert scores.constant_score("glue/sst2", labels) == pytest.approx(0.68)
-    assert scores.constant_score("glue/mrpc", labels) == pytest.approx(2 * 0.68 / 1.68)  # F1 of all-positive
-    assert scores.constant_score("glue/cola", labels) == 0.0 and scores.constant_score("glue/stsb", [0.1, 2.0]) == 0.0
-    assert scores.constant_score("commonsense/arc", ["A", "B", "B"], ["A", "B", "C", "D"]) == pytest.approx(2 / 3)
+    assert constant_score("glue/sst2", labels) == pytest.approx(0.68)
+    assert constant_score("glue/mrpc", labels) == pytest.approx(2 * 0.68 / 1.68)  # F1 of all-positive
+    assert constant_score("glue/cola", labels) == 0.0 and constant_score("glue/stsb", [0.1, 2.0]) == 0.0
+    assert constant_score("commonsense/arc", ["A", "B", "B"], ["A", "B", "C", "D"]) == pytest.approx(2 / 3)
     rule = {"over_constant": 0.10, "matthews_correlation": 0.2, "pearson": 0.5}
     # MRPC's gate reads accuracy, not the F1 any constant already scores well on
     assert scores.gate("glue/mrpc", {"eval_accuracy": 0.77, "eval_f1": 0.85}, labels, None, rule)[0] is False

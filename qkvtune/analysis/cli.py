@@ -229,7 +229,8 @@ def cmd_task_vectors(args) -> int:
 def cmd_samples(args) -> int:
     from ..runs import pretrained
     from ..config import build_config
-    from ..data.metrics import greater_is_better, main_metric
+    from ..data.families import main_metric
+    from ..data.metrics import greater_is_better
     from ..train import train  # the one analysis that trains
     from .ntk import empirical_ntk, rate_from_decay
     from .plots import plot_lines

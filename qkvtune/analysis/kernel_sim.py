@@ -81,11 +81,6 @@ class Eigenbasis:
         """lim_{t→∞} ‖f_t − f₀‖ on the training points: r₀'s part in the kernel's range."""
         return float((~self.null[:, None] * self.a).norm())
 
-    @property
-    def initial_speed(self) -> float:
-        """d‖f_t − f₀‖/dt at t = 0 under gradient flow: ‖K r₀‖/n."""
-        return float((self.mu[:, None] * self.a).norm()) / self.n
-
     def at(self, times, flow: bool = False) -> "Simulation":
         t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
         decay = self.decay(t, flow)                                   # (T, n)
@@ -331,8 +326,3 @@ def top_eigenvalues(unit: torch.Tensor, weights: torch.Tensor, curvature: torch.
         value = (u * v).sum(1)
         v = u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
     return value / n
-
-
-def eigenvalues_of(unit: torch.Tensor, curvature: torch.Tensor, n: int) -> torch.Tensor:
-    """(K,) the largest eigenvalue of D K_k D / n for each of the kernels ``unit`` (K, ·, ·) on its first n points."""
-    return top_eigenvalues(unit, torch.eye(len(unit), dtype=torch.float64), curvature, n)

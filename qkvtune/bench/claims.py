@@ -47,9 +47,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ConfigError
+from ..data.families import main_metric
+from ..data.metrics import constant_score
 from . import scores
 from .measures import CROSS_SEED, MEASURES, TRAINING_MEASURES, mean, without_delta
-from .runner import BUDGET_KEYS, Context, open_output
+from .runner import BUDGET_KEYS, Runner, open_output
 from .suite import Claim, default_suite_dir, discover_tasks, load_suite, parse_tasks, slot_task
 from .verdicts import (COMPARISONS, UNSURE, UNTESTABLE, Interval, combine, judge, power, seeds_needed,
                        t_interval)
@@ -64,7 +66,7 @@ class ClaimResult:
     claim: Claim
     tasks: list[str]  # the claim's tasks, testable or not
     seeds: list[int]
-    runs: dict  # seed -> task -> arm -> Run (testable tasks)
+    runs: dict  # seed -> task -> arm -> SuiteRun (testable tasks)
     quantities: dict  # name -> [value per seed]
     checks: list[dict]
     verdict: str
@@ -111,7 +113,7 @@ def difference_parts(pairs: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
 
     ds, reps_all = [], []
     for i, (task, y, a, b) in enumerate(pairs):
-        fn, sign = scores.metric(task), scores.direction(task)
+        fn, sign = scores.per_example(task), scores.direction(task)
         ds.append(sign * per_seed_differences(a, b, metric=fn, labels=y))
         reps_all.append(sign * example_replicates(a, b, metric=fn, labels=y, reps=reps, seed=i))
     return parts(np.mean(ds, axis=0), np.mean(reps_all, axis=0))
@@ -223,7 +225,7 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     return {**c, "part": part, "verdict": verdict, "interval": ci, "power": pw, "seeds_needed": needed, "note": note}
 
 
-def run_claim(claim: Claim, ctx: Context) -> ClaimResult:
+def run_claim(claim: Claim, ctx: Runner) -> ClaimResult:
     t0 = time.perf_counter()
     seeds, tasks = ctx.seeds, ctx.tasks
     claim_tasks, missing = [], []
@@ -305,7 +307,7 @@ def run_claim(claim: Claim, ctx: Context) -> ClaimResult:
     return result
 
 
-def _judge_arms(result: ClaimResult, claim: Claim, ctx: Context, task: str) -> None:
+def _judge_arms(result: ClaimResult, claim: Claim, ctx: Runner, task: str) -> None:
     """Per arm on a testable task: the best constant predictor's margin ("not learned"), the head-only baseline
     (for arms whose score a check compares) and the seeds still rising at the step cap."""
     seeds = result.seeds
@@ -315,7 +317,7 @@ def _judge_arms(result: ClaimResult, claim: Claim, ctx: Context, task: str) -> N
         return
     ref_settings = ctx.settings(claim, task, next(iter(result.arms[task])), seeds[0])
     labels = ctx.labels(ref_settings)
-    const = scores.constant_score(task, labels["test"], labels["choices"]) if labels["test"] else math.nan
+    const = constant_score(main_metric(task), labels["test"], labels["choices"]) if labels["test"] else math.nan
     result.constants[task] = const
     margin = float(ctx.suite.get("not_learned", 0.02))
     result.not_learned[task] = [a for a, r in result.arms[task].items() if math.isfinite(const) and
@@ -379,7 +381,7 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
             raise ConfigError(f"--claims: unknown claim {sorted(unknown)[0]!r} (have {[c.id for c in claims]})")
         claims = [c for c in claims if c.id in only]
     log(f"tasks: {tasks}; seeds {seeds}")
-    ctx = Context(suite, tasks, seeds, data_dir, out, log, all_tasks=found if not named else tasks)
+    ctx = Runner(suite, tasks, seeds, data_dir, out, log, all_tasks=found if not named else tasks)
     return [run_claim(c, ctx) for c in claims]
 
 

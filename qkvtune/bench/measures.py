@@ -1,4 +1,4 @@
-"""Measures of the claims suite: the runs of one seed (task -> arm -> ``Run``) in, named quantities out; and
+"""Measures of the claims suite: the runs of one seed (task -> arm -> ``SuiteRun``) in, named quantities out; and
 ``without_delta``, every run scored with ΔW removed (the head-only baseline).
 
 Each measure is one analysis of the papers, in the suite's terms. ``TRAINING_MEASURES`` train runs of their
@@ -64,9 +64,9 @@ def without_delta(run) -> dict:
         val, val_pred = _split_score(opened, run.task, "eval")
         test, test_pred = _split_score(opened, run.task, "test")
     out = {"val_score": val, "score": test, "predictions": test_pred}
-    from .scores import greater_is_better
+    from .scores import higher_better
 
-    if not greater_is_better(run.task):
+    if not higher_better(run.task):
         out["val_score_with"] = _split_score(opened, run.task, "eval")[0]
     write_json(path, out)
     return out
@@ -79,7 +79,7 @@ def _split_score(opened, task: str, split: str) -> tuple[float, dict]:
 
     info, cfg = opened.info, opened.cfg
     if info.scored_by_generation:
-        from ..data.commonsense import generation_accuracy
+        from ..data.answers import generation_accuracy
 
         recs = opened.task.generation_records
         records = recs["test"] if split == "test" or "validation" not in recs else recs["validation"]

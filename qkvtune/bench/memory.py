@@ -41,7 +41,7 @@ CONFIGS = {
     "lora-qv-nf4-ckpt": ("qkvtune", True, "nf4", "lora"),
     "full": ("qkvtune", False, None, "full"),
     "smt": ("qkvtune", False, None, "smt"),
-    # chunked_loss (qkvtune/lmloss.py): the same runs without the full-vocabulary logits
+    # chunked_loss (qkvtune/chunked_loss.py): the same runs without the full-vocabulary logits
     "lora-qv-chunked": ("qkvtune", False, None, "lora"),
     "lora-qv-ckpt-chunked": ("qkvtune", True, None, "lora"),
     "lora-qv-nf4-ckpt-chunked": ("qkvtune", True, "nf4", "lora"),
@@ -117,7 +117,7 @@ def child(name: str, model_name: str, batch: int, seq: int, steps: int, device: 
     libraries = status_kb("VmRSS") / 1024  # what the process holds before any tensor: not counted
     model, task, tokenizer = _build(name, model_name, device)
     inputs = make_batch(tokenizer, task, batch, seq, device)
-    from ..lmloss import ChunkedLoss
+    from ..chunked_loss import ChunkedLoss
 
     chunked = ChunkedLoss(model).active() if name.endswith("-chunked") else contextlib.nullcontext()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

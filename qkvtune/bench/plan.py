@@ -2,7 +2,7 @@
 
 Per task, the plan's grid — candidates (targets × λ) × the learning rates of the method family's grid — is
 trained for real with the claims suite's fair settings (``configs/claims/suite.yaml``: its family settings, its
-validation split, its gate and budget ladder, runs cached by their settings; ``runner.Context``), on every seed of
+validation split, its gate and budget ladder, runs cached by their settings; ``runner.Runner``), on every seed of
 ``--seeds``, so the real scores' reliability is measured: 1 − (the seeds' variance of a mean) / (the variance
 across grid points). The plan is made once per task, at the reference's (q, v, λ = 1) searched rate and the
 budget the gate chose, choosing among the same rates; its pick (targets, λ, rate, stop) is trained as plan.yaml
@@ -29,7 +29,10 @@ import statistics
 import time
 
 from ..config import ConfigError
+from ..data.families import task_kind
 from ..plan import REFERENCE, add_candidate_options, parse_candidates, parse_numbers
+from ..task import CAUSAL_LM, QA_GENERATION
+from .suite import parse_tasks
 
 LM_SIZE = {  # the suite's sft family (SmolLM2, Alpaca chats, loss on responses) sized for a grid on 2 CPU cores
     "max_train_samples": 400, "val_size": 48, "max_length": 128, "eval_batch_size": 8, "max_steps": 40,
@@ -62,10 +65,9 @@ def reliability(points: list[list[float]]) -> float:
 
 def best_step(run, task: str) -> int | None:
     """The evaluation step with the best validation score (the first of equal ones)."""
-    from ..data.metrics import greater_is_better
-    from .scores import metric_name, score_of
+    from .scores import higher_better, score_of
 
-    sign = 1 if greater_is_better(metric_name(task)) else -1
+    sign = 1 if higher_better(task) else -1
     curve = [(h["step"], v) for h in run.history if (v := score_of(h, task)) is not None]
     return max(curve, key=lambda p: (sign * p[1], -p[0]))[0] if curve else None
 
@@ -232,12 +234,12 @@ def group_interval(ctx, claim, task: str, grid: list[dict], rows: dict, log, rep
 def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list, grid_cands: list, log,
                label_words: str | None = None, sketch: str = "kron", tokens: int = 4) -> dict:
     from ..config import build_config
-    from ..data.metrics import greater_is_better
+    from ..data.families import main_metric
+    from ..data.metrics import constant_score, greater_is_better
     from ..plan import plan, row_name
-    from .scores import constant_score, metric_name
 
     claim = plan_claim(list(dict.fromkeys(grid_cands + cands)))
-    metric = metric_name(task)
+    metric = main_metric(task)
     lm = metric == "loss"
     base_loss = None
     if lm:
@@ -257,7 +259,7 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
     plan_dir = os.path.join(out, "plans", task.replace("/", "-"))
     cfg = build_config({**settings, "output_dir": os.path.join(out, "unused")})
     summary = plan(cfg, plan_dir, n=n, m=m, sketch_dim=sketch_dim, cands=cands, lrs=rates, log=log,
-                   label_words=label_words if task.startswith("commonsense/") else None, sketch=sketch,
+                   label_words=label_words if task_kind(task) == QA_GENERATION else None, sketch=sketch,
                    tokens=tokens, goal=goal)
     rec = summary["recommended"]
     picked = ctx.run({**settings, "targets": rec["targets"], "lr_ratio": rec["lr_ratio"], "lr": rec["lr"],
@@ -307,7 +309,7 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
     result = {
         "task": task, "metric": metric, "gate": list(gate), "budget": ctx.budget.get(task, 1), "seeds": ctx.seeds,
         "rates": rates, "reference_lr": ref_lr, "goal": goal, "pretrained_loss": base_loss,
-        "constant": summary["baseline"] if lm else constant_score(task, ctx.labels(settings)["validation"]),
+        "constant": summary["baseline"] if lm else constant_score(metric, ctx.labels(settings)["validation"]),
         "plan": {k: summary[k] for k in ("time_scale", "readout", "n_train", "n_val", "groups", "budget",
                                          "recommended", "parameters", "update_rule", "lrs")},
         "verdict": summary_sentence(summary), "plan_dir": os.path.relpath(plan_dir, out),
@@ -348,15 +350,16 @@ def bench_task(ctx, task: str, out: str, n: int, m: int, sketch_dim, cands: list
 def gate_goal(ctx, claim, task: str) -> tuple[str, float]:
     """The metric the suite's gate reads on the task and the validation score it asks of the reference, as the
     plan's goal (accuracy on an F1 task: the gate asks 10 points of accuracy over the constant predictor)."""
-    from .scores import majority, metric_name
+    from ..data.families import main_metric
+    from .scores import majority
 
     rule = ctx.suite.get("gate") or {}
-    name = metric_name(task)
+    name = main_metric(task)
     if name in ("matthews_correlation", "pearson"):
         return name, float(rule.get(name, 0.2 if name == "matthews_correlation" else 0.5))
     labels = ctx.labels(ctx.settings(claim, task, claim.ref, ctx.seeds[0]))
     base = majority(labels["validation"])
-    if task.startswith("commonsense/") and labels["choices"]:
+    if task_kind(task) == QA_GENERATION and labels["choices"]:
         base = max(base, 1 / len(labels["choices"]))
     return "accuracy", base + float(rule.get("over_constant", 0.10))
 
@@ -618,17 +621,13 @@ def write_report(results: list[dict], checks: list[dict], cost: list[dict], path
 # --- the command -------------------------------------------------------------------------------------------------
 
 def parse_bench_tasks(spec: str) -> list[str]:
-    tasks = [t.strip() for t in spec.split(",") if t.strip()]
-    for t in tasks:
-        if t.split("/")[0] not in ("glue", "commonsense", "sft") or "/" not in t:
-            raise ConfigError(f"--tasks: {t!r} is not glue/<task>, commonsense/<name> or sft/<file under text/>")
-    return tasks
+    return [t for ts in parse_tasks(spec).values() for t in ts]
 
 
 def cmd_plan(args) -> int:
     from ..config import parse_override
     from .report import command_line
-    from .runner import Context, open_output, run_settings
+    from .runner import Runner, open_output, run_settings
     from .suite import Claim, discover_tasks, load_settings
 
     for name in ("n", "m", "tokens"):
@@ -661,10 +660,10 @@ def cmd_plan(args) -> int:
         chosen = (discover_tasks(args.data_dir, suite.get("prefer")).get("glue") or [])[:1]
         if not chosen:
             raise ConfigError("--tasks: bench plan needs a task (no GLUE task found in the data folder)")
-    if any(t.startswith("commonsense/") for t in chosen) and not args.label_words:
+    if any(task_kind(t) == QA_GENERATION for t in chosen) and not args.label_words:
         raise ConfigError("--label-words: commonsense tasks are planned through their label words, e.g. "
                           "--label-words false,true")
-    if any(t.startswith("sft/") for t in checks_for):
+    if any(task_kind(t) == CAUSAL_LM for t in checks_for):
         raise ConfigError("--check-budget: checks a budget by the suite's gate on a GLUE or commonsense task, "
                           "not an sft file")
     cands = parse_candidates(args.kinds, args.lambdas)
@@ -679,15 +678,15 @@ def cmd_plan(args) -> int:
     tasks = {}
     for t in chosen + checks_for:
         tasks.setdefault(t.split("/")[0], []).append(t)
-    ctx = Context(suite, tasks, seeds, args.data_dir, args.out, log)
-    lm_ctx = Context({**suite, "budgets": [1]}, tasks, seeds, args.data_dir, args.out, log)  # no ladder for a loss
+    ctx = Runner(suite, tasks, seeds, args.data_dir, args.out, log)
+    lm_ctx = Runner({**suite, "budgets": [1]}, tasks, seeds, args.data_dir, args.out, log)  # no ladder for a loss
     results, checks = [], []
     for t in chosen:
-        c = lm_ctx if t.startswith("sft/") else ctx
+        c = lm_ctx if task_kind(t) == CAUSAL_LM else ctx
         if args.grid_only:
             claim = plan_claim(grid_cands)
             base = None
-            if t.startswith("sft/"):
+            if task_kind(t) == CAUSAL_LM:
                 base = lm_gate(c, claim, t, log)[1]
             else:
                 c.reference(claim, t, claim.ref)

@@ -53,7 +53,7 @@ HEAD_ARM = "reference"  # the name of a task's reference arm (suite.yaml ``refer
 
 
 @dataclass
-class Run:
+class SuiteRun:
     task: str
     arm: str
     seed: int
@@ -95,7 +95,7 @@ def run_dir(out: str, settings: dict, label: str) -> str:
     return os.path.join(out, "runs", f"{label}-{key}")
 
 
-def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = None) -> Run:
+def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = None) -> SuiteRun:
     """Train the run unless ``out_dir`` already holds its finished result (then just read it). ``task``: the
     suite's name of the task (default: the settings' ``task``; an sft file's name differs from its ``task: sft``)."""
     from ..config import build_config
@@ -109,14 +109,14 @@ def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = N
             rec = json.load(f)
         if rec.get("settings") == json.loads(json.dumps(settings, default=str)) and all(k in rec for k in RECORD_KEYS):
             rec.update({k: math.nan for k in ("score", "val_score") if rec[k] is None})  # JSON writes NaN as null
-            return Run(**{k: rec[k] for k in RECORD_KEYS}, dir=out_dir, max_steps=settings.get("max_steps"))
+            return SuiteRun(**{k: rec[k] for k in RECORD_KEYS}, dir=out_dir, max_steps=settings.get("max_steps"))
     cfg = build_config({**settings, "output_dir": out_dir, "overwrite": True})
     log(f"train {task} {arm} seed={settings['seed']} lr={settings.get('lr')} -> {out_dir}")
     t0 = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - t0
     test, val = scores.score_of(metrics, task, "test"), scores.score_of(metrics, task, "eval")
-    run = Run(task=task, arm=arm, seed=settings["seed"], dir=out_dir, metrics=metrics,
+    run = SuiteRun(task=task, arm=arm, seed=settings["seed"], dir=out_dir, metrics=metrics,
               score=math.nan if test is None else float(test), val_score=math.nan if val is None else float(val),
               history=log_history(out_dir), seconds=seconds, max_steps=settings.get("max_steps"))
     write_json(done, json.loads(json.dumps({"settings": settings, **{k: getattr(run, k) for k in RECORD_KEYS}},
@@ -128,7 +128,7 @@ def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = N
 class ArmResult:
     lr: float | None
     grid: list[tuple[float, float]]  # (lr, validation score) on the search seed, every rate searched, in order
-    runs: dict[int, Run]  # seed -> run at the chosen lr
+    runs: dict[int, SuiteRun]  # seed -> run at the chosen lr
     search_seconds: float = 0.0  # grid runs not reused as a seed's run
     at_bound: str | None = None  # "lower"/"upper": the best rate is at a bound the grid could not pass
     ties: list[dict] = field(default_factory=list)  # ties broken by a further evaluation: rates and what decided
@@ -146,10 +146,10 @@ def next_rate(edge: float, ratio: float) -> float:
     return float(f"{x:.2g}")
 
 
-class Context:
-    """What every claim of one invocation shares: the suite, tasks, seeds, run folder, each task's budget and
-    head rate, and the learning rates already chosen (an arm another claim already searched reads its runs
-    back, it does not search again)."""
+class Runner:
+    """Trains and caches the suite's runs, and holds what every claim of one invocation shares: the suite, tasks,
+    seeds, run folder, each task's budget and head rate, and the learning rates already chosen (an arm another
+    claim already searched reads its runs back, it does not search again)."""
 
     def __init__(self, suite: dict, tasks: dict, seeds: list[int], data_dir, out: str, log,
                  all_tasks: dict | None = None):
@@ -196,7 +196,7 @@ class Context:
         ratio = float(theirs.get("alpha", 16)) / float(theirs.get("rank", 8))
         return {"rank": rank, "alpha": ratio * rank}
 
-    def run(self, settings: dict, task: str, arm: str) -> Run:
+    def run(self, settings: dict, task: str, arm: str) -> SuiteRun:
         label = f"{task.replace('/', '-')}-s{settings['seed']}"
         return ensure_run(settings, run_dir(self.out, settings, label), arm, self.log, task)
 
@@ -220,10 +220,10 @@ class Context:
 
     def has_head(self, task: str) -> bool:
         """A sequence classifier trains a new task head; a causal LM has none."""
-        from ..data.load import kind_of
+        from ..data.families import task_kind
         from ..task import TaskInfo
 
-        return TaskInfo(kind_of(task_settings(task, None)["task"]), 0).sequence_classifier
+        return TaskInfo(task_kind(task), 0).sequence_classifier
 
     def reference(self, claim: "Claim", task: str, arm: str) -> tuple["ArmResult", tuple[bool, str]]:
         """A claim's reference arm on ``task``: the task's reference arm fixes the budget (and head rate) first;
@@ -281,9 +281,9 @@ class Context:
         res.search_seconds += sum(cost for r, cost in tried if r is not res)  # budgets not kept: search cost
         return res, passed
 
-    def gate(self, claim: "Claim", task: str, arm: str, run: Run) -> tuple[bool, str]:
+    def gate(self, claim: "Claim", task: str, arm: str, run: SuiteRun) -> tuple[bool, str]:
         rule = self.suite.get("gate") or {}
-        if not scores.greater_is_better(task):  # a loss: against the same run with ΔW removed
+        if not scores.higher_better(task):  # a loss: against the same run with ΔW removed
             from .measures import without_delta
 
             off = without_delta(run)
@@ -327,7 +327,7 @@ class Context:
         if not values:
             raise ConfigError(f"suite.yaml: lr_grid has no values for method family {family!r}")
         low, high = [float(b) for b in (self.suite.get("lr_bounds") or {}).get(family) or (values[0], values[-1])]
-        greater = scores.greater_is_better(task)
+        greater = scores.higher_better(task)
 
         def settings(lr, seed):
             return self.at_rate(claim, task, arm, seed, lr, head)
@@ -412,25 +412,23 @@ class Context:
 
 
 def adapter_parameters(settings: dict) -> int:
-    """Trainable parameters of the adapter ``settings`` describe (its deltas, not the task head), counted by
-    attaching the method's own deltas to the model built from its config on the meta device (no weights)."""
+    """Trainable parameters of the adapter ``settings`` describe (its deltas, not the task head): the method's
+    count on the targets found in the model built from its config on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from ..attach import add_adapter, iter_deltas
     from ..config import build_config
+    from ..deltas import parameter_count
     from ..models import resolve
+    from ..task import is_causal_lm
     from ..targets import find_targets
 
     cfg = build_config({**settings, "output_dir": "unused"})
     config = AutoConfig.from_pretrained(resolve(cfg.model), trust_remote_code=cfg.trust_remote_code)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    causal = is_causal_lm(architectures=config.architectures)
     with torch.device("meta"):
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
-    targets = find_targets(model, cfg.targets, cfg.layers, cfg.target_modules)
-    method = delta_class(cfg.method)
-    add_adapter(model, targets, cfg.method, **method.hparams_from_config(cfg))
-    return sum(p.numel() for _, d in iter_deltas(model) for p in d.parameters())
+    return parameter_count(cfg.method, cfg, find_targets(model, cfg.targets, cfg.layers, cfg.target_modules))
 
 
 def run_settings(suite: dict, claim: Claim, task: str, arm: str, seed: int, data_dir: str | None) -> dict:

@@ -8,26 +8,23 @@ import math
 
 import numpy as np
 
-from ..data.metrics import PER_EXAMPLE, main_metric
-from ..data.metrics import greater_is_better as _greater
+from ..data.families import main_metric, task_kind
+from ..data.metrics import PER_EXAMPLE, greater_is_better
+from ..task import QA_GENERATION
 
 
-def metric_name(task: str) -> str:
-    return main_metric(task)
-
-
-def greater_is_better(task: str) -> bool:
-    """Whether a higher main metric is better (a loss: lower is)."""
-    return _greater(metric_name(task))
+def higher_better(task: str) -> bool:
+    """Whether a higher score is better on ``task`` (its main metric; a loss: lower is)."""
+    return greater_is_better(main_metric(task))
 
 
 def direction(task: str) -> float:
     """+1 where higher is better, −1 for a loss: direction·(a − b) is how much better a is than b."""
-    return 1.0 if greater_is_better(task) else -1.0
+    return 1.0 if higher_better(task) else -1.0
 
 
 def score_key(task: str, split: str = "eval") -> str:
-    return f"{split}_{metric_name(task)}"
+    return f"{split}_{main_metric(task)}"
 
 
 def score_of(record: dict, task: str, split: str = "eval"):
@@ -40,16 +37,16 @@ def score_of(record: dict, task: str, split: str = "eval"):
     return next((v for k, v in record.items() if k.startswith(split + "_") and k.endswith("_" + metric)), None)
 
 
-def metric(task: str):
+def per_example(task: str):
     """``fn(labels, predictions) -> score`` for the task's main metric, or None where it is a mean of per-example
     correctness (accuracy; generation accuracy), which the bootstrap then resamples directly."""
-    return PER_EXAMPLE.get(metric_name(task))
+    return PER_EXAMPLE.get(main_metric(task))
 
 
 def encode(labels: list, predictions: list, task: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, row) for the bootstrap: per-example correctness (0/1) where the metric is a mean of it,
     else the predictions themselves (class ids, scores) next to numeric labels."""
-    if metric(task) is None:
+    if per_example(task) is None:
         return np.zeros(len(labels)), np.array([float(p == y) for p, y in zip(predictions, labels)])
     return np.asarray(labels, dtype=float), np.asarray([np.nan if p is None else p for p in predictions], dtype=float)
 
@@ -58,15 +55,8 @@ def score_predictions(task: str, labels: list, predictions: list) -> float:
     """The main metric from a split's per-example labels and predictions (as ``test_predictions.json`` holds
     them): accuracy where it is a mean of correctness, else the task's metric function."""
     y, row = encode(labels, predictions, task)
-    fn = metric(task)
+    fn = per_example(task)
     return float(row.mean()) if fn is None else float(fn(y, row))
-
-
-def constant_score(task: str, labels: list, choices: list | None = None) -> float:
-    """The best score a constant prediction gets on these labels, by the task's main metric (data.metrics)."""
-    from ..data.metrics import constant_score as of_metric
-
-    return of_metric(metric_name(task), labels, choices)
 
 
 def majority(labels: list) -> float:
@@ -78,7 +68,7 @@ def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dic
     """Whether the reference arm clearly learned, by its *validation* metrics: accuracy ``rule['over_constant']``
     above the majority class (tasks scored by accuracy or F1), MCC ≥ ``rule['matthews_correlation']``, Pearson
     ≥ ``rule['pearson']``, generation accuracy ``over_constant`` above max(chance, the most frequent answer)."""
-    name = metric_name(task)
+    name = main_metric(task)
     margin = float(rule.get("over_constant", 0.10))
     if name in ("matthews_correlation", "pearson"):
         value, need = metrics.get(f"eval_{name}"), float(rule.get(name, 0.2 if name == "matthews_correlation" else 0.5))
@@ -86,7 +76,7 @@ def gate(task: str, metrics: dict, labels: list, choices: list | None, rule: dic
     else:
         value = metrics.get("eval_accuracy")
         base = majority(labels)
-        if task.startswith("commonsense/") and choices:
+        if choices and task_kind(task) == QA_GENERATION:  # generated answers: chance among the choices
             base = max(base, 1 / len(choices))
         need, what = base + margin, f"accuracy (constant {base:.3f} + {margin:.2f})"
     if value is None:
@@ -113,7 +103,7 @@ def still_rising(history: list[dict], task: str, global_step, max_steps, margin:
     if len(curve) < 2:
         return False
     last, earlier = curve[-1], curve[:-1]
-    if greater_is_better(task):
+    if higher_better(task):
         return last - max(earlier) > margin
     best = min(earlier)
     return best - last > margin * abs(best)

@@ -72,7 +72,7 @@ def spec_of(name: str) -> dict:
 
 def chats(source: str, n_train: int, n_dev: int) -> tuple[list, list]:
     """The first n_train + n_dev Alpaca records as one-turn chats, as ``as_chat`` renders them."""
-    from ..data.sft import as_messages
+    from ..data.families.sft import as_messages
 
     with open(source, encoding="utf-8") as f:
         records = json.load(f)
@@ -209,14 +209,14 @@ def measure(job: dict) -> dict:
 
 def qkvtune_tokens(model: str, train: str, max_length: int, chat_template: str | None) -> int:
     """The real (non-padding) tokens of one epoch of qkvtune's training set: the same for every layout."""
-    from ..data.sft import load_sft, set_chat_template
-    from ..data.spec import DataSpec
+    from ..data import load_task
+    from ..data.causal import set_chat_template
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     set_chat_template(tokenizer, chat_template)
-    task = load_sft(DataSpec(task="sft", train_file=train, validation_file=train), tokenizer, max_length=max_length,
-                    max_train_samples=None, max_eval_samples=1, seed=0, train_on_inputs=False)
+    task = load_task("sft", tokenizer, train_file=train, validation_file=train, max_length=max_length,
+                     max_eval_samples=1, seed=0)
     return sum(len(x) for x in task.train["input_ids"])
 
 

@@ -6,7 +6,6 @@ the tasks a data folder holds. The format is described in ``claims.py``."""
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from ..config import ConfigError, read_yaml
 from .measures import MEASURES, TRAINING_MEASURES
 
-FAMILIES = ("glue", "commonsense", "sft")
 CLAIM_KEYS = {"id", "title", "source", "paper", "tasks", "base", "arms", "measures", "checks", "derived", "notes",
               "reference", "quotes", "conclusion"}
 SUITE_KEYS = {"seeds", "base", "families", "prefer", "lr_grid", "lr_bounds", "gate", "not_learned", "rising",
@@ -121,82 +119,55 @@ def load_suite(folder: str) -> tuple[dict, list[Claim]]:
     return suite, sorted(claims, key=number)  # C1, C2, …, C10 (not the files' C1, C10, C2 order)
 
 
+def suite_families() -> tuple[str, ...]:
+    """The task families whose tasks a data folder holds (``Family.discover``): the suite's task slots."""
+    from ..data.families import discover_families
+
+    return tuple(f.name for f in discover_families())
+
+
 def valid_slot(slot: str) -> bool:
     """``family.i`` (the i-th task of a family found) or ``family.kind.i`` (the i-th of its tasks of that kind)."""
-    from ..task import KINDS
+    from ..task import TASK_KINDS
 
     parts = slot.split(".")
-    return parts[0] in FAMILIES and parts[-1].isdigit() and (len(parts) == 2 or len(parts) == 3 and parts[1] in KINDS)
+    return parts[0] in suite_families() and parts[-1].isdigit() and \
+        (len(parts) == 2 or len(parts) == 3 and parts[1] in TASK_KINDS)
 
 
 def task_settings(task: str, data_dir: str | None) -> dict:
-    """The run settings that name a suite task: its id, or for an sft file (``sft/<file>``, the file under
-    ``<data_dir>/text/``) ``task: sft`` with that ``train_file``."""
-    family, _, name = task.partition("/")
-    if family != "sft":
-        return {"task": task}
-    from ..data import resolve_data_dir
+    """The run settings that name a suite task (its family's ``run_settings``: an sft file ``sft/<file>`` is
+    ``task: sft`` with that file under ``<data_dir>/text/`` as its ``train_file``)."""
+    from ..data.families import family_named
 
-    folder = resolve_data_dir(data_dir)
-    path = name if os.path.isabs(name) or folder is None else os.path.join(os.path.abspath(folder), "text", name)
-    return {"task": "sft", "train_file": path}
-
-
-SFT_FIELDS = (("messages",), ("prompt", "completion"), ("instruction", "output"))
-
-
-def _sft_records(path: str) -> bool:
-    """Whether a JSON/JSONL file under text/ holds sft records (its first record has one of SFT_FIELDS)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                first = json.loads(f.readline())
-            else:
-                head = json.load(f)
-                first = head[0] if isinstance(head, list) and head else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(first, dict) and any(all(k in first for k in keys) for keys in SFT_FIELDS)
+    return family_named(task.partition("/")[0]).run_settings(task, data_dir)
 
 
 def discover_tasks(data_dir: str | None, prefer: dict | None = None) -> dict[str, list[str]]:
-    """Task ids per family found in a data folder laid out like shared/datasets (preferred order first): GLUE
-    folders, LLM-Adapters tasks, and sft record files under ``text/`` (``sft/<file>``)."""
-    from ..data import resolve_data_dir
-    from ..data.glue import TASKS as GLUE_TASKS
+    """Task ids per family found in a data folder laid out like shared/datasets (each family's ``discover``:
+    GLUE folders, LLM-Adapters tasks, sft record files under ``text/`` as ``sft/<file>``), preferred order first."""
+    from ..data.families import discover
+    from ..data.sources import normalise, resolve_data_dir
 
     data_dir = resolve_data_dir(data_dir)
-    found = {f: [] for f in FAMILIES}
-    if data_dir is None:
-        return found
-    norm = lambda s: s.lower().replace("-", "").replace("_", "")
-    glue = os.path.join(data_dir, "glue")
-    if os.path.isdir(glue):
-        for entry in sorted(os.listdir(glue)):
-            if norm(entry) in GLUE_TASKS and os.path.exists(os.path.join(glue, entry, "train.tsv")):
-                found["glue"].append(f"glue/{norm(entry)}")
-    cs = os.path.join(data_dir, "commonsense")
-    if os.path.isdir(cs):
-        for entry in sorted(os.listdir(cs)):
-            if all(os.path.exists(os.path.join(cs, entry, f)) for f in ("train.json", "test.json")):
-                found["commonsense"].append(f"commonsense/{entry}")
-    text = os.path.join(data_dir, "text")
-    if os.path.isdir(text):
-        for entry in sorted(os.listdir(text)):
-            if entry.endswith((".json", ".jsonl")) and _sft_records(os.path.join(text, entry)):
-                found["sft"].append(f"sft/{entry}")
+    found = discover(data_dir) if data_dir is not None else {f: [] for f in suite_families()}
     for family, order in (prefer or {}).items():
-        rank = {norm(t.split("/")[-1]): i for i, t in enumerate(order)}
-        found[family] = sorted(found.get(family, []), key=lambda t: (rank.get(norm(t.split("/")[-1]), len(rank)), t))
+        rank = {normalise(t.split("/")[-1]): i for i, t in enumerate(order)}
+        found[family] = sorted(found.get(family, []),
+                               key=lambda t: (rank.get(normalise(t.split("/")[-1]), len(rank)), t))
     return found
 
 
 def parse_tasks(spec: str) -> dict[str, list[str]]:
-    out = {f: [] for f in FAMILIES}
+    from ..data.families import discover_families
+
+    fams = discover_families()
+    out = {f.name: [] for f in fams}
     for t in filter(None, (s.strip() for s in spec.split(","))):
         family = t.split("/")[0]
-        if family not in FAMILIES:
-            raise ConfigError(f"--tasks: {t!r} is not glue/<task>, commonsense/<name> or sft/<file under text/>")
+        if family not in out:
+            raise ConfigError(f"--tasks: {t!r} is not " + ", ".join(f.discovers for f in fams[:-1]) +
+                              f" or {fams[-1].discovers}")
         out[family].append(t)
     return out
 
@@ -208,9 +179,9 @@ def slot_task(tasks: dict[str, list[str]], slot: str, all_tasks: dict[str, list[
     parts = slot.split(".")
     family, index = parts[0], int(parts[-1])
     if len(parts) == 3:
-        from ..data.load import kind_of
+        from ..data.families import task_kind
 
-        found = [t for t in (all_tasks or tasks).get(family) or [] if kind_of(task_settings(t, None)["task"]) == parts[1]]
+        found = [t for t in (all_tasks or tasks).get(family) or [] if task_kind(t) == parts[1]]
         return found[index] if index < len(found) else None
     found = tasks.get(family) or []
     return found[index % len(found)] if found else None

@@ -1,6 +1,6 @@
-"""Every task's metrics, chosen and computed in one place: the main metric of each task id (what selection,
-reports, the claims suite and plan compare), GLUE-convention ``compute_metrics`` functions for Trainer
-(scikit-learn / scipy, no hub), and fast numpy forms of the same metrics for bootstraps."""
+"""Metrics, computed: GLUE-convention ``compute_metrics`` functions for Trainer (scikit-learn / scipy, no hub),
+facts about a metric by its name (which way is better, a constant predictor's score), and fast numpy forms of
+the same metrics for bootstraps. Which metric a task is judged by is its family's to say (``families.main_metric``)."""
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
@@ -44,19 +44,6 @@ def correlations(p) -> dict:
     return {"pearson": float(pearsonr(preds, labels)[0]), "spearmanr": float(spearmanr(preds, labels)[0])}
 
 
-# task -> (compute_metrics, metric_for_best); all GLUE metrics are greater-is-better
-GLUE_METRICS = {
-    "cola": (matthews, "matthews_correlation"),
-    "stsb": (correlations, "pearson"),
-    "mrpc": (accuracy_f1, "f1"),
-    "qqp": (accuracy_f1, "f1"),
-}
-
-
-def glue_metrics(task: str):
-    return GLUE_METRICS.get(task, (accuracy, "accuracy"))
-
-
 def classification_metrics(num_labels: int):
     """Your own classification data: accuracy, macro F1, and Matthews' correlation for two classes."""
     def compute(p) -> dict:
@@ -76,22 +63,7 @@ def regression_metrics(p) -> dict:
     return {**correlations(p), "mse": float(((preds - labels) ** 2).mean())}
 
 
-# --- the main metric -----------------------------------------------------------------------------------------
-
-def main_metric(task: str) -> str:
-    """The metric a task is judged by (the ``eval_``/``test_`` key without its prefix): GLUE's own per task,
-    Pearson for regression, the loss for language modelling, accuracy otherwise (classes, and the answers a
-    commonsense model generates)."""
-    family, _, name = task.partition("/")
-    family = family.lower()
-    if family == "glue":
-        return glue_metrics(name.lower().replace("-", "").replace("_", ""))[1]
-    if family == "regression":
-        return "pearson"
-    if family in ("sft", "text") or task.lower() == "builtin/pydoc":
-        return "loss"
-    return "accuracy"
-
+# --- metrics by name ------------------------------------------------------------------------------------------
 
 def greater_is_better(metric: str) -> bool:
     return metric != "loss"

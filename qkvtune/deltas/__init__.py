@@ -24,6 +24,13 @@ def peft_class(config: dict) -> type[Delta]:
     raise ValueError(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)")
 
 
+def parameter_count(method: str, cfg, targets) -> int:
+    """Trainable parameters of ``method``'s deltas (with ``cfg``'s hyperparameters) on ``targets``, task heads
+    aside: the one adapter size, by each method's own ``Delta.parameter_count``."""
+    cls = delta_class(method)
+    return sum(cls.parameter_count(cfg, t.rows.size, t.in_features) for t in targets)
+
+
 def build_delta(method: str, target, base_weight, **hparams) -> Delta:
     """One delta of ``method`` on ``target``; ``hparams`` are its ``hyperparameters()`` (keys another
     method would take, such as dense given a rank, are not this method's and are left out)."""
@@ -32,4 +39,4 @@ def build_delta(method: str, target, base_weight, **hparams) -> Delta:
 
 
 __all__ = ["Delta", "LoRA", "DoRA", "Dense", "BlockSparse", "METHODS", "build_delta", "delta_class", "peft_class",
-           "lora_scale"]
+           "lora_scale", "parameter_count"]

@@ -17,25 +17,23 @@ training records and the validation records become the test split (scored once, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import datasets
 
-from ..errors import DataError
-from .examples import TaskData
-from .load import read_text
-from .spec import split_train, subsample
-from .own import Table, read_splits
-from .text import alpaca_prompt, causal_task, encode_sft
+from ...errors import DataError
+from ...task import CAUSAL_LM
+from ..causal import alpaca_prompt, causal_task, encode_sft
+from ..examples import TaskData
+from ..family import Family
+from ..rows import split_train, subsample
+from ..sources import first_json_record, local_dir, resolve_data_dir
+from ..tables import Table, read_splits
+from .tables import needs_rows
 
 log = logging.getLogger(__name__)
-
-
-def set_chat_template(tokenizer, path: str | None) -> None:
-    """``chat_template: <file>``: a Jinja template file for tokenizers that have none (or to replace theirs)."""
-    if path:
-        tokenizer.chat_template = read_text(path)
 
 
 def _rows(table: Table) -> tuple[str, list]:
@@ -146,28 +144,70 @@ def _check_rows(table: Table, form: str, rows: list) -> None:
             raise DataError(f"{table.at(i)}: empty or non-text {('prompt/completion' if form == 'prompt' else 'instruction/output')}")
 
 
-def load_sft(spec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples, seed: int,
-             train_on_inputs: bool, val_size: int | float | None = None) -> TaskData:
-    train, dev, _ = read_splits(spec, seed)
-    splits = {}
-    for split, table in (("train", train), ("dev", dev)):
-        form, rows = _rows(table)
-        _check_rows(table, form, rows)
-        splits[split] = (form, rows)
-    form, rows = splits["train"]
-    kept, held = split_train({"i": list(range(len(rows)))}, max_train_samples, val_size, seed)
-    chosen = {"train": (form, [rows[i] for i in kept["i"]])}
-    if held is not None:
-        chosen["validation"] = (form, [rows[i] for i in held["i"]])
-    form, rows = splits["dev"]
-    chosen["dev"] = (form, [rows[i] for i in subsample({"i": list(range(len(rows)))}, max_eval_samples, None)["i"]])
-    name = lambda t: os.path.basename(t.where[0][0].split(" [")[0])
-    parts = {k: _encode(tokenizer, f, r, max_length, train_on_inputs, f"sft {k} ({name(dev if k == 'dev' else train)})",
-                        spec.as_chat) for k, (f, r) in chosen.items()}
-    if held is None:
-        task = causal_task("sft", parts["train"][0], {"dev": parts["dev"][0]}, tokenizer)
-    else:  # three splits: validation (selection) out of the training records, the validation records as the test
-        task = causal_task("sft", parts["train"][0], {"validation": parts["validation"][0]}, tokenizer)
-        task.tests = {"test": parts["dev"][0]}
-    task.info = {"num_truncated": sum(p[1] for p in parts.values())}
-    return task
+class Sft(Family):
+    """``sft``: your own records (``train_file`` or ``dataset``); ``sft/<file>``: a file of records under
+    ``<data_dir>/text/`` (what the benchmarks find there)."""
+    name = "sft"
+    usage = "sft, sft/<file>"
+    discovers = "sft/<file under text/>"
+    named = False
+    kind = CAUSAL_LM
+    metric = "loss"
+    offers = frozenset({"val_size", "packing", "as_chat"})
+    RECORDS = (("messages",), ("prompt", "completion"), ("instruction", "output"))  # what a file of records has
+
+    def owns(self, task: str) -> bool:
+        return task.partition("/")[0].lower() == self.name
+
+    def check(self, spec) -> None:
+        if "/" not in spec.task:
+            needs_rows(spec)
+
+    def load(self, spec, tokenizer, seed: int) -> TaskData:
+        if "/" in spec.task and not spec.train_file and not spec.dataset:
+            local_dir(spec.task, spec.data_dir)  # a file under <data_dir>/text/: a data folder is needed
+            spec = dataclasses.replace(spec, train_file=self.run_settings(spec.task, spec.data_dir)["train_file"])
+        train, dev, _ = read_splits(spec, seed)
+        splits = {}
+        for split, table in (("train", train), ("dev", dev)):
+            form, rows = _rows(table)
+            _check_rows(table, form, rows)
+            splits[split] = (form, rows)
+        form, rows = splits["train"]
+        kept, held = split_train({"i": list(range(len(rows)))}, spec.max_train_samples, spec.val_size, seed)
+        chosen = {"train": (form, [rows[i] for i in kept["i"]])}
+        if held is not None:
+            chosen["validation"] = (form, [rows[i] for i in held["i"]])
+        form, rows = splits["dev"]
+        chosen["dev"] = (form, [rows[i] for i in subsample({"i": list(range(len(rows)))}, spec.max_eval_samples,
+                                                           None)["i"]])
+        name = lambda t: os.path.basename(t.where[0][0].split(" [")[0])
+        parts = {k: _encode(tokenizer, f, r, spec.max_length, spec.train_on_inputs,
+                            f"sft {k} ({name(dev if k == 'dev' else train)})", spec.as_chat)
+                 for k, (f, r) in chosen.items()}
+        if held is None:
+            task = causal_task("sft", parts["train"][0], {"dev": parts["dev"][0]}, tokenizer)
+        else:  # three splits: validation (selection) out of the training records, the validation records as the test
+            task = causal_task("sft", parts["train"][0], {"validation": parts["validation"][0]}, tokenizer)
+            task.tests = {"test": parts["dev"][0]}
+        task.info = {"num_truncated": sum(p[1] for p in parts.values())}
+        return task
+
+    def discover(self, data_dir: str) -> list[str]:
+        """``sft/<file>``: the JSON/JSONL files under ``text/`` whose first record is an sft record."""
+        text = os.path.join(data_dir, "text")
+        if not os.path.isdir(text):
+            return []
+        return [f"sft/{entry}" for entry in sorted(os.listdir(text)) if entry.endswith((".json", ".jsonl"))
+                and any(all(k in (first_json_record(os.path.join(text, entry)) or {}) for k in keys)
+                        for keys in self.RECORDS)]
+
+    def run_settings(self, task: str, data_dir: str | None) -> dict:
+        """``sft/<file>`` is ``task: sft`` with that file under ``<data_dir>/text/`` as its ``train_file``."""
+        name = task.partition("/")[2]
+        folder = resolve_data_dir(data_dir)
+        path = name if os.path.isabs(name) or folder is None else os.path.join(os.path.abspath(folder), "text", name)
+        return {"task": "sft", "train_file": path}
+
+
+FAMILIES = (Sft(),)

@@ -1,17 +1,26 @@
-"""Causal LM data: plain text cut into blocks, and Alpaca-style instruction records."""
-import json
+"""Causal-LM examples, whatever family they come from: prompts and responses tokenized with the boundary exact
+(the Alpaca prompt of LLM-Adapters for instruction records), plain text cut into blocks, and the ``TaskData`` of
+a causal LM, selected on its validation loss."""
+
+from __future__ import annotations
+
 import logging
-import os
 
 import datasets
 
 from ..errors import DataError
 from ..task import CAUSAL_LM
 from .examples import PadCollator, TaskData, map_in_memory
-from .load import read_text
-from .spec import subsample
+from .rows import subsample
+from .sources import read_text
 
 log = logging.getLogger(__name__)
+
+
+def set_chat_template(tokenizer, path: str | None) -> None:
+    """``chat_template: <file>``: a Jinja template file for tokenizers that have none (or to replace theirs)."""
+    if path:
+        tokenizer.chat_template = read_text(path)
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -107,67 +116,3 @@ def causal_task(name, train, evals, tokenizer, kind=CAUSAL_LM) -> TaskData:
     return TaskData(name=name, kind=kind, num_labels=0, label_names=None, train=train, evals=evals,
                     collator=PadCollator(tokenizer), compute_metrics=None, metric_for_best="loss",
                     greater_is_better=False)
-
-
-def read_json_records(path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
-    """A JSON list (or JSON lines) of objects with string fields; errors name file and record/line."""
-    text = read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: empty file")
-    if path.endswith(".jsonl"):
-        records, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                records.append(_parse_json(line, path, f"line {n}"))
-                where.append(f"line {n}")
-    else:
-        records = _parse_json(text, path, None)
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        where = [f"record {i}" for i in range(len(records))]
-    if not records:
-        raise DataError(f"{path}: no records")
-    for rec, at in zip(records, where):
-        if not isinstance(rec, dict):
-            raise DataError(f"{path} {at}: expected an object, got {type(rec).__name__}")
-        for key in required + tuple(k for k in optional if k in rec):
-            if key not in rec:
-                raise DataError(f"{path} {at}: missing key {key!r}")
-            if not isinstance(rec[key], str):
-                raise DataError(f"{path} {at}: {key!r} must be a string, got {type(rec[key]).__name__}")
-            try:
-                rec[key].encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate escape (\udc80): no text a tokenizer can take
-                raise DataError(f"{path} {at}: {key!r} holds an invalid Unicode escape") from None
-    return records
-
-
-def _parse_json(text: str, path: str, at: str | None):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} {at or f'line {e.lineno}'}: invalid JSON: {e.msg}") from None
-    except RecursionError:
-        raise DataError(f"{path} {at or ''}: JSON nested too deeply".replace(" :", ":")) from None
-
-
-def load_text(file: str, tokenizer, data_dir: str, *, max_length: int, max_train_samples, max_eval_samples,
-              seed, train_on_inputs: bool) -> TaskData:
-    path = os.path.join(data_dir, "text", file)
-    name = f"text/{file}"
-    if file.endswith(".txt"):
-        blocks = text_blocks(read_text(path), tokenizer, max_length, path)
-        return blocks_task(name, blocks, tokenizer, max_train_samples, max_eval_samples, seed)
-    if not file.endswith((".json", ".jsonl")):
-        raise DataError(f"{path}: unsupported file type (expected .txt, .json or .jsonl)")
-    records = read_json_records(path, ("instruction", "output"), ("input",))
-    if len(records) < 2:
-        raise DataError(f"{path}: {len(records)} record, need at least 2 (train and dev)")
-    columns = {"prompt": [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records],
-               "response": [r["output"] for r in records]}
-    k = len(records) - n_dev(len(records))
-    train = subsample({c: v[:k] for c, v in columns.items()}, max_train_samples, seed)
-    dev = subsample({c: v[k:] for c, v in columns.items()}, max_eval_samples, None)
-    return causal_task(name, tokenize_sft(train, tokenizer, max_length, train_on_inputs, f"{name} train", path),
-                       {"dev": tokenize_sft(dev, tokenizer, max_length, train_on_inputs, f"{name} dev", path)},
-                       tokenizer)

@@ -1,12 +1,7 @@
-"""Your own data: ``task: classification`` and ``task: regression`` from CSV, TSV, JSON, JSONL or Parquet files
-(``train_file``/``validation_file``, chosen by extension) or from a dataset (``dataset``: a hub id or a local
-folder), read through ``datasets``, with the text and label columns named in the config (``text_columns``,
-``label_column``), as in transformers' ``run_glue.py``.
-
-Labels: strings map to ids in sorted order unless ``labels`` gives the order; integers the same way (so
-0..K-1 stay themselves); regression labels are floats. Without a validation file or split, a seeded
-``validation_fraction`` of the training rows is held out. Every bad row is named by file and row.
-"""
+"""Your own tables: the rows of CSV, TSV, JSON, JSONL or Parquet files (chosen by extension) or of a dataset (a
+hub id or a local folder), read through ``datasets``, each row remembering its file and row for messages; the
+training/validation rows of a run on them (``train_file``/``validation_file``, ``dataset`` with its splits, else
+a seeded ``validation_fraction`` held out); text, number and label columns read with every bad row named."""
 
 from __future__ import annotations
 
@@ -18,10 +13,7 @@ import numpy as np
 
 from ..errors import DataError, first_line
 from ..files import require_file
-from ..task import CLASSIFICATION
-from .examples import PadCollator, TaskData, tokenize_texts
-from .metrics import classification_metrics, main_metric, regression_metrics
-from .spec import DataSpec, hold_out, split_train, subsample, text_columns
+from .rows import hold_out
 
 FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
            ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
@@ -97,7 +89,7 @@ def read_dataset(name: str, config: str | None, split: str) -> Table:
     return Table(ds.to_dict(), where)
 
 
-def read_splits(spec: DataSpec, seed: int) -> tuple[Table, Table, str]:
+def read_splits(spec, seed: int) -> tuple[Table, Table, str]:
     """(train, validation, where the training rows came from) for a task on the user's own data: files or a
     dataset, with a seeded ``validation_fraction`` of the training rows held out when no validation data
     (file or split) is given. With ``val_size`` those held-out rows are the test split, and they are drawn the
@@ -126,7 +118,7 @@ def read_splits(spec: DataSpec, seed: int) -> tuple[Table, Table, str]:
 
 # --- columns and labels ---------------------------------------------------------------------------------
 
-def _check_columns(table: Table, needed: list[str], source: str) -> None:
+def check_columns(table: Table, needed: list[str], source: str) -> None:
     for c in needed:
         if c not in table.columns:
             raise DataError(f"{source}: no column {c!r}; the columns are {', '.join(map(str, table.columns))}")
@@ -142,7 +134,7 @@ def texts(table: Table, column: str) -> list[str]:
     return out
 
 
-def _number(v, where: str, column: str) -> float:
+def number(v, where: str, column: str) -> float:
     try:
         x = float(v) if not isinstance(v, bool) and v is not None else math.nan
     except (TypeError, ValueError):
@@ -163,7 +155,7 @@ def label_names(tables: list[Table], column: str, given: list | None) -> list[st
     return sorted(str(v) for v in values)
 
 
-def _class_ids(table: Table, column: str, names: list[str]) -> list[int]:
+def class_ids(table: Table, column: str, names: list[str]) -> list[int]:
     index = {n: i for i, n in enumerate(names)}
     out = []
     for i, v in enumerate(table.columns[column]):
@@ -172,44 +164,3 @@ def _class_ids(table: Table, column: str, names: list[str]) -> list[int]:
             raise DataError(f"{table.at(i)}: label {v!r} is not one of {', '.join(names)}")
         out.append(index[key])
     return out
-
-
-# --- the task -------------------------------------------------------------------------------------------
-
-def load_files_task(kind: str, spec: DataSpec, tokenizer, *, max_length: int, max_train_samples, max_eval_samples,
-                    seed: int, val_size: int | float | None = None) -> TaskData:
-    """``kind`` is classification or regression; ``spec`` says where the rows are and which columns to read.
-    With ``val_size`` the validation rows come out of the training rows and the validation data becomes the
-    test split."""
-    train, dev, source = read_splits(spec, seed)
-    text_cols = text_columns(spec.text_columns, train.columns, source)
-    _check_columns(train, text_cols + [spec.label_column], source)
-    _check_columns(dev, text_cols + [spec.label_column], dev.where[0][0] if dev.where else "validation")
-    if kind == CLASSIFICATION:
-        names = label_names([train, dev], spec.label_column, spec.labels)
-        labels = {"train": _class_ids(train, spec.label_column, names), "dev": _class_ids(dev, spec.label_column, names)}
-        if len(names) < 2:
-            raise DataError(f"{spec.label_column}: the training data has a single class {names}")
-    else:
-        names = None
-        labels = {s: [_number(v, t.at(i), spec.label_column) for i, v in enumerate(t.columns[spec.label_column])]
-                  for s, t in (("train", train), ("dev", dev))}
-
-    def columns(t: Table, split: str) -> dict[str, list]:
-        out = {"text_a": texts(t, text_cols[0]), "label": labels[split]}
-        if len(text_cols) == 2:
-            out["text_b"] = texts(t, text_cols[1])
-        return out
-
-    tr, val = split_train(columns(train, "train"), max_train_samples, val_size, seed)
-    dv = subsample(columns(dev, "dev"), max_eval_samples, None)
-    name = kind
-    evals, tests = ({"validation": val}, {"test": dv}) if val is not None else ({"dev": dv}, {})
-    tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"{name} {k}") for k, v in sets.items()}
-    return TaskData(
-        name=name, kind=kind, num_labels=len(names) if names else 1, label_names=names,
-        train=tokenize_texts(tr, tokenizer, max_length, f"{name} train"),
-        evals=tokenize(evals), tests=tokenize(tests),
-        collator=PadCollator(tokenizer),
-        compute_metrics=classification_metrics(len(names)) if names else regression_metrics,
-        metric_for_best=main_metric(kind), greater_is_better=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datasets
 import torch
 
-from ..errors import QkvtuneError, first_line
+from .errors import QkvtuneError, first_line
 
 IGNORE = -100
 
@@ -125,7 +125,7 @@ def flattens(model) -> bool:
 
 
 @torch.no_grad()
-def mismatch(model, collator: PackedCollator) -> str | None:
+def packed_mismatch(model, collator: PackedCollator) -> str | None:
     """Why packed examples would not compute what they compute alone in ``model``, or None: three short random
     examples, two packed into one row and one in a second (as ``collator`` lays out a training batch), each
     token's logits against the same example run alone (eval mode)."""
@@ -163,7 +163,7 @@ def mismatch(model, collator: PackedCollator) -> str | None:
 
 def check(model, collator: PackedCollator) -> None:
     """Refuse (one line, naming the model type) a model whose attention does not keep packed examples apart."""
-    why = mismatch(model, collator)
+    why = packed_mismatch(model, collator)
     if why is not None:
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise PackingError(f"packing: model type {kind} does not keep packed examples apart through position_ids "

@@ -18,7 +18,7 @@ and only on the tokens that have a label (assistant turns, completions):
 It plugs in through hooks, so the model's own forward runs (FSDP's unsharding, checkpointing, adapters): while
 ``ChunkedLoss.active()`` holds, a call with ``labels`` has them taken out, the LM head's input is turned into
 the loss by a pre-hook that then hands the head an empty slice (so it computes B×0×V logits), and the loss is
-put back into the model's output. Without labels (generation, ``predict``) nothing changes. ``mismatch`` checks
+put back into the model's output. Without labels (generation, ``predict``) nothing changes. ``loss_mismatch`` checks
 on a tiny input that a model's loss really is cross-entropy of its head's output (no softcapping or scaling
 after the head) before ``auto`` uses this.
 """
@@ -40,7 +40,7 @@ IGNORE = -100
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in float32): ~170 tokens for a 49k vocabulary
 
 
-class LMLossError(QkvtuneError):
+class ChunkedLossError(QkvtuneError):
     """``chunked_loss: on`` for a model whose loss is not cross-entropy of its LM head's output."""
 
 
@@ -125,7 +125,7 @@ class ChunkedLoss:
     def __init__(self, model: nn.Module):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if not isinstance(head, nn.Linear):
-            raise LMLossError(f"chunked_loss: {type(model).__name__} has no linear LM head")
+            raise ChunkedLossError(f"chunked_loss: {type(model).__name__} has no linear LM head")
         self.model, self.head = model, head
         self.on, self.labels, self.items, self.loss = False, None, None, None
         self.handles = [model.register_forward_pre_hook(self._take_labels, with_kwargs=True),
@@ -169,7 +169,7 @@ class ChunkedLoss:
 
 
 @torch.no_grad()
-def mismatch(model: nn.Module) -> str | None:
+def loss_mismatch(model: nn.Module) -> str | None:
     """Why the chunked loss would not be ``model``'s own loss, or None when it is: on a tiny input (eval mode),
     the model's logits must be its LM head's raw output (nothing applied after the head) and its loss the
     chunked one (plain shifted cross-entropy)."""
@@ -213,12 +213,12 @@ def for_run(model: nn.Module, mode: str, task) -> ChunkedLoss | None:
     chunked loss is exactly the model's own; ``on``: refuse a model where it is not), else None."""
     if mode == "off" or not task.causal_lm:  # task: a TaskInfo
         if mode == "on":
-            raise LMLossError(f"chunked_loss: on is the loss of a causal LM's head; this task trains a {task.kind} model")
+            raise ChunkedLossError(f"chunked_loss: on is the loss of a causal LM's head; this task trains a {task.kind} model")
         return None
-    why = mismatch(model)
+    why = loss_mismatch(model)
     if why is None:
         return ChunkedLoss(model)
     if mode == "on":
-        raise LMLossError(f"chunked_loss: {why}; use chunked_loss: off (or auto)")
+        raise ChunkedLossError(f"chunked_loss: {why}; use chunked_loss: off (or auto)")
     log.info("chunked_loss: auto keeps the full logits: %s", why)
     return None

@@ -1,4 +1,7 @@
-"""GLUE from the original TSV download (<data_dir>/glue/<FOLDER>/) or from the hub (nyu-mll/glue)."""
+"""``glue/<task>``: the nine GLUE tasks, from the original TSV download (<data_dir>/glue/<FOLDER>/) or from the
+hub (nyu-mll/glue), each with GLUE's own main metric."""
+from __future__ import annotations
+
 import csv
 import functools
 import io
@@ -8,12 +11,13 @@ from dataclasses import dataclass
 
 import datasets
 
-from ..errors import DataError
-from ..task import CLASSIFICATION, REGRESSION
-from .examples import PadCollator, TaskData, tokenize_texts
-from .load import find_dir, read_text
-from .spec import split_train, subsample
-from .metrics import glue_metrics
+from ...errors import DataError
+from ...task import CLASSIFICATION, REGRESSION
+from ..examples import PadCollator, TaskData, tokenize_texts
+from ..family import Family
+from ..metrics import accuracy, accuracy_f1, correlations, matthews
+from ..rows import split_train, subsample
+from ..sources import find_dir, normalise, read_text, resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -25,17 +29,19 @@ class Spec:
     values: tuple[str, ...] | None  # raw label strings in the hub's index order; None = float score
     names: tuple[str, ...] | None  # hub label names
     hub: tuple[str, str | None]  # text columns on the hub
+    metric: str = "accuracy"  # GLUE's main metric of the task (every one greater-is-better)
 
 
 NLI2 = ("entailment", "not_entailment")
 TASKS = {
-    "cola": Spec("CoLA", 3, None, 1, ("0", "1"), ("unacceptable", "acceptable"), ("sentence", None)),
+    "cola": Spec("CoLA", 3, None, 1, ("0", "1"), ("unacceptable", "acceptable"), ("sentence", None),
+                 "matthews_correlation"),
     "sst2": Spec("SST-2", "sentence", None, "label", ("0", "1"), ("negative", "positive"), ("sentence", None)),
     "mrpc": Spec("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), ("not_equivalent", "equivalent"),
-                 ("sentence1", "sentence2")),
-    "stsb": Spec("STS-B", "sentence1", "sentence2", "score", None, None, ("sentence1", "sentence2")),
+                 ("sentence1", "sentence2"), "f1"),
+    "stsb": Spec("STS-B", "sentence1", "sentence2", "score", None, None, ("sentence1", "sentence2"), "pearson"),
     "qqp": Spec("QQP", "question1", "question2", "is_duplicate", ("0", "1"), ("not_duplicate", "duplicate"),
-                ("question1", "question2")),
+                ("question1", "question2"), "f1"),
     "mnli": Spec("MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
                  ("entailment", "neutral", "contradiction"), ("premise", "hypothesis")),
     "qnli": Spec("QNLI", "question", "sentence", "label", NLI2, NLI2, ("question", "sentence")),
@@ -44,6 +50,7 @@ TASKS = {
                  ("sentence1", "sentence2")),
 }
 COLA_COLUMNS = 4  # source, label, original label, sentence
+COMPUTE = {"accuracy": accuracy, "f1": accuracy_f1, "matthews_correlation": matthews, "pearson": correlations}
 
 
 def read_tsv(path: str, spec: Spec) -> dict[str, list]:
@@ -142,40 +149,70 @@ def _from_hub(task: str, spec: Spec, eval_splits: dict[str, str]):
     return columns("train"), {name: columns(split) for name, split in eval_splits.items()}
 
 
-def load_glue(name: str, tokenizer, data_dir: str | None, *, max_length: int, max_train_samples: int | None,
-              max_eval_samples: int | None, seed: int, val_size: int | float | None = None) -> TaskData:
-    task = name.lower().replace("-", "").replace("_", "")  # "SST-2" -> "sst2", "STS-B" -> "stsb"
-    if task not in TASKS:
-        raise DataError(f"unknown GLUE task {name!r}; known: {', '.join(TASKS)}")
-    spec = TASKS[task]
-    if data_dir is None:
-        hub_splits = {"matched": "validation_matched", "mismatched": "validation_mismatched"} \
-            if task == "mnli" else {"dev": "validation"}
-        train, evals = _from_hub(task, spec, hub_splits)
-    else:
-        folder = find_dir(os.path.join(data_dir, "glue"), spec.folder)
-        files = {"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"} \
-            if task == "mnli" else {"dev": "dev.tsv"}
-        evals = {k: read_tsv(os.path.join(folder, f), spec) for k, f in files.items()}
-        train = read_tsv(os.path.join(folder, "train.tsv"), spec)
+class Glue(Family):
+    name = "glue"
+    usage = "glue/<task>"
+    discovers = "glue/<task>"
+    offers = frozenset({"val_size", "shuffle_labels"})
 
-    train, validation = split_train(train, max_train_samples, val_size, seed)
-    evals = {k: subsample(v, max_eval_samples, None) for k, v in evals.items()}
-    tests = {}
-    if validation is not None:  # the dev files become the test split: scored once, never selected on
-        tests, evals = evals, {"validation": validation}
-    compute_metrics, best = glue_metrics(task)
-    tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in sets.items()}
-    return TaskData(
-        name=f"glue/{task}",
-        kind=REGRESSION if spec.values is None else CLASSIFICATION,
-        num_labels=1 if spec.values is None else len(spec.values),
-        label_names=list(spec.names) if spec.names else None,
-        train=tokenize_texts(train, tokenizer, max_length, f"glue/{task} train"),
-        evals=tokenize(evals),
-        tests=tokenize(tests),
-        collator=PadCollator(tokenizer),
-        compute_metrics=compute_metrics,
-        metric_for_best=best,
-        greater_is_better=True,
-    )
+    def spec(self, task: str) -> Spec:
+        name = task.partition("/")[2]
+        spec = TASKS.get(normalise(name))
+        if spec is None:
+            raise DataError(f"unknown GLUE task {name!r}; known: {', '.join(TASKS)}")
+        return spec
+
+    def task_kind(self, task: str) -> str:
+        spec = TASKS.get(normalise(task.partition("/")[2]))
+        return REGRESSION if spec is not None and spec.values is None else CLASSIFICATION
+
+    def main_metric(self, task: str) -> str:
+        spec = TASKS.get(normalise(task.partition("/")[2]))
+        return spec.metric if spec is not None else "accuracy"
+
+    def load(self, spec_, tokenizer, seed: int) -> TaskData:
+        spec = self.spec(spec_.task)
+        task = normalise(spec_.task.partition("/")[2])
+        data_dir = resolve_data_dir(spec_.data_dir)
+        if data_dir is None:
+            hub_splits = {"matched": "validation_matched", "mismatched": "validation_mismatched"} \
+                if task == "mnli" else {"dev": "validation"}
+            train, evals = _from_hub(task, spec, hub_splits)
+        else:
+            folder = find_dir(os.path.join(data_dir, "glue"), spec.folder)
+            files = {"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"} \
+                if task == "mnli" else {"dev": "dev.tsv"}
+            evals = {k: read_tsv(os.path.join(folder, f), spec) for k, f in files.items()}
+            train = read_tsv(os.path.join(folder, "train.tsv"), spec)
+
+        train, validation = split_train(train, spec_.max_train_samples, spec_.val_size, seed)
+        evals = {k: subsample(v, spec_.max_eval_samples, None) for k, v in evals.items()}
+        tests = {}
+        if validation is not None:  # the dev files become the test split: scored once, never selected on
+            tests, evals = evals, {"validation": validation}
+        max_length = spec_.max_length
+        tokenize = lambda sets: {k: tokenize_texts(v, tokenizer, max_length, f"glue/{task} {k}") for k, v in sets.items()}
+        return TaskData(
+            name=f"glue/{task}",
+            kind=REGRESSION if spec.values is None else CLASSIFICATION,
+            num_labels=1 if spec.values is None else len(spec.values),
+            label_names=list(spec.names) if spec.names else None,
+            train=tokenize_texts(train, tokenizer, max_length, f"glue/{task} train"),
+            evals=tokenize(evals),
+            tests=tokenize(tests),
+            collator=PadCollator(tokenizer),
+            compute_metrics=COMPUTE[spec.metric],
+            metric_for_best=spec.metric,
+            greater_is_better=True,
+        )
+
+    def discover(self, data_dir: str) -> list[str]:
+        """``glue/<task>`` for each GLUE folder with a train.tsv."""
+        glue = os.path.join(data_dir, "glue")
+        if not os.path.isdir(glue):
+            return []
+        return [f"glue/{normalise(entry)}" for entry in sorted(os.listdir(glue))
+                if normalise(entry) in TASKS and os.path.exists(os.path.join(glue, entry, "train.tsv"))]
+
+
+FAMILIES = (Glue(),)

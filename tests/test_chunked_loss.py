@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from conftest import randomize_trainable, tiny
-from qkvtune import attach, lmloss
+from qkvtune import attach, chunked_loss
 from qkvtune.config import ConfigError, build_config
 from qkvtune.io import QKV_WEIGHTS
 from qkvtune.models import enable_checkpointing
@@ -80,12 +80,12 @@ def test_loss_and_gradients_equal_transformers(case, items, tiny_llama_dir, monk
         pytest.skip("bitsandbytes not installed")
     model = make().train()
     vocab = model.get_output_embeddings().out_features
-    monkeypatch.setattr(lmloss, "CHUNK_ELEMENTS", 4 * vocab)  # chunks of 4 tokens: the chunk loop really runs
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 4 * vocab)  # chunks of 4 tokens: the chunk loop really runs
     ids, labels = _batch(min(vocab, 1000))
     kwargs = {} if items is None else {"num_items_in_batch": torch.tensor(items)}  # Trainer's accumulation count
     ref_loss, ref_grads, ref_logits = _loss_and_grads(model, ids, labels, **kwargs)
 
-    hooks = lmloss.ChunkedLoss(model)
+    hooks = chunked_loss.ChunkedLoss(model)
     saved = []  # what autograd keeps for backward, apart from the parameters themselves
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     keep = lambda t: saved.append(tuple(t.shape)) if t.untyped_storage().data_ptr() not in weights else None
@@ -111,10 +111,10 @@ def test_chunked_cross_entropy_without_gradients_and_with_nothing_to_learn():
     labels = torch.randint(0, 30, (2, 5))
     ref = transformers.loss.loss_utils.ForCausalLMLoss(h @ w.T, labels, 30)
     with torch.no_grad():
-        torch.testing.assert_close(lmloss.cross_entropy(h, w, None, labels), ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(chunked_loss.cross_entropy(h, w, None, labels), ref, atol=1e-6, rtol=1e-6)
     nothing = torch.full_like(labels, -100)
-    assert lmloss.cross_entropy(h, w, None, nothing).isnan()  # 0/0, as transformers' mean
-    assert lmloss.cross_entropy(h, w, None, nothing, num_items_in_batch=7) == 0  # a batch of accumulation without labels
+    assert chunked_loss.cross_entropy(h, w, None, nothing).isnan()  # 0/0, as transformers' mean
+    assert chunked_loss.cross_entropy(h, w, None, nothing, num_items_in_batch=7) == 0  # a batch of accumulation without labels
 
 
 def _gemma2():
@@ -126,14 +126,14 @@ def _gemma2():
 
 def test_auto_keeps_full_logits_where_chunking_is_not_exact():
     model = _gemma2()  # final_logit_softcapping: its loss reads tanh-capped logits, not the head's output
-    assert "softcapping or scaling" in lmloss.mismatch(model)
-    assert lmloss.for_run(model, "auto", LM) is None
-    with pytest.raises(lmloss.LMLossError, match="chunked_loss: Gemma2ForCausalLM changes its LM head's output"):
-        lmloss.for_run(model, "on", LM)
-    assert lmloss.mismatch(tiny("llama")) is None and isinstance(lmloss.for_run(tiny("gpt2"), "auto", LM),
-                                                                 lmloss.ChunkedLoss)
-    assert lmloss.for_run(tiny("llama"), "off", LM) is None
-    assert lmloss.for_run(tiny("bert", num_labels=2), "auto", TaskInfo("classification", 2)) is None
+    assert "softcapping or scaling" in chunked_loss.loss_mismatch(model)
+    assert chunked_loss.for_run(model, "auto", LM) is None
+    with pytest.raises(chunked_loss.ChunkedLossError, match="chunked_loss: Gemma2ForCausalLM changes its LM head's output"):
+        chunked_loss.for_run(model, "on", LM)
+    assert chunked_loss.loss_mismatch(tiny("llama")) is None and isinstance(chunked_loss.for_run(tiny("gpt2"), "auto", LM),
+                                                                 chunked_loss.ChunkedLoss)
+    assert chunked_loss.for_run(tiny("llama"), "off", LM) is None
+    assert chunked_loss.for_run(tiny("bert", num_labels=2), "auto", TaskInfo("classification", 2)) is None
     with pytest.raises(ConfigError, match="chunked_loss: on is the loss of a causal LM's head; glue/sst2"):
         build_config({"task": "glue/sst2", "chunked_loss": "on"})
     assert build_config({"task": "text/x.txt", "chunked_loss": False}).chunked_loss == "off"
@@ -154,7 +154,7 @@ def test_training_and_evaluation_use_it_with_gradient_accumulation(tmp_path, tin
     from qkvtune.train import evaluate_run, train
 
     calls = {"grad": 0, "no_grad": 0}
-    real, probe, probing = lmloss.cross_entropy, lmloss.mismatch, []
+    real, probe, probing = chunked_loss.cross_entropy, chunked_loss.loss_mismatch, []
 
     def counting(*args, **kwargs):
         if not probing:  # the exactness probe before training is not what is counted
@@ -168,8 +168,8 @@ def test_training_and_evaluation_use_it_with_gradient_accumulation(tmp_path, tin
         finally:
             probing.pop()
 
-    monkeypatch.setattr(lmloss, "cross_entropy", counting)
-    monkeypatch.setattr(lmloss, "mismatch", quiet_probe)
+    monkeypatch.setattr(chunked_loss, "cross_entropy", counting)
+    monkeypatch.setattr(chunked_loss, "loss_mismatch", quiet_probe)
     f = _records(tmp_path)
     common = dict(model=tiny_llama_dir, task="sft", train_file=f, validation_fraction=0.2, max_steps=4, batch_size=2,
                   grad_accum=2,
