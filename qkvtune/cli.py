@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
-    from .analysis.cli import register as register_analyze
+    from .analyze import register as register_analyze
 
     register_analyze(sub)  # qkvtune analyze ntk|stopping|subspace|amplification|task-vectors|samples
     from .bench import register as register_bench

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import data_dir
-from qkvtune.analysis.cli import register
+from qkvtune.analyze import register
 from qkvtune.analysis.samples import fit_slope, geometric_grid
 from qkvtune.cli import main
 from qkvtune.config import build_config

@@ -39,7 +39,7 @@ def test_training_movement_from_the_eigenbasis_and_the_calibration_scale():
     """‖f_τ − f₀‖ on the training points read off one eigendecomposition equals the explicit residuals', and the
     plan's calibration inverts the simulation: the scale it finds moves the outputs by what was measured."""
     from qkvtune.analysis.kernel_sim import train_linearised
-    from qkvtune.plan import match_scale
+    from qkvtune.plan.simulate import match_scale
 
     per_kind, f0, g = _kernels()
     n = 10
@@ -52,7 +52,7 @@ def test_training_movement_from_the_eigenbasis_and_the_calibration_scale():
     labels = (y[:, 0] > 0).long()
     margin = f0[:, :1]
     from qkvtune.analysis.kernel_sim import train_by_kinds
-    from qkvtune.plan import Kinds, step_weights
+    from qkvtune.plan.readout import Kinds, step_weights
 
     kinds = Kinds(["q", "v"], torch.stack([per_kind["q"], per_kind["v"]]), torch.tensor([0.0, 30.0]), 1, {})
     rates = torch.tensor([0.01, 0.02], dtype=torch.float64)

@@ -12,7 +12,8 @@ import yaml
 
 from conftest import data_dir, run_cli, tiny
 from qkvtune.config import build_config, load_config
-from qkvtune.plan import Candidate, candidates, metric_of
+from qkvtune.plan import Candidate, candidates
+from qkvtune.plan.readout import metric_of
 
 needs_data = pytest.mark.skipif(data_dir() is None, reason="shared datasets not found")
 
@@ -102,7 +103,7 @@ def test_one_sgd_step_moves_the_outputs_as_the_kernel_says(tmp_path, tiny_bert_d
     loss's own residual (cross-entropy on the margin: σ(f) − y). Measured: a real Trainer step of plain SGD on
     dense q, v deltas and the head (the calibration run's settings, full batch) against that prediction."""
     from qkvtune.analysis.ntk import empirical_ntk, outputs
-    from qkvtune.plan import calibration_config
+    from qkvtune.plan.simulate import calibration_config
     from qkvtune.runs import open_run, pretrained
     from qkvtune.train import train
 
@@ -225,7 +226,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
     plan made at the reference's searched rate choosing among the same rates, its pick trained as plan.yaml says;
     the figures (Spearman, the seeds' reliability, divergences, the pick's gap, compute) follow from the recorded
     runs."""
-    from qkvtune.bench.plan import diverged, reliability, spearman
+    from qkvtune.bench.plan_grid import diverged, reliability, spearman
     from qkvtune.bench.runner import SuiteRun
 
     suite = tmp_path / "suite"
@@ -306,7 +307,7 @@ def test_bench_plan_against_its_grid(tmp_path, tiny_bert_dir, tiny_llama_dir):
 def test_bench_plan_on_a_language_models_loss(tmp_path, tiny_llama_dir):
     """bench plan on SFT (Alpaca chats on a tiny Llama, the claims suite's task id): judged by validation loss, the
     gate against the pretrained model's loss, attention only vs MLP only with a paired interval over validation examples."""
-    from qkvtune.bench.plan import LM_GATE
+    from qkvtune.bench.plan_grid import LM_GATE
 
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -487,7 +488,8 @@ def test_a_budget_too_short_is_extended_to_where_the_kernel_learns():
     """No candidate reaches the goal within the configured steps: the horizon doubles until one does (×4 here, by
     construction between the ×2 and ×4 predictions), its rows at the new horizon; a goal no horizon up to the cap
     reaches is reported as such."""
-    from qkvtune.plan import Kinds, Readout, Setting, extend_budget, simulate_grid
+    from qkvtune.plan.readout import Kinds, Readout
+    from qkvtune.plan.simulate import Setting, extend_budget, simulate_grid
 
     g = torch.Generator().manual_seed(0)
     n, m = 24, 12
@@ -517,7 +519,7 @@ def test_examples_needed_from_a_power_law_learning_curve():
     """The examples a goal needs, from the kernel's learning curve in n: an error c·n^(−a) gives back a and the
     exact multiple of n; a curve still under the constant predictor but falling counts (MRPC at 60 steps: 0.70 →
     0.75 accuracy on a 0.73 constant); an error that does not fall with n names none."""
-    from qkvtune.plan import examples_needed
+    from qkvtune.plan.simulate import examples_needed
 
     ns = [256, 512, 1024]
     acc = [(n, 1 - 0.5 * n ** -0.25) for n in ns]

@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from ..config import DATA_KEYS, LOADING_KEYS, load_command_config
-from ..errors import check_output_dir
-from . import AnalysisError
+from .config import DATA_KEYS, LOADING_KEYS, load_command_config
+from .errors import check_output_dir
+from .analysis import AnalysisError
 
 
 def _kinds(spec: str | None) -> list[str] | None:
@@ -26,7 +26,7 @@ def _kinds(spec: str | None) -> list[str] | None:
 
 def _overrides(args) -> dict:
     """key=value words after the adapter folders (model=… for PEFT adapters that do not name their base)."""
-    from ..config import parse_override
+    from .config import parse_override
 
     words = list(getattr(args, "overrides", None) or []) + [a for a in getattr(args, "adapters", None) or [] if "=" in a]
     return dict(parse_override(w) for w in words)
@@ -40,11 +40,11 @@ def _out(args) -> str:
 # --- subcommands ------------------------------------------------------------------------------------------
 
 def cmd_ntk(args) -> int:
-    from ..runs import pretrained
-    from ..io import load_adapter
-    from .kernel_regression import kernel_predictions
-    from .ntk import empirical_ntk
-    from ..files import write_json
+    from .runs import pretrained
+    from .io import load_adapter
+    from .analysis.kernel_regression import kernel_predictions
+    from .analysis.ntk import empirical_ntk
+    from .files import write_json
 
     cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
@@ -77,17 +77,17 @@ def cmd_ntk(args) -> int:
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from ..files import read_json
+    from .files import read_json
 
     return read_json(os.path.join(run_dir, "metrics.json"), AnalysisError)
 
 
 def cmd_stopping(args) -> int:
-    from ..runs import pretrained
-    from ..checkpoints import best_step
-    from .ntk import empirical_ntk
-    from ..files import write_json
-    from .stopping import predict_stopping, steps_per_epoch
+    from .runs import pretrained
+    from .checkpoints import best_step
+    from .analysis.ntk import empirical_ntk
+    from .files import write_json
+    from .analysis.stopping import predict_stopping, steps_per_epoch
 
     cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
@@ -118,10 +118,10 @@ def cmd_stopping(args) -> int:
 
 
 def cmd_subspace(args) -> int:
-    from ..runs import open_runs
-    from .plots import plot_heatmap_grid
-    from ..files import write_json
-    from .subspace import compare_adapters
+    from .runs import open_runs
+    from .analysis.plots import plot_heatmap_grid
+    from .files import write_json
+    from .analysis.subspace import compare_adapters
 
     out = _out(args)
     a, b = open_runs([args.adapter1, args.adapter2], _overrides(args))
@@ -137,10 +137,10 @@ def cmd_subspace(args) -> int:
 
 
 def cmd_amplification(args) -> int:
-    from ..runs import open_runs
-    from .plots import plot_bars, plot_lines
-    from ..files import write_json
-    from .subspace import amplification, delta_weights, spectrum
+    from .runs import open_runs
+    from .analysis.plots import plot_bars, plot_lines
+    from .files import write_json
+    from .analysis.subspace import amplification, delta_weights, spectrum
 
     out = _out(args)
     (run,) = open_runs([args.adapter], _overrides(args))
@@ -162,13 +162,13 @@ def cmd_amplification(args) -> int:
 
 
 def cmd_task_vectors(args) -> int:
-    from ..runs import open_runs
-    from ..attach import heads_only, set_adapter
-    from ..evaluation import accuracy
-    from .ntk import empirical_ntk
-    from .plots import plot_heatmap, plot_lines
-    from ..files import write_json
-    from .task_vectors import TaskVector, apply, choose_coefficient, combine, similarity_report
+    from .runs import open_runs
+    from .attach import heads_only, set_adapter
+    from .evaluation import accuracy
+    from .analysis.ntk import empirical_ntk
+    from .analysis.plots import plot_heatmap, plot_lines
+    from .files import write_json
+    from .analysis.task_vectors import TaskVector, apply, choose_coefficient, combine, similarity_report
 
     out = _out(args)
     dirs = [a for a in args.adapters if "=" not in a]
@@ -227,15 +227,15 @@ def cmd_task_vectors(args) -> int:
 
 
 def cmd_samples(args) -> int:
-    from ..runs import pretrained
-    from ..config import build_config
-    from ..data.families import main_metric
-    from ..data.metrics import greater_is_better
-    from ..train import train  # the one analysis that trains
-    from .ntk import empirical_ntk, rate_from_decay
-    from .plots import plot_lines
-    from ..files import write_json
-    from .samples import fit_slope, geometric_grid
+    from .runs import pretrained
+    from .config import build_config
+    from .data.families import main_metric
+    from .data.metrics import greater_is_better
+    from .train import train  # the one analysis that trains
+    from .analysis.ntk import empirical_ntk, rate_from_decay
+    from .analysis.plots import plot_lines
+    from .files import write_json
+    from .analysis.samples import fit_slope, geometric_grid
 
     cfg = load_command_config(args.config, args.overrides)
     out = _out(args)
@@ -273,7 +273,7 @@ def cmd_samples(args) -> int:
 # --- parser -----------------------------------------------------------------------------------------------
 
 def _print(obj) -> None:
-    from ..files import jsonable
+    from .files import jsonable
 
     print(json.dumps(jsonable(obj), indent=2, sort_keys=True))
 
