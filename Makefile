@@ -3,10 +3,15 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP_PIN := pip==26.3
-EXTRAS  := test offline bench quant eval
+EXTRAS  := test offline bench quant eval serve
 LOCK    := requirements/lock.txt
 MODELS  := requirements/models.txt
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile $(LOCK) $(MODELS) | cksum | cut -d' ' -f1)
+LLAMA   := $(STAMP)-llama-cpp
+# llama-cpp-python comes as source only: built with just what its binding needs (no tools, examples, server
+# binaries or multimodal parts), on every core; pip keeps the wheel in its cache, so it is built once a machine.
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+               -DLLAMA_BUILD_SERVER=OFF
 
 comma := ,
 empty :=
@@ -18,24 +23,31 @@ SPEC  := .[$(subst $(space),$(comma),$(EXTRAS))]
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_PIN)
-	$(PY) -m pip install -q -r $(LOCK)              # torch 2.13.0: this machine's CPU build; GPUs: install your CUDA torch 2.13.0 first
+	grep -v '^llama-cpp-python==' $(LOCK) > $(VENV)/lock-without-llama-cpp.txt  # make run needs no C++ build
+	$(PY) -m pip install -q -r $(VENV)/lock-without-llama-cpp.txt  # torch 2.13.0: this machine's CPU build; GPUs: install your CUDA torch 2.13.0 first
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip install -q --no-deps -r $(MODELS)  # the two offline models
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# the tests check GGUF exports with llama.cpp itself (its dependencies are in the lock, installed above)
+$(LLAMA): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PY) -m pip install -q --no-deps $$(grep '^llama-cpp-python==' $(LOCK))
 	touch $@
 
 # The main job: fine-tune MiniLM (offline, from its wheel) on the VADER lexicon (offline, from its wheel).
 run: $(STAMP)
 	$(VENV)/bin/qkvtune train configs/default.yaml
 
-test: $(STAMP)
+test: $(LLAMA)
 	$(PY) -m pytest
 
 # The suite under PyTorch's other CPU kernels: its portable ones, and AVX2's (what an AVX2-only CPU such as an AMD
 # EPYC without AVX-512 runs). Floats computed along two paths differ in their last bits from one kernel set to the
 # next, so a test that compares them tighter than its stated tolerance fails on one of these. Not in CI (twice the
 # suite's time); run it after changing a test that compares floats.
-test-kernels: $(STAMP)
+test-kernels: $(LLAMA)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest
 
@@ -58,7 +70,8 @@ test-latest:
 	rm -rf .venv-latest
 	python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q $(PIP_PIN)
-	.venv-latest/bin/python -m pip install -q -c requirements/lock.in -e '$(SPEC)'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    .venv-latest/bin/python -m pip install -q -c requirements/lock.in -e '$(SPEC)'
 	.venv-latest/bin/python -m pip install -q --no-deps -r $(MODELS)
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|lm.eval|safetensors)=='
 	.venv-latest/bin/python -m pytest

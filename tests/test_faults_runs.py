@@ -105,11 +105,15 @@ def test_output_paths_that_cannot_be_written(run_dir, tmp_path, capsys, tiny_ber
         (["train", f"model={tiny_bert_dir}", f"output_dir={a_file}"], "output_dir"),
         (["train", f"model={tiny_bert_dir}", f"output_dir={a_file}/run"], "output_dir"),
         (["export", run_dir, str(a_file)], "OUT_DIR"),
+        (["export", run_dir, str(a_file), "--format", "gguf"], "OUT_DIR"),
+        (["export", run_dir, str(tmp_path / "g"), "--format", "gguf", "--gguf-base", str(tmp_path)], "--gguf-base"),
+        (["serve", str(a_file)], "no Modelfile"),
         (["analyze", "amplification", run_dir, "--out", str(a_file)], "--out"),
         (["analyze", "subspace", run_dir, run_dir, "--out", str(a_file / "x")], "--out"),
         (["bench", "claims", "--out", str(a_file)], "--out"),
         (["bench", "claims", "--out", str(tmp_path / "claims"), "--report", str(tmp_path)], "--report"),
         (["bench", "speed", "--model", "minilm", "--out", str(a_file)], "--out"),
+        (["bench", "gguf", "--out", str(a_file)], "--out"),
     ]
     if os.path.isdir("/proc/self"):  # writable by the access check (root), yet no folder can be made there
         cases.append((["train", f"model={tiny_bert_dir}", "output_dir=/proc/qkvtune-x", "max_steps=1"], "output_dir"))
@@ -118,4 +122,4 @@ def test_output_paths_that_cannot_be_written(run_dir, tmp_path, capsys, tiny_ber
         rc = main(argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and key in err and "Traceback" not in err, (argv, err)
-    assert a_file.read_text() == "not a folder" and not (tmp_path / "claims").exists()
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "claims").exists() and not (tmp_path / "g").exists()

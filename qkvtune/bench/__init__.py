@@ -5,7 +5,8 @@ measured side by side in one run (``speed.py``). ``memory``: peak memory with gr
 next to PEFT's, a fresh process per configuration (``memory.py``). ``claims``: one experiment per claim of the four papers,
 3 seeds each, a verdict by a stated rule, and a Markdown report with plots (``claims.py``). ``plan``: ``qkvtune
 plan``'s predictions against a real grid trained with the claims suite's fair rates (``plan_grid.py``, ``plan_report.py``). ``sft``: chat
-SFT tokens/s and memory of qkvtune's layouts and losses next to TRL's SFTTrainer + PEFT (``sft.py``).
+SFT tokens/s and memory of qkvtune's layouts and losses next to TRL's SFTTrainer + PEFT (``sft.py``). ``gguf``:
+the round trip to llama.cpp, checked by llama.cpp itself (``gguf.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import argparse
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: speed against PEFT, reproduction of the papers' claims")
     sub = p.add_subparsers(dest="bench", required=True)
-    from . import claims, memory, plan_report, sft, speed
+    from . import claims, gguf, memory, plan_report, sft, speed
 
     speed.register(sub)
     memory.register(sub)
     claims.register(sub)
     plan_report.register(sub)
     sft.register(sub)
+    gguf.register(sub)
     return p

@@ -92,6 +92,12 @@ class Delta(nn.Module):
         """Low-rank factors (A: r × in, B: rows × r) when ΔW is their product, else None (subspace analysis)."""
         return None
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) when the slice's output gains exactly s·x·Aᵀ·Bᵀ, whatever the base: a consumer that applies
+        plain LoRA (llama.cpp, vLLM) computes this delta. None otherwise (DoRA rescales rows by the base, dense
+        and block-sparse updates are not low-rank)."""
+        return None
+
     # --- PEFT form, where the method has one (one PEFT module may hold several slices) -------------------
     @classmethod
     def to_peft(cls, deltas: list["Delta"], weight_rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:

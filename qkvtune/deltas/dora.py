@@ -28,6 +28,9 @@ class DoRA(LoRA):
     def parameter_count(cls, cfg, rows, in_features):
         return cfg.rank * (rows + in_features) + rows  # and the magnitude
 
+    def low_rank(self):
+        return None  # m/‖W₀ + s·B·A‖ rescales the base's rows too: not a plain LoRA
+
     def _norm(self, base_weight: torch.Tensor) -> torch.Tensor:
         w = base_weight.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A).detach() * self.scale
         return w.norm(dim=1).detach()

@@ -66,6 +66,9 @@ class LoRA(Delta):
     def factors(self):
         return self.lora_A, self.lora_B
 
+    def low_rank(self):
+        return self.lora_A, self.lora_B, self.scale
+
     @classmethod
     def parameter_count(cls, cfg, rows, in_features):
         return cfg.rank * (rows + in_features)
