@@ -84,6 +84,10 @@ class TrainConfig(DataSpec):
     logging_steps: int = 10
     report_to: str = "none"                # none | tensorboard
     max_new_tokens: int = 16               # commonsense: generated tokens per answer
+    # the objective (README "Preference fine-tuning"): the task's own loss, or DPO on preference pairs
+    objective: str = "auto"                # auto (dpo for task: preference, the task's loss otherwise) | dpo
+    dpo_beta: float = 0.1                  # DPO's β (TRL's beta): how strongly the pretrained model anchors the policy
+    dpo_loss_type: typing.Any = "sigmoid"  # TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, … or a list of them
     # run
     seed: int = 0
     output_dir: str = "runs/default"
@@ -137,7 +141,7 @@ FOREIGN = {
     "save_steps": "checkpoints are saved at each evaluation (eval_steps)", "save_strategy": "follows eval_strategy",
 }
 _CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
-            "on_nonfinite": ("stop", "skip"),
+            "on_nonfinite": ("stop", "skip"), "objective": ("auto", "dpo"),
             "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"), "chunked_loss": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                           "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
@@ -238,6 +242,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.smt_selection and not os.path.isfile(cfg.smt_selection):
         raise ConfigError(f"smt_selection: {cfg.smt_selection} not found")
     _validate_scale(cfg)
+    _validate_objective(cfg)
     if cfg.eval_strategy == "steps" and cfg.eval_steps is None:
         raise ConfigError("eval_steps: required when eval_strategy is steps")
     if cfg.patience is not None and cfg.eval_strategy == "no":
@@ -269,6 +274,30 @@ def _trains_a_classifier(task: str) -> bool:
 
     fam = find_family(task)
     return fam is not None and TaskInfo(fam.task_kind(task), 0).sequence_classifier
+
+
+def _validate_objective(cfg: TrainConfig) -> None:
+    """objective: dpo trains on preference pairs (task: preference), and a preference task trains by DPO."""
+    from .data.families import find_family
+    from .task import PREFERENCE
+
+    fam = find_family(cfg.task)
+    preference = fam is not None and fam.task_kind(cfg.task) == PREFERENCE
+    if cfg.objective == "dpo" and not preference:
+        raise ConfigError(f"objective: dpo trains on preference pairs (task: preference), not {cfg.task}")
+    if not cfg.dpo_beta > 0:
+        raise ConfigError(f"dpo_beta: must be > 0, got {cfg.dpo_beta!r}")
+    types = cfg.dpo_loss_type if isinstance(cfg.dpo_loss_type, list) else [cfg.dpo_loss_type]
+    if not types or not all(isinstance(t, str) and t for t in types):
+        raise ConfigError(f"dpo_loss_type: expected TRL's loss type or a list of them, got {cfg.dpo_loss_type!r}")
+    if preference:
+        if METHODS[cfg.method].needs_selection:
+            raise ConfigError(f"method: {cfg.method} selects its blocks by a warm-up on the task's loss, which "
+                              "preference pairs do not give; use lora, dora or dense")
+        if cfg.early_stopping == "ntk":
+            raise ConfigError("early_stopping: ntk predicts the stop from the task loss's kernel, not DPO's")
+        if cfg.chunked_loss == "on":
+            raise ConfigError("chunked_loss: DPO computes its own loss (TRL's, which forms no full logits either)")
 
 
 def _validate_scale(cfg: TrainConfig) -> None:

@@ -18,12 +18,20 @@ def metric_key(task, name: str) -> str:
     return name if len(task.evals) <= 1 else f"{next(iter(task.evals))}_{name}"
 
 
-def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dict | None = None) -> dict:
+def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dict | None = None,
+                 adapter: str | None = None) -> dict:
     """Final metrics with GLUE names (eval_accuracy, eval_matthews_correlation, eval_pearson, …): ``eval_*`` on
     the validation split, ``test_*`` on the test split (``val_size``). ``predictions``, when given, receives
     each test split's per-example labels and predictions (class ids, scores or extracted answers; for a
     language-model loss, each example's trained-token count as its label and its summed next-token loss as its
     prediction: the split's ``test_loss`` is their token-weighted mean, ``data.metrics.token_loss_of``)."""
+    if task.preference:  # TRL's DPO metrics on every split, each against the pretrained model (``adapter`` off)
+        from .dpo import preference_metrics
+
+        sets = {("eval" if len(task.evals) == 1 else f"eval_{n}"): ds for n, ds in task.evals.items()}
+        sets.update({("test" if len(task.tests) == 1 else f"test_{n}"): ds for n, ds in task.tests.items()})
+        metrics = preference_metrics(model, tokenizer, trainer.args, sets, adapter, cfg)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     metrics = {}
     if len(task.evals) == 1:
         metrics.update(trainer.evaluate(next(iter(task.evals.values()))))

@@ -5,7 +5,9 @@ A task's *kind* decides the model class, the loss, what evaluation computes and 
 * ``classification``: a sequence classifier (a head over ``num_labels`` classes);
 * ``regression``: a sequence classifier with one output (its score);
 * ``causal_lm``: a causal LM trained and scored by its language-model loss;
-* ``qa_generation``: a causal LM trained on responses and scored by the answers it generates.
+* ``qa_generation``: a causal LM trained on responses and scored by the answers it generates;
+* ``preference``: a causal LM trained on preference pairs (a chosen and a rejected answer to a prompt: DPO) and
+  scored by how often it prefers the chosen one over the pretrained model (reward accuracy).
 
 ``TaskInfo`` holds the kind and labels; it is saved with every adapter (so a run opens without its data), is
 the base of ``data.TaskData`` (so every loaded task answers the same questions), and is read off a model
@@ -20,7 +22,8 @@ import os
 from dataclasses import asdict, dataclass
 
 CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION = "classification", "regression", "causal_lm", "qa_generation"
-TASK_KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION)
+PREFERENCE = "preference"
+TASK_KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION, PREFERENCE)
 
 
 def is_causal_lm(model=None, *, architectures: list[str] | None = None) -> bool:
@@ -44,7 +47,7 @@ class TaskInfo:
     @property
     def causal_lm(self) -> bool:
         """A causal LM (language-model loss; label words; generation), not a sequence classifier."""
-        return self.kind in (CAUSAL_LM, QA_GENERATION)
+        return self.kind in (CAUSAL_LM, QA_GENERATION, PREFERENCE)
 
     @property
     def sequence_classifier(self) -> bool:
@@ -54,6 +57,11 @@ class TaskInfo:
     @property
     def regression(self) -> bool:
         return self.kind == REGRESSION
+
+    @property
+    def preference(self) -> bool:
+        """A causal LM trained on preference pairs and scored by reward accuracy (TRL's DPO), not by its loss."""
+        return self.kind == PREFERENCE
 
     @property
     def scored_by_generation(self) -> bool:

@@ -12,7 +12,7 @@ from conftest import minilm_folder
 from qkvtune.config import ConfigError, build_config
 from qkvtune.data import DataError, families, load_task, main_metric, task_kind
 from qkvtune.data.spec import DataSpec
-from qkvtune.task import CAUSAL_LM, CLASSIFICATION, QA_GENERATION, REGRESSION
+from qkvtune.task import CAUSAL_LM, CLASSIFICATION, PREFERENCE, QA_GENERATION, REGRESSION
 
 
 def _tok():
@@ -22,15 +22,17 @@ def _tok():
 def test_every_family_file_is_found_and_owns_its_ids():
     names = {m.name for m in pkgutil.iter_modules(families.__path__)}
     declared = {f.name for f in families.families()}
-    assert names == {"builtin", "commonsense", "glue", "jsonl", "sft", "tables", "text"}
-    assert declared == {"builtin", "commonsense", "glue", "jsonl", "sft", "text", "classification", "regression"}
+    assert names == {"builtin", "commonsense", "glue", "jsonl", "preference", "sft", "tables", "text"}
+    assert declared == {"builtin", "commonsense", "glue", "jsonl", "preference", "sft", "text", "classification",
+                        "regression"}
     cases = {"glue/sst2": (CLASSIFICATION, "accuracy"), "glue/STS-B": (REGRESSION, "pearson"),
              "glue/mrpc": (CLASSIFICATION, "f1"), "glue/cola": (CLASSIFICATION, "matthews_correlation"),
              "commonsense/ARC-Easy": (QA_GENERATION, "accuracy"), "sft": (CAUSAL_LM, "loss"),
              "sft/chats.jsonl": (CAUSAL_LM, "loss"), "text/book.txt": (CAUSAL_LM, "loss"),
              "builtin/vader": (CLASSIFICATION, "accuracy"), "builtin/pydoc": (CAUSAL_LM, "loss"),
              "classification": (CLASSIFICATION, "accuracy"), "regression": (REGRESSION, "pearson"),
-             "jsonl/reviews.jsonl": (CLASSIFICATION, "accuracy")}
+             "jsonl/reviews.jsonl": (CLASSIFICATION, "accuracy"),
+             "preference": (PREFERENCE, "rewards/accuracies")}
     for task, (kind, metric) in cases.items():
         assert (task_kind(task), main_metric(task)) == (kind, metric), task
     for bad in ("glue", "classification/x", "nosuch/task", ""):

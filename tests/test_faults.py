@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli
 from qkvtune import checkpoints, io
 from qkvtune.config import ConfigError, build_config
-from qkvtune.train import NonFiniteError, train
+from qkvtune.train import train
+from qkvtune.trainer import NonFiniteError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
