@@ -84,10 +84,15 @@ class TrainConfig(DataSpec):
     logging_steps: int = 10
     report_to: str = "none"                # none | tensorboard
     max_new_tokens: int = 16               # commonsense: generated tokens per answer
-    # the objective (README "Preference fine-tuning"): the task's own loss, or DPO on preference pairs
-    objective: str = "auto"                # auto (dpo for task: preference, the task's loss otherwise) | dpo
+    # the objective (README "Preference and RL fine-tuning"): the task's own loss, DPO on pairs, GRPO on prompts
+    objective: str = "auto"                # auto (dpo for task preference, grpo for task prompts, else the task's
+                                           # loss) | dpo | grpo
     dpo_beta: float = 0.1                  # DPO's β (TRL's beta): how strongly the pretrained model anchors the policy
     dpo_loss_type: typing.Any = "sigmoid"  # TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, … or a list of them
+    grpo_generations: int = 4              # GRPO: completions sampled per prompt (a group); batch_size counts them
+    grpo_completion_length: int = 64       # GRPO: tokens generated per completion (and per evaluated answer)
+    grpo_temperature: float = 1.0          # GRPO: sampling temperature of the completions
+    grpo_beta: float = 0.0                 # GRPO: weight of the KL to the pretrained model (TRL's beta; 0: none)
     # run
     seed: int = 0
     output_dir: str = "runs/default"
@@ -141,7 +146,7 @@ FOREIGN = {
     "save_steps": "checkpoints are saved at each evaluation (eval_steps)", "save_strategy": "follows eval_strategy",
 }
 _CHOICES = {"method": tuple(METHODS), "pooling": ("cls", "mean"), "smt_score": ("abs_mean", "mean_abs", "l2"), "eval_strategy": ("epoch", "steps", "no"),
-            "on_nonfinite": ("stop", "skip"), "objective": ("auto", "dpo"),
+            "on_nonfinite": ("stop", "skip"), "objective": ("auto", "dpo", "grpo"),
             "early_stopping": ("none", "ntk"), "fast_path": ("auto", "on", "off"), "chunked_loss": ("auto", "on", "off"),
             "scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                           "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
@@ -279,25 +284,40 @@ def _trains_a_classifier(task: str) -> bool:
 def _validate_objective(cfg: TrainConfig) -> None:
     """objective: dpo trains on preference pairs (task: preference), and a preference task trains by DPO."""
     from .data.families import find_family
-    from .task import PREFERENCE
+    from .task import PREFERENCE, REWARD
 
     fam = find_family(cfg.task)
-    preference = fam is not None and fam.task_kind(cfg.task) == PREFERENCE
+    kind = fam.task_kind(cfg.task) if fam is not None else None
+    preference = kind == PREFERENCE
     if cfg.objective == "dpo" and not preference:
         raise ConfigError(f"objective: dpo trains on preference pairs (task: preference), not {cfg.task}")
+    if cfg.objective == "grpo" and kind != REWARD:
+        raise ConfigError(f"objective: grpo trains on prompts with a reward (task: prompts), not {cfg.task}")
+    if kind == REWARD:
+        for key in ("grpo_generations", "grpo_completion_length"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)!r}")
+        if cfg.grpo_generations < 2 or cfg.batch_size % cfg.grpo_generations:
+            raise ConfigError(f"batch_size: counts completions, a multiple of grpo_generations (>= 2: a group's "
+                              f"advantages compare its members); got {cfg.batch_size} and {cfg.grpo_generations}")
+        if not cfg.grpo_temperature > 0:
+            raise ConfigError(f"grpo_temperature: must be > 0, got {cfg.grpo_temperature!r}")
+        if not cfg.grpo_beta >= 0:
+            raise ConfigError(f"grpo_beta: must be >= 0, got {cfg.grpo_beta!r}")
     if not cfg.dpo_beta > 0:
         raise ConfigError(f"dpo_beta: must be > 0, got {cfg.dpo_beta!r}")
     types = cfg.dpo_loss_type if isinstance(cfg.dpo_loss_type, list) else [cfg.dpo_loss_type]
     if not types or not all(isinstance(t, str) and t for t in types):
         raise ConfigError(f"dpo_loss_type: expected TRL's loss type or a list of them, got {cfg.dpo_loss_type!r}")
-    if preference:
+    if preference or kind == REWARD:
+        what = "DPO" if preference else "GRPO"
         if METHODS[cfg.method].needs_selection:
             raise ConfigError(f"method: {cfg.method} selects its blocks by a warm-up on the task's loss, which "
-                              "preference pairs do not give; use lora, dora or dense")
+                              f"{what}'s records do not give; use lora, dora or dense")
         if cfg.early_stopping == "ntk":
-            raise ConfigError("early_stopping: ntk predicts the stop from the task loss's kernel, not DPO's")
+            raise ConfigError(f"early_stopping: ntk predicts the stop from the task loss's kernel, not {what}'s")
         if cfg.chunked_loss == "on":
-            raise ConfigError("chunked_loss: DPO computes its own loss (TRL's, which forms no full logits either)")
+            raise ConfigError(f"chunked_loss: {what} computes its own loss (TRL's, which forms no full logits)")
 
 
 def _validate_scale(cfg: TrainConfig) -> None:

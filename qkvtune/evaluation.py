@@ -32,6 +32,12 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
         sets.update({("test" if len(task.tests) == 1 else f"test_{n}"): ds for n, ds in task.tests.items()})
         metrics = preference_metrics(model, tokenizer, trainer.args, sets, adapter, cfg)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if task.rewarded:  # the mean reward of greedy answers on every split
+        from .grpo import reward_metrics
+
+        sets = {("eval" if len(task.evals) == 1 else f"eval_{n}"): ds for n, ds in task.evals.items()}
+        sets.update({("test" if len(task.tests) == 1 else f"test_{n}"): ds for n, ds in task.tests.items()})
+        return reward_metrics(model, tokenizer, sets, cfg)
     metrics = {}
     if len(task.evals) == 1:
         metrics.update(trainer.evaluate(next(iter(task.evals.values()))))

@@ -56,8 +56,8 @@ class Run:
         file, which is the evaluation set itself without ``val_size``)."""
         if self.task is None:
             raise RunError(f"{self.dir or 'run'}: opened without its task data")
-        if self.info.preference:
-            raise RunError(f"task {self.cfg.task}: its preference pairs are text that TRL tokenizes, not examples")
+        if self.info.preference or self.info.rewarded:
+            raise RunError(f"task {self.cfg.task}: its records are text that TRL tokenizes, not examples")
         sets = self.task.tests if split == "test" and self.task.tests else self.task.evals
         ds = self.task.train if split == "train" else next(iter(sets.values()), None)
         if ds is None:

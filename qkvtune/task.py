@@ -7,7 +7,8 @@ A task's *kind* decides the model class, the loss, what evaluation computes and 
 * ``causal_lm``: a causal LM trained and scored by its language-model loss;
 * ``qa_generation``: a causal LM trained on responses and scored by the answers it generates;
 * ``preference``: a causal LM trained on preference pairs (a chosen and a rejected answer to a prompt: DPO) and
-  scored by how often it prefers the chosen one over the pretrained model (reward accuracy).
+  scored by how often it prefers the chosen one over the pretrained model (reward accuracy);
+* ``reward``: a causal LM trained by RL on prompts (GRPO) and scored by the mean reward of its answers.
 
 ``TaskInfo`` holds the kind and labels; it is saved with every adapter (so a run opens without its data), is
 the base of ``data.TaskData`` (so every loaded task answers the same questions), and is read off a model
@@ -22,8 +23,8 @@ import os
 from dataclasses import asdict, dataclass
 
 CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION = "classification", "regression", "causal_lm", "qa_generation"
-PREFERENCE = "preference"
-TASK_KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION, PREFERENCE)
+PREFERENCE, REWARD = "preference", "reward"
+TASK_KINDS = (CLASSIFICATION, REGRESSION, CAUSAL_LM, QA_GENERATION, PREFERENCE, REWARD)
 
 
 def is_causal_lm(model=None, *, architectures: list[str] | None = None) -> bool:
@@ -47,7 +48,7 @@ class TaskInfo:
     @property
     def causal_lm(self) -> bool:
         """A causal LM (language-model loss; label words; generation), not a sequence classifier."""
-        return self.kind in (CAUSAL_LM, QA_GENERATION, PREFERENCE)
+        return self.kind in (CAUSAL_LM, QA_GENERATION, PREFERENCE, REWARD)
 
     @property
     def sequence_classifier(self) -> bool:
@@ -62,6 +63,11 @@ class TaskInfo:
     def preference(self) -> bool:
         """A causal LM trained on preference pairs and scored by reward accuracy (TRL's DPO), not by its loss."""
         return self.kind == PREFERENCE
+
+    @property
+    def rewarded(self) -> bool:
+        """A causal LM trained by RL on prompts (TRL's GRPO) and scored by the rewards of its answers."""
+        return self.kind == REWARD
 
     @property
     def scored_by_generation(self) -> bool:

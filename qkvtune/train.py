@@ -106,6 +106,12 @@ def _train(cfg: TrainConfig) -> dict:
 
         args = dpo.dpo_arguments(cfg, args)
         trainer = dpo.build_trainer(model, run.tokenizer, args, train_set, eval_sets, run.adapter, **common)
+    elif task.rewarded:  # GRPO through TRL, generating with this model
+        from . import grpo
+
+        args = grpo.grpo_arguments(cfg, args)
+        trainer = grpo.build_trainer(model, run.tokenizer, args, train_set, eval_sets, cfg.reward, run.adapter,
+                                     **common)
     else:
         trainer = QkvTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
                              data_collator=collator, compute_metrics=task.compute_metrics,

@@ -12,7 +12,7 @@ from conftest import minilm_folder
 from qkvtune.config import ConfigError, build_config
 from qkvtune.data import DataError, families, load_task, main_metric, task_kind
 from qkvtune.data.spec import DataSpec
-from qkvtune.task import CAUSAL_LM, CLASSIFICATION, PREFERENCE, QA_GENERATION, REGRESSION
+from qkvtune.task import CAUSAL_LM, CLASSIFICATION, PREFERENCE, QA_GENERATION, REGRESSION, REWARD
 
 
 def _tok():
@@ -22,9 +22,9 @@ def _tok():
 def test_every_family_file_is_found_and_owns_its_ids():
     names = {m.name for m in pkgutil.iter_modules(families.__path__)}
     declared = {f.name for f in families.families()}
-    assert names == {"builtin", "commonsense", "glue", "jsonl", "preference", "sft", "tables", "text"}
-    assert declared == {"builtin", "commonsense", "glue", "jsonl", "preference", "sft", "text", "classification",
-                        "regression"}
+    assert names == {"builtin", "commonsense", "glue", "jsonl", "preference", "prompts", "sft", "tables", "text"}
+    assert declared == {"builtin", "commonsense", "glue", "jsonl", "preference", "prompts", "sft", "text",
+                        "classification", "regression"}
     cases = {"glue/sst2": (CLASSIFICATION, "accuracy"), "glue/STS-B": (REGRESSION, "pearson"),
              "glue/mrpc": (CLASSIFICATION, "f1"), "glue/cola": (CLASSIFICATION, "matthews_correlation"),
              "commonsense/ARC-Easy": (QA_GENERATION, "accuracy"), "sft": (CAUSAL_LM, "loss"),
@@ -32,7 +32,7 @@ def test_every_family_file_is_found_and_owns_its_ids():
              "builtin/vader": (CLASSIFICATION, "accuracy"), "builtin/pydoc": (CAUSAL_LM, "loss"),
              "classification": (CLASSIFICATION, "accuracy"), "regression": (REGRESSION, "pearson"),
              "jsonl/reviews.jsonl": (CLASSIFICATION, "accuracy"),
-             "preference": (PREFERENCE, "rewards/accuracies")}
+             "preference": (PREFERENCE, "rewards/accuracies"), "prompts": (REWARD, "reward")}
     for task, (kind, metric) in cases.items():
         assert (task_kind(task), main_metric(task)) == (kind, metric), task
     for bad in ("glue", "classification/x", "nosuch/task", ""):
@@ -47,7 +47,8 @@ def test_optional_keys_are_refused_by_the_families_that_do_not_offer_them():
     for spec, key in ((dict(task="builtin/pydoc", shuffle_labels=True), "shuffle_labels"),
                       (dict(task="text/book.txt", val_size=8), "val_size"),
                       (dict(task="glue/sst2", packing=True), "packing"),
-                      (dict(task="commonsense/piqa", as_chat=True), "as_chat")):
+                      (dict(task="commonsense/piqa", as_chat=True), "as_chat"),
+                      (dict(task="sft", train_file="x.jsonl", reward="answer"), "reward")):
         with pytest.raises(ConfigError, match=f"^{key}: "):
             DataSpec(**spec).check()
     # a family's own rule: your own table needs its text columns

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..task import CLASSIFICATION
 
-OPTIONAL_KEYS = ("val_size", "shuffle_labels", "packing", "as_chat")  # data keys only some families honour
+OPTIONAL_KEYS = ("val_size", "shuffle_labels", "packing", "as_chat", "reward")  # data keys only some families honour
 
 
 class Family:

@@ -22,7 +22,8 @@ from .families import find_family, offering
 
 # What an optional key does, for the message that refuses it on a family that does not offer it.
 WHAT = {"val_size": "holds out a validation split", "shuffle_labels": "permutes the training labels",
-        "packing": "packs causal-LM examples", "as_chat": "renders sft records through the chat template"}
+        "packing": "packs causal-LM examples", "as_chat": "renders sft records through the chat template",
+        "reward": "names the rewards of RL on prompts"}
 
 
 @dataclass
@@ -55,6 +56,8 @@ class DataSpec:
     train_on_inputs: bool = False          # causal LM: also learn the prompt tokens
     packing: bool = False                  # task sft | text/…: pack training examples into rows of max_length tokens,
                                            # positions restarting per example (data/packing.py)
+    reward: typing.Any = None              # task prompts: answer (the default) | regex:<pattern> |
+                                           # module:function, or a list of them, summed (qkvtune/rewards.py)
 
     @classmethod
     def of(cls, settings) -> "DataSpec":

@@ -62,9 +62,9 @@ def kernel_examples(run, n: int, m: int, label_words: str | None = None, tokens:
                        heads=heads, collator=run.task.collator)
     if not info.causal_lm:
         raise ConfigError(f"task: plan needs a classifier, a regressor or a causal LM, not {info.kind}")
-    if info.preference:  # DPO's loss pairs two answers against a reference: no one-output kernel readout here
+    if info.preference or info.rewarded:  # no one-output kernel readout of DPO's pairs or GRPO's sampled rewards
         raise ConfigError("task: plan simulates a model's own loss on its outputs; DPO's pairwise loss against the "
-                          "pretrained model is not in its kernel view")
+                          "pretrained model and GRPO's rewards of sampled answers are not in its kernel view")
     if label_words:
         if cfg.train_on_inputs:
             raise ConfigError("train_on_inputs: the label-word output needs the prompt/response boundary; set it false")
