@@ -147,7 +147,9 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir, tiny_llama_di
         "lr_grid": {"lora": [1e-3, 1e-2]}, "lr_bounds": {"lora": [1e-3, 1e-2]},
         "gate": {"over_constant": -1.0, "matthews_correlation": -1.0, "loss": -1.0}, "not_learned": -1.0,
         "rising": 10.0,
-        "profiles": {"strict": {"claims": ["C1"], "gate": {"over_constant": 2.0}, "budgets": [1, 2]}}})
+        "profiles": {"strict": {"claims": ["C1"], "gate": {"over_constant": 2.0}, "budgets": [1, 2]},
+                     "bounded": {"claims": ["C1"], "gate": {"over_constant": 2.0}, "budgets": [1, 2, 4],
+                                 "max_minutes": 60}}})
     _write(suite, "c1.yaml", {
         "id": "C1", "title": "qv vs qkv", "source": "test", "paper": "85.06 vs 83.25", "tasks": ["glue.0"],
         "base": {"method": "lora", "rank": 2, "alpha": 4}, "reference": "qv",
@@ -239,8 +241,10 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir, tiny_llama_di
     assert check["part"] == "qv at least qkv"
     heads = c1["head_only"]["glue/sst2"]
     assert set(heads) == {"qv", "qkv"}  # the arms a check compares
-    for arm in ("qv", "qkv"):  # learned: the t interval of the per-seed gain over the same runs without ΔW is above 0
-        assert heads[arm]["learned"] == (heads[arm]["interval"]["low"] > 0)
+    for arm in ("qv", "qkv"):  # the t interval of the per-seed validation gain over the same runs without ΔW:
+        iv = heads[arm]["interval"]  # above 0 learned, at or below 0 not, across 0 unresolved
+        assert heads[arm]["status"] == ("learned" if iv["low"] > 0 else "adapter not learned" if iv["high"] <= 0
+                                        else "gain unresolved") and heads[arm]["learned"] == (iv["high"] > 0)
     if all(heads[a]["learned"] for a in ("qv", "qkv")):
         assert check["interval"]["how"].startswith("t, seeds + examples")
         assert check["interval"]["mean"] == pytest.approx(sum(q["d"]) / 2)
@@ -249,7 +253,9 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir, tiny_llama_di
     else:  # the part is not testable: an adapter that does not beat its own head-only score says nothing
         assert check["verdict"] == V.UNTESTABLE and "adapter not learned" in check["note"]
     assert all(0 <= p <= 1 for p in q["phi_top1:q"]) and all(f > 0 for f in q["factor:qv:q"])
-    assert "phi_top1_other_seed:q" in q and "dirs_over_random_other_seed:qv:q" in q and "factor_product:qv:q" in q
+    assert "phi_top1_other_seed:q" in q and "psi_bottom_over_random_other_seed:q" in q and "factor_product:qv:q" in q
+    assert q["log_factor_over_random:qv:q"] == pytest.approx([-math.log(x) for x in q["dirs_over_random:qv:q"]])
+    assert not [k for k in q if k.startswith("dirs_over_random_other_seed")]  # v3's relabelled control is gone
     assert all(s in (2, 4, 6, 8) for s in q["steps:qv"])  # evaluations at 2, 4, 6 (8 = never reached)
     c8 = record["C8"]
     assert c8["tasks"] == ["glue/sst2", "glue/cola"] and len(c8["quantities"]["add_retained"]) == 2
@@ -289,6 +295,17 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir, tiny_llama_di
     c1 = json.load(open(out / "claims.json"))["claims"][0]
     assert c1["verdict"] == V.UNTESTABLE and c1["testable"] == [] and list(c1["learning_rates"]["glue/sst2"]) == ["qv"]
     assert c1["budgets"]["glue/sst2"] == {"factor": 2, "max_train_samples": 96, "max_steps": 12, "eval_steps": 4}
+    # a time bound (--max-minutes over the profile's max_minutes): finished runs are read, no run starts past it
+    # (×4 would train here), and the report is written with every rate and budget tried
+    os.remove(out / "REPORT.md")
+    r = run_cli(*cmd, "--profile", "bounded", "--max-minutes", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "claims.log").read_text().count(" train ") == before + 2
+    c1 = json.load(open(out / "claims.json"))["claims"][0]
+    assert c1["verdict"] == "not testable within the bound" and "the bound of 0 min" in c1["skipped"]
+    assert "glue/sst2 reference ×1: 0.001 (seed 0): " in c1["skipped"] and ", 0.01 (seed 0): " in c1["skipped"]
+    assert "glue/sst2 reference ×2: 0.001 (seed 0): " in c1["skipped"]
+    assert "not testable within the bound" in (out / "REPORT.md").read_text()
 
 
 def test_unknown_claim_is_one_line_error(tmp_path):
@@ -478,6 +495,25 @@ def test_every_paper_quote_names_its_row_and_matches_the_transcription():
             assert found, f"{claim.id}: no row {row} under a heading naming {q['table']!r} with {list(q['cells'])}"
             assert any(all(r[header.index(k)] == v for k, v in q["cells"].items()) for _, header, r in found), \
                 f"{claim.id}: {row}: {q['cells']} differ from papers.md"
+
+
+def test_smt_warmup_counted_inside_the_step_cap(monkeypatch):
+    """``warmup_in_cap``: SMT's warm-up steps come out of the arm's step cap at every budget (v3 ran them on top,
+    and the head trained longer than LoRA's); a warm-up that leaves no step is refused by claim and arm."""
+    from qkvtune.bench.suite import Claim
+
+    ctx, _ = _context(monkeypatch, lambda s: 0.8)
+    claim = Claim(id="C6", title="t", tasks=["glue.0"], base={"max_steps": 100},
+                  arms={"lora": {"method": "lora"}, "smt": {"method": "smt", "smt_warmup_steps": 20,
+                                                           "warmup_in_cap": True}})
+    assert ctx.settings(claim, "glue/sst2", "lora", 0)["max_steps"] == 100
+    smt = ctx.settings(claim, "glue/sst2", "smt", 0)
+    assert smt["max_steps"] + smt["smt_warmup_steps"] == 100 and "warmup_in_cap" not in smt
+    ctx.budget["glue/sst2"] = 2
+    assert ctx.settings(claim, "glue/sst2", "smt", 0)["max_steps"] == 180
+    claim.arms["smt"]["smt_warmup_steps"] = 250
+    with pytest.raises(ConfigError, match="C6 arm smt: warmup_in_cap"):
+        ctx.settings(claim, "glue/sst2", "smt", 0)
 
 
 def test_a_profile_can_run_a_documented_subset_of_a_claims_arms():

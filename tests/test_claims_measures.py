@@ -172,39 +172,52 @@ def test_amplification_on_what_moved_can_fail_and_ignores_the_update_norm(traine
     assert _verdict("better", gain) != V.HOLDS
 
 
-def _result(tmp_path, preds_on, preds_off, labels):
-    """A ClaimResult for one arm over seeds whose test predictions (with and without ΔW) are given by hand."""
+def _result(tmp_path, preds_on, preds_off, labels, val_gains=(0.0, 0.0, 0.0)):
+    """A ClaimResult for one arm over seeds whose test predictions (with and without ΔW) and validation gains over
+    the head-only runs are given by hand."""
     runs = {}
-    for seed, (on, off) in enumerate(zip(preds_on, preds_off)):
+    for seed, (on, off, gain) in enumerate(zip(preds_on, preds_off, val_gains)):
         d = tmp_path / f"s{seed}"
         d.mkdir(parents=True)
         (d / "test_predictions.json").write_text(json.dumps({"dev": {"labels": labels, "predictions": on}}))
         (d / measures.WITHOUT_DELTA_FILE).write_text(json.dumps(
             {"score": sum(p == y for p, y in zip(off, labels)) / len(labels), "val_score": 0.5,
              "predictions": {"labels": labels, "predictions": off}}))
-        runs[seed] = {"glue/sst2": {"a": runner.SuiteRun("glue/sst2", "a", seed, str(d), {}, 0.5, 0.5, [], 0.0),
-                                    "b": runner.SuiteRun("glue/sst2", "b", seed, str(d), {}, 0.5, 0.5, [], 0.0)}}
+        runs[seed] = {"glue/sst2": {a: runner.SuiteRun("glue/sst2", a, seed, str(d), {}, 0.5, 0.5 + gain, [], 0.0)
+                                    for a in ("a", "b")}}
     claim = Claim(id="C", title="t", tasks=["glue.0"], arms={"a": {}, "b": {}})
     result = ClaimResult(claim, ["glue/sst2"], list(runs), runs, {}, [], V.UNSURE,
                          gates={"glue/sst2": (True, "")})
     return result
 
 
-def test_an_adapter_that_does_not_beat_its_head_only_runs_is_not_learned(tmp_path):
-    """The arm's test predictions equal those of the same runs with ΔW removed: no gain, "adapter not learned", and
-    the part that compares its score is not testable; an arm that does beat them is learned."""
+def test_the_head_only_gate_reads_the_validation_split_and_says_when_it_cannot_decide(tmp_path):
+    """The gate is the per-seed validation gain over the same runs with ΔW removed (the test split gates nothing):
+    no gain -> "adapter not learned" and the part comparing the arm is not testable; a clear gain -> learned
+    (whatever the test split says); a gain the seeds cannot resolve -> "gain unresolved", and the part is judged
+    with that note (v3 failed the largest gains on their spread)."""
     labels = [i % 2 for i in range(200)]
     same = [[(i + s) % 2 if i % 5 else 1 - i % 2 for i in range(200)] for s in range(3)]
-    flat = _result(tmp_path / "flat", same, same, labels)
-    check = head_only_check(flat, "glue/sst2", "a")
-    assert not check["learned"] and check["interval"].mean == 0
-    flat.head_only = {"glue/sst2": {"a": check}}
-    part = evaluate_check(flat, {"rule": "at_least", "a": "score:a", "b": "score:b", "margin": 0.02})
-    assert part["verdict"] == V.UNTESTABLE and "adapter not learned: a" in part["note"]
     better = [[y if i % 4 else 1 - y for i, y in enumerate(labels)] for _ in range(3)]  # 75 % right
     worse = [[y if i % 2 else 1 - y for i, y in enumerate(labels)] for _ in range(3)]  # 50 % right
-    good = _result(tmp_path / "good", better, worse, labels)
-    assert head_only_check(good, "glue/sst2", "a")["learned"]
+    compare = {"rule": "at_least", "a": "score:a", "b": "score:b", "margin": 0.02}
+    flat = _result(tmp_path / "flat", better, worse, labels)  # a test gain, but none on validation
+    check = head_only_check(flat, "glue/sst2", "a")
+    assert check["status"] == "adapter not learned" and not check["learned"] and check["interval"].mean == 0
+    flat.head_only = {"glue/sst2": {"a": check}}
+    part = evaluate_check(flat, compare)
+    assert part["verdict"] == V.UNTESTABLE and "adapter not learned: a" in part["note"]
+    good = _result(tmp_path / "good", same, same, labels, val_gains=(0.04, 0.05, 0.06))  # no test gain
+    check = head_only_check(good, "glue/sst2", "a")
+    assert check["status"] == "learned" and check["interval"].low > 0
+    spread = _result(tmp_path / "spread", better, worse, labels, val_gains=(0.12, -0.01, 0.09))
+    check = head_only_check(spread, "glue/sst2", "a")
+    assert check["status"] == "gain unresolved" and check["learned"] and check["interval"].low < 0 < check["interval"].high
+    spread.head_only = {"glue/sst2": {"a": check, "b": check}}
+    part = evaluate_check(spread, compare)
+    assert part["verdict"] != V.UNTESTABLE and "gain unresolved over head-only: a; gain unresolved over head-only: b" \
+        in part["note"]
+    assert "head-only test: a 0.500, b 0.500" in part["note"]  # both arms' heads alone, beside the comparison
 
 
 def test_the_stopping_check_reads_only_seeds_whose_loss_turned():

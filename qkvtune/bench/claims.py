@@ -51,14 +51,15 @@ from ..data.families import main_metric
 from ..data.metrics import constant_score
 from . import scores
 from .measures import CROSS_SEED, MEASURES, TRAINING_MEASURES, mean, without_delta
-from .runner import BUDGET_KEYS, Runner, open_output
+from .runner import BUDGET_KEYS, OutOfTime, Runner, open_output
 from .suite import Claim, default_suite_dir, discover_tasks, load_suite, parse_tasks, slot_task
 from .verdicts import (COMPARISONS, UNSURE, UNTESTABLE, Interval, combine, judge, power, seeds_needed,
                        t_interval)
 
 # --- the driver -----------------------------------------------------------------------------------------------
 
-ADAPTER_NOT_LEARNED = "adapter not learned"
+ADAPTER_NOT_LEARNED, LEARNED, GAIN_UNRESOLVED = "adapter not learned", "learned", "gain unresolved"
+OUT_OF_TIME = "not testable within the bound"
 
 
 @dataclass
@@ -145,15 +146,22 @@ def score_interval(result: ClaimResult, a: str, b: str, only: str | None = None)
 
 
 def head_only_check(result: ClaimResult, task: str, arm: str) -> dict:
-    """An arm's test score against its own runs with ΔW removed (the head as trained): learned if the t interval
-    of the per-seed gain lies above 0."""
+    """An arm's gain over its own runs with ΔW removed (the head as trained), read on the validation split — the
+    split selection reads; the test split gates nothing. Per seed, direction·(validation score − the same without
+    ΔW); ``status``: "learned" if the 90 % t interval lies above 0, "adapter not learned" if it lies at or below
+    0 (the parts comparing the arm are not testable), "gain unresolved" otherwise (the parts are read, with that
+    note: at 3 seeds the t(2) interval measures the gain's spread more than whether there is one, and failed
+    v3's largest gains). ``score``: the test score without ΔW, shown beside the arm's own."""
     runs = [result.runs[s][task][arm] for s in result.seeds]
-    on, off = _rows(runs, task), _rows(runs, task, head_only=True)
-    if on is None or off is None:
-        return {"score": math.nan, "interval": Interval(math.nan, -math.inf, math.inf), "learned": True}
-    p = difference_parts([(task, on[0], on[1], off[1])])
-    ci = _interval(p)
-    return {"score": mean([without_delta(r)["score"] for r in runs]), "interval": ci, "learned": ci.low > 0}
+    sign, gains, tests = scores.direction(task), [], []
+    for r in runs:
+        off = without_delta(r)
+        gains.append(sign * (off.get("val_score_with", r.val_score) - off["val_score"]))
+        tests.append(off["score"])
+    ci = t_interval(gains)
+    ci.how = "t, seeds (validation)"
+    status = LEARNED if ci.low > 0 else ADAPTER_NOT_LEARNED if ci.high <= 0 else GAIN_UNRESOLVED
+    return {"score": mean(tests), "interval": ci, "learned": status != ADAPTER_NOT_LEARNED, "status": status}
 
 
 def _per_seed_values(result: ClaimResult, c: dict, xs: list[float]) -> tuple[list[float], str]:
@@ -197,8 +205,16 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     unlearned = [arm for arm in compared if [t for t in result.adapter_not_learned(arm) if only in (None, t)]]
     if unlearned:
         return {**blank, "verdict": UNTESTABLE,
-                "note": "; ".join(f"{ADAPTER_NOT_LEARNED}: {arm} (test score not above its head-only score)"
+                "note": "; ".join(f"{ADAPTER_NOT_LEARNED}: {arm} (validation score not above its head-only score)"
                                   for arm in unlearned)}
+    unresolved = [arm for arm in compared for t in result.testable if only in (None, t) and
+                  ((result.head_only.get(t) or {}).get(arm) or {}).get("status") == GAIN_UNRESOLVED]
+    caveat = "; ".join(f"{GAIN_UNRESOLVED} over head-only: {arm}" for arm in dict.fromkeys(unresolved))
+    heads = {arm: h["score"] for arm in compared for t in result.testable if only in (None, t)
+             if (h := (result.head_only.get(t) or {}).get(arm)) and math.isfinite(h["score"])}
+    if len(heads) == 2 and len(result.testable) == 1:  # what the heads alone score: a gap there is not ΔW's
+        caveat = "; ".join(x for x in (caveat, "head-only test: " + ", ".join(f"{a} {s:.3f}" for a, s in heads.items()))
+                           if x)
     if rule in COMPARISONS and str(a).startswith("score:") and str(b).startswith("score:"):
         ci, p, note = score_interval(result, a[len("score:"):], b[len("score:"):], only)
     else:
@@ -220,12 +236,25 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
         verdict, note = UNSURE, f"not interpretable: {note}"
     var_seeds = p.var_seeds if p is not None else (ci.se ** 2 if math.isfinite(ci.se) else math.nan)
     var_examples = p.var_examples if p is not None else 0.0
-    pw = power(rule, ci.se, margin, ci.df)
+    pw = power(rule, ci.se, margin, ci.df, half=(ci.high - ci.low) / 2 if ci.n >= 2 else None)
     needed = seeds_needed(rule, var_seeds, var_examples, max(ci.n, 1), margin) if math.isfinite(pw) else None
+    note = "; ".join(x for x in (note, caveat) if x)
     return {**c, "part": part, "verdict": verdict, "interval": ci, "power": pw, "seeds_needed": needed, "note": note}
 
 
 def run_claim(claim: Claim, ctx: Runner) -> ClaimResult:
+    """The claim's runs, measures and verdict; past the suite's time bound, "not testable within the bound" with
+    every rate and budget it tried."""
+    try:
+        return _run_claim(claim, ctx)
+    except OutOfTime as e:
+        tasks = [t for t in (slot_task(ctx.tasks, s, ctx.all_tasks) for s in claim.tasks) if t is not None]
+        ctx.log(f"{claim.id}: {OUT_OF_TIME} ({e})")
+        return ClaimResult(claim, tasks, ctx.seeds, {}, {}, [], OUT_OF_TIME,
+                           skipped=f"{e}; tried: {ctx.tried_text(tasks)}")
+
+
+def _run_claim(claim: Claim, ctx: Runner) -> ClaimResult:
     t0 = time.perf_counter()
     seeds, tasks = ctx.seeds, ctx.tasks
     claim_tasks, missing = [], []
@@ -347,7 +376,7 @@ def keep_arms(claim: Claim, arms: list[str] | None) -> Claim:
 
 def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None, only: list[str] | None = None,
               tasks_spec: str | None = None, overrides: dict | None = None, log=print,
-              profile: str | None = None) -> list[ClaimResult]:
+              profile: str | None = None, max_minutes: float | None = None) -> list[ClaimResult]:
     suite, claims = load_suite(suite_dir)
     named = tasks_spec is not None  # tasks the user named are run as named, whatever the profile's families
     if profile is None and "default" in (suite.get("profiles") or {}):
@@ -359,6 +388,7 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
         p = profiles[profile] or {}
         seeds = seeds or p.get("seeds")
         only = only or p.get("claims")
+        max_minutes = max_minutes if max_minutes is not None else p.get("max_minutes")
         tasks_spec = tasks_spec or p.get("tasks")
         overrides = {**(p.get("overrides") or {}), **(overrides or {})}
         for key in ("gate", "lr_grid", "lr_bounds", "not_learned", "budgets", "rising", "reference"):
@@ -380,8 +410,9 @@ def run_suite(suite_dir: str, data_dir, out: str, seeds: list[int] | None = None
         if unknown:
             raise ConfigError(f"--claims: unknown claim {sorted(unknown)[0]!r} (have {[c.id for c in claims]})")
         claims = [c for c in claims if c.id in only]
-    log(f"tasks: {tasks}; seeds {seeds}")
-    ctx = Runner(suite, tasks, seeds, data_dir, out, log, all_tasks=found if not named else tasks)
+    log(f"tasks: {tasks}; seeds {seeds}" + (f"; bound {max_minutes:g} min" if max_minutes is not None else ""))
+    ctx = Runner(suite, tasks, seeds, data_dir, out, log, all_tasks=found if not named else tasks,
+                 max_minutes=max_minutes)
     return [run_claim(c, ctx) for c in claims]
 
 
@@ -400,7 +431,10 @@ def cmd_claims(args) -> int:
     use_device(args.device)
     report, log = open_output(args.out, args.report, "REPORT.md", "claims.log")  # checked before, made after
     t0 = time.time()
-    results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log, args.profile)
+    if args.max_minutes is not None and not args.max_minutes >= 0:
+        raise ConfigError(f"--max-minutes: must be >= 0, got {args.max_minutes!r}")
+    results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log, args.profile,
+                        args.max_minutes)
     command = command_line("qkvtune bench claims …")
     preface = None
     if args.preface:
@@ -443,6 +477,9 @@ def register(sub) -> None:
                    "C1, C2, C3, C10; ≤ 60 min on 2 CPU cores), full (C4-C9 too, every task, SmolLM2 included), quick (a smoke version)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where runs train: auto (a GPU if there is one), cpu, cuda (refused without a GPU)")
+    p.add_argument("--max-minutes", type=float, help="time bound (default: the profile's max_minutes, else none): no "
+                   "run starts that would end past it; what it leaves undecided is reported 'not testable within "
+                   "the bound' with every rate and budget tried, and the report is always written")
     p.add_argument("--out", default="runs/claims", help="folder for the runs, the log and the report")
     p.add_argument("--report", help="Markdown report path (default: OUT/REPORT.md); plots go beside it")
     p.add_argument("--preface", help="a Markdown file placed under the report's header (e.g. what changed since the "

@@ -160,7 +160,9 @@ def subspace(runs: dict, a: str, b: str, side: str = "B", control: tuple[str, st
     * ``phi_top1_control:<kind>``: φ(1, 1) of the ``control`` pair (a', b'), trained on shuffled labels (patience
       off, the same steps);
     * ``psi_bottom_over_random:<kind>``: the share of a's bottom direction inside b's subspace over its random value
-      r_b/d (≈ 1 for a direction b does not hold; r_b/d·… up to d/r_b if b holds all of a).
+      r_b/d (≈ 1 for a direction b does not hold; r_b/d·… up to d/r_b if b holds all of a), and
+      ``psi_bottom_over_random_other_seed`` with b's adapter of another seed (same-seed pairs share what the seed
+      drove, so their bottom directions overlap for that reason alone).
     Per layer values are kept as ``phi_top1:<kind>@<layer>``."""
     from ..runs import open_runs
     from ..analysis.subspace import adapter_factors, direction_shares, subspace_similarity
@@ -194,6 +196,7 @@ def subspace(runs: dict, a: str, b: str, side: str = "B", control: tuple[str, st
     if other:
         for kind, rows in phis(a, b, other).items():
             out[f"phi_top1_other_seed:{kind}"] = median([r["phi"] for r in rows])
+            out[f"psi_bottom_over_random_other_seed:{kind}"] = median([r["psi_bottom"] / r["random_psi"] for r in rows])
     if control:
         for kind, rows in phis(*control).items():
             out[f"phi_top1_control:{kind}"] = median([r["phi"] for r in rows])
@@ -208,10 +211,12 @@ def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dic
     which is mostly A's random initialisation after a short run, so its directions are random on that side by
     construction. ``factor:<arm>:<kind>`` = ‖ΔW‖_F / ‖UᵀWV‖_F; ``dirs_over_random`` = ‖UᵀWV‖_F over its value
     for random orthonormal directions, √(r²/(m·n))·‖W‖_F — free of ‖ΔW‖, so a control with a smaller update is
-    compared fairly (> 1: W has M's directions more than chance). ``factor_product`` and
-    ``dirs_over_random_product``: the same on ΔW itself (v2's quantity). With ``other`` (the next seed's runs),
-    ``dirs_over_random_other_seed``: W along the directions of a same-rank adapter of another seed, which asks
-    whether W holds *these* directions or any trained adapter's."""
+    compared fairly (> 1: W has M's directions more than chance). That random level grows in proportion to r, so
+    the factor falls with r for random directions too: ``log_factor_over_random`` = log(factor / (‖ΔW‖_F over the
+    random level)) = −log dirs_over_random is the factor with that growth taken out (its fall from r to r′ is the
+    part the random level does not explain), and ``log_factor`` the plain log. ``factor_product`` and
+    ``dirs_over_random_product``: the same on ΔW itself (v2's quantity). (v3's "another seed" control is gone: W
+    is frozen, so W along another seed's directions is that seed's own value under another name.)"""
     from ..runs import open_runs
     from ..analysis.subspace import amplification as amp, delta_weights
 
@@ -224,7 +229,6 @@ def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dic
             (run,) = open_runs([by_arm[arm].dir])
             weights = delta_weights(run.model, run.adapter)
             moved = moved_factors(by_arm[arm])
-            partner = moved_factors(other[task][arm]) if other and arm in (other.get(task) or {}) else {}
             for key, (dw, w) in weights.items():
                 kind = kind_of(key)
                 row = {"product": amp(dw, w)}
@@ -232,9 +236,6 @@ def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dic
                     f = moved[key]
                     m = f["scale"] * f["B"] @ f["A_moved"]
                     row["moved"] = _along(dw, w, m)
-                    if key in partner:
-                        g = partner[key]
-                        row["other"] = _along(dw, w, g["scale"] * g["B"] @ g["A_moved"])
                 rows.setdefault(kind, []).append(row)
         for kind, vals in rows.items():
             main = [v.get("moved", v["product"]) for v in vals]
@@ -243,9 +244,8 @@ def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dic
             out[f"factor_product:{arm}:{kind}"] = median([v["product"]["factor"] for v in vals])
             out[f"dirs_over_random_product:{arm}:{kind}"] = median(
                 [v["product"]["proj_delta_dirs"] / v["product"]["proj_random_expected"] for v in vals])
-            if any("other" in v for v in vals):
-                out[f"dirs_over_random_other_seed:{arm}:{kind}"] = median(
-                    [v["other"]["dirs_over_random"] for v in vals if "other" in v])
+            out[f"log_factor:{arm}:{kind}"] = math.log(out[f"factor:{arm}:{kind}"])
+            out[f"log_factor_over_random:{arm}:{kind}"] = -math.log(out[f"dirs_over_random:{arm}:{kind}"])
     return out
 
 
@@ -428,5 +428,5 @@ def interpolate(curve: list[tuple[int, float]], step: float) -> float:
 
 MEASURES = {"steps_to_target": steps_to_target, "subspace": subspace, "amplification": amplification,
             "allocation": allocation, "kernel_curve": kernel_curve, "task_vectors": task_vectors}
-CROSS_SEED = ("subspace", "amplification")  # these also read the next seed's runs (``other``)
+CROSS_SEED = ("subspace",)  # these also read the next seed's runs (``other``)
 TRAINING_MEASURES = {"ntk_stopping": ntk_stopping}  # these train runs of their own

@@ -2,7 +2,7 @@
 cost on top, a verdict table with each claim's parts and the resolution it had, a "testable here?" table, one
 section per claim (the gate per task and the head's rate, each arm's chosen rate and validation curve over the
 grid with its flags — rate at the search's bound, tie broken, still rising at the step cap, not learned, adapter
-not learned — test scores per arm and task as mean ± sd over seeds beside the same runs with ΔW removed,
+not learned or gain unresolved on the validation split — test scores per arm and task as mean ± sd over seeds beside the same runs with ΔW removed,
 quantities, each check with its interval, verdict and power, the papers' own words and numbers with the row they
 come from, and for a claim that sets two sources against each other which one the evidence supports) and PNG
 plots beside it; ``claims.json`` holds every figure."""
@@ -196,8 +196,8 @@ def resolution(r) -> float:
 def _flags(r, task: str, arm: str, res) -> list[str]:
     flags = ["not learned"] if arm in r.not_learned.get(task, []) else []
     head = (r.head_only.get(task) or {}).get(arm)
-    if head and not head["learned"]:
-        flags.append("adapter not learned")
+    if head and head.get("status", "learned") != "learned":
+        flags.append(head["status"])
     if res.at_bound:
         flags.append(f"rate at the search's {res.at_bound} bound")
     for t in res.ties:
@@ -328,6 +328,7 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
         lines += [f"## {c.id}: {c.title}", "", f"Source: {c.source}. Config: `{os.path.relpath(c.path)}`.", ""]
         if r.skipped:
             lines += [f"Skipped: {r.skipped}.", ""]
+            record.append({"id": c.id, "verdict": r.verdict, "skipped": r.skipped, "tasks": r.tasks, "seeds": r.seeds})
             continue
         if c.notes:
             lines += [c.notes.strip(), ""]
@@ -345,7 +346,7 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
                          f"{'–' if const is None or not math.isfinite(const) else f'{const:.4g}'} |")
         lines.append("")
         lines += ["| arm | task | settings | η_Q chosen | validation over the search (first seed) | test score | "
-                  "same runs, ΔW removed (gain, 90 % t) | |", "|---|---|---|---|---|---|---|---|"]
+                  "same runs, ΔW removed: test score (validation gain, 90 % t) | |", "|---|---|---|---|---|---|---|---|"]
         for t, arms in r.arms.items():
             for a, res in arms.items():
                 settings = ", ".join(f"{k}={v}" for k, v in (c.arms[a] or {}).items())
@@ -388,7 +389,7 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
         record.append({"id": c.id, "verdict": r.verdict, "tasks": r.tasks, "testable": r.testable, "seeds": r.seeds,
                        "gates": {t: list(g) for t, g in r.gates.items()}, "budgets": r.budgets,
                        "head_lr": r.head_lr, "constants": r.constants, "not_learned": r.not_learned,
-                       "head_only": {t: {a: {"score": h["score"], "learned": h["learned"],
+                       "head_only": {t: {a: {"score": h["score"], "learned": h["learned"], "status": h["status"],
                                              "interval": vars(h["interval"])} for a, h in arms.items()}
                                      for t, arms in r.head_only.items()},
                        "rising": r.rising, "quantities": r.quantities,

@@ -48,7 +48,7 @@ def open_output(out: str, report: str | None, default_report: str, log_name: str
 
 
 BUDGET_KEYS = ("max_train_samples", "max_steps", "eval_steps")  # what a budget factor multiplies
-ARM_KEYS = {"only_tasks", "lr_from", "lr_search", "params_from", "steps_from"}  # the suite's own arm keys; the rest: TrainConfig's
+ARM_KEYS = {"only_tasks", "lr_from", "lr_search", "params_from", "steps_from", "warmup_in_cap"}  # the suite's own arm keys; the rest: TrainConfig's
 HEAD_ARM = "reference"  # the name of a task's reference arm (suite.yaml ``reference``)
 
 
@@ -95,9 +95,15 @@ def run_dir(out: str, settings: dict, label: str) -> str:
     return os.path.join(out, "runs", f"{label}-{key}")
 
 
-def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = None) -> SuiteRun:
+class OutOfTime(Exception):
+    """The suite's time bound (``--max-minutes``) leaves no room for another run: none is started."""
+
+
+def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = None,
+               may_train=None) -> SuiteRun:
     """Train the run unless ``out_dir`` already holds its finished result (then just read it). ``task``: the
-    suite's name of the task (default: the settings' ``task``; an sft file's name differs from its ``task: sft``)."""
+    suite's name of the task (default: the settings' ``task``; an sft file's name differs from its ``task: sft``).
+    ``may_train()`` is asked before training (it raises ``OutOfTime`` past the suite's bound)."""
     from ..config import build_config
     from ..files import write_json
     from ..train import train
@@ -110,6 +116,8 @@ def ensure_run(settings: dict, out_dir: str, arm: str, log, task: str | None = N
         if rec.get("settings") == json.loads(json.dumps(settings, default=str)) and all(k in rec for k in RECORD_KEYS):
             rec.update({k: math.nan for k in ("score", "val_score") if rec[k] is None})  # JSON writes NaN as null
             return SuiteRun(**{k: rec[k] for k in RECORD_KEYS}, dir=out_dir, max_steps=settings.get("max_steps"))
+    if may_train is not None:
+        may_train()
     cfg = build_config({**settings, "output_dir": out_dir, "overwrite": True})
     log(f"train {task} {arm} seed={settings['seed']} lr={settings.get('lr')} -> {out_dir}")
     t0 = time.perf_counter()
@@ -152,7 +160,7 @@ class Runner:
     claim already searched reads its runs back, it does not search again)."""
 
     def __init__(self, suite: dict, tasks: dict, seeds: list[int], data_dir, out: str, log,
-                 all_tasks: dict | None = None):
+                 all_tasks: dict | None = None, max_minutes: float | None = None):
         self.suite, self.tasks, self.seeds, self.data_dir, self.out, self.log = suite, tasks, seeds, data_dir, out, log
         self.all_tasks = all_tasks or tasks  # before a profile kept only some (kind slots look here)
         self.labels_cache: dict = {}
@@ -160,6 +168,10 @@ class Runner:
         self.head_lr: dict[str, float] = {}  # task -> the task head's rate (families with a head)
         self.references: dict[str, tuple] = {}  # task -> (ArmResult, gate) of the task's reference arm
         self.ranks: dict[tuple, dict] = {}  # (claim, task, arm) -> the rank/α of a ``params_from`` arm
+        # the time bound: no run starts that the longest run so far would carry past it (a report is always written)
+        self.max_minutes, self.started = max_minutes, time.monotonic()
+        self.longest = 0.0
+        self.tried: list[dict] = []  # every run this invocation trained or read: task, arm, budget, seed, lr, score
 
     # --- settings of one run ------------------------------------------------------------------------------
     def settings(self, claim: "Claim", task: str, arm: str, seed: int, lr: float | None = None) -> dict:
@@ -171,6 +183,11 @@ class Runner:
         if lr is not None:
             settings["lr"] = lr
         spec = claim.arms[arm] or {}
+        if spec.get("warmup_in_cap") and settings.get("max_steps"):  # SMT's warm-up counted inside the step cap
+            settings["max_steps"] -= int(settings.get("smt_warmup_steps") or 0)
+            if settings["max_steps"] < 1:
+                raise ConfigError(f"{claim.id} arm {arm}: warmup_in_cap: smt_warmup_steps leaves no step of the "
+                                  f"cap ({settings['max_steps'] + int(settings['smt_warmup_steps'])}) to train")
         if spec.get("params_from"):
             settings.update(self.matched_rank(claim, task, arm, seed))
         head = self.head_lr.get(task)
@@ -198,7 +215,30 @@ class Runner:
 
     def run(self, settings: dict, task: str, arm: str) -> SuiteRun:
         label = f"{task.replace('/', '-')}-s{settings['seed']}"
-        return ensure_run(settings, run_dir(self.out, settings, label), arm, self.log, task)
+        run = ensure_run(settings, run_dir(self.out, settings, label), arm, self.log, task, self.may_train)
+        self.longest = max(self.longest, run.seconds)
+        self.tried.append({"task": task, "arm": arm, "budget": self.budget.get(task, 1), "seed": run.seed,
+                           "lr": settings.get("lr"), "val_score": run.val_score})
+        return run
+
+    def may_train(self) -> None:
+        if self.max_minutes is None:
+            return
+        elapsed = time.monotonic() - self.started
+        if elapsed + self.longest > 60 * self.max_minutes:
+            raise OutOfTime(f"the bound of {self.max_minutes:g} min ({elapsed / 60:.1f} min gone, the longest run "
+                            f"{self.longest / 60:.1f} min)")
+
+    def tried_text(self, tasks: list[str]) -> str:
+        """Every rate and budget tried on ``tasks`` so far, with each run's validation score."""
+        groups: dict[tuple, list[str]] = {}
+        for t in self.tried:
+            if t["task"] in tasks:
+                groups.setdefault((t["task"], t["arm"], t["budget"]), []).append(
+                    f"{t['lr']:g} (seed {t['seed']}): {t['val_score']:.3f}" if t["lr"] is not None
+                    else f"seed {t['seed']}: {t['val_score']:.3f}")
+        return "; ".join(f"{task} {arm} ×{b:g}: {', '.join(v)}" for (task, arm, b), v in groups.items()) or \
+            "no run had started"
 
     # --- the task's reference arm: its budget and head rate ----------------------------------------------
     def task_reference(self, task: str) -> tuple["ArmResult", tuple[bool, str]] | None:

@@ -13,10 +13,13 @@ an example part shared by every seed, and their interaction). Then
   already counts (var(w̄)/n, estimated from how the seeds' replicates move against their mean);
 * the two are combined as se² = s²_d/n + var_examples with Welch–Satterthwaite degrees of freedom
   df = se⁴ (n − 1) / (s²_d/n)² (the example part has effectively infinite ones), and the interval is
-  d̄ ± t₀.₉₅(df)·se. A simulation (tests/test_stats.py) holds its 90 % coverage to 88–92 % at 3 and at 5 seeds.
+  d̄ ± t₀.₉₅(df)·se — but never narrower than the seeds-only d̄ ± t₀.₉₅(n − 1)·s_d/√n: the degrees of freedom
+  rise faster than the standard error when the example part is added (a part counted exact), and a test set
+  cannot make the seeds' own spread more certain (v3's intervals were narrower than seeds-only in 8 of 9 cases).
+  A simulation (tests/test_stats.py) holds the 90 % coverage to 88–93 % at 3 and at 5 seeds.
 
-Power and "seeds needed" use the same t: ``power`` at a standard error and df, ``seeds_needed`` by shrinking
-only the seed part (var_seeds·n/n′) and recomputing df.
+Power and "seeds needed" use the same interval: ``power`` at a standard error, df and half-width,
+``seeds_needed`` by shrinking only the seed part (var_seeds·n/n′) and recomputing both.
 """
 
 from __future__ import annotations
@@ -94,8 +97,17 @@ class Parts:
         """The two-sided (1 − 2α) t interval; its ends are one-sided α bounds. Unbounded below 2 seeds."""
         if self.n < 2 or not math.isfinite(self.mean):
             return -math.inf, math.inf
-        half = t_quantile(self.df, 1 - alpha) * self.se
+        half = half_width(self.var_seeds, self.var_examples, self.n, alpha)
         return self.mean - half, self.mean + half
+
+
+def half_width(var_seeds: float, var_examples: float, n: int, alpha: float = 0.05) -> float:
+    """t₁₋α(df)·se with Welch–Satterthwaite df, floored at the seeds-only t₁₋α(n − 1)·√var_seeds."""
+    if n < 2:
+        return math.inf
+    se = math.sqrt(var_seeds + var_examples)
+    return max(t_quantile(welch_df(var_seeds, var_examples, n), 1 - alpha) * se,
+               t_quantile(n - 1, 1 - alpha) * math.sqrt(var_seeds))
 
 
 def welch_df(var_seeds: float, var_examples: float, n: int) -> float:
@@ -137,13 +149,15 @@ def t_cdf(x: float, df: float) -> float:
     return float(norm.cdf(x)) if not math.isfinite(df) else float(t.cdf(x, df))
 
 
-def pass_probability(rule: str, margin: float, se: float, df: float, alpha: float = 0.05) -> float:
-    """P(the check passes) when the estimate is truth + se·T_df and the interval is d ± t₁₋α(df)·se:
-    ``at_least`` with truly equal arms, ``better`` with arms truly ``margin`` apart (both 1 − F(t − m/se)),
-    ``equivalent`` with truly equal arms (2F(m/se − t) − 1, 0 when the interval alone is wider than the margin)."""
+def pass_probability(rule: str, margin: float, se: float, df: float, alpha: float = 0.05,
+                     half: float | None = None) -> float:
+    """P(the check passes) when the estimate is truth + se·T_df and the interval is d ± h (``half``; default
+    t₁₋α(df)·se): ``at_least`` with truly equal arms, ``better`` with arms truly ``margin`` apart (both
+    1 − F(h/se − m/se)), ``equivalent`` with truly equal arms (2F(m/se − h/se) − 1, 0 when the interval alone is
+    wider than the margin)."""
     if not (se > 0) or not math.isfinite(se):
         return 1.0 if se == 0 else math.nan
-    q = t_quantile(df, 1 - alpha)
+    q = t_quantile(df, 1 - alpha) if half is None else half / se
     if rule == "equivalent":
         return max(0.0, 2 * t_cdf(margin / se - q, df) - 1)
     return 1 - t_cdf(q - margin / se, df)

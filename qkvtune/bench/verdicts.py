@@ -3,8 +3,8 @@
 Scores (``score:<arm>``) are compared on the test split: per seed, the difference of the two arms' test scores
 (seeds paired: the same seed gives both arms their data order), and a t interval whose seed part has n − 1
 degrees of freedom and whose test-set part comes from resampling the test examples (the same resampled examples
-for every arm and seed; ``stats.py``, held to 88–92 % coverage of its nominal 90 % at 3 and 5 seeds by
-simulation); with several tasks, the mean over tasks. Scores judged by a loss (lower is better) are compared as
+for every arm and seed), never narrower than the seeds-only t(n − 1) interval (``stats.py``, held to 88–93 %
+coverage of its nominal 90 % at 3 and 5 seeds by simulation); with several tasks, the mean over tasks. Scores judged by a loss (lower is better) are compared as
 the gain b − a, so every rule below reads "a is better". Other quantities (steps to target, φ, amplification
 factors, slopes, task-vector retention) have one value per seed and a two-sided 90 % Student-t interval,
 mean ± t₀.₉₅(n−1)·sd/√n. Either way the interval's ends are one-sided 95 % bounds, and a difference d = a − b
@@ -88,14 +88,16 @@ def judge(rule: str, ci: Interval, margin: float = 0.0, threshold: float | None 
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def power(rule: str, se: float, margin: float, df: float = math.inf, alpha: float = 0.05) -> float:
+def power(rule: str, se: float, margin: float, df: float = math.inf, alpha: float = 0.05,
+          half: float | None = None) -> float:
     """P(the check passes) for truly equal arms (at_least, equivalent) or arms truly ``margin`` apart (better),
-    with the estimate ~ truth + se·T_df (``stats.pass_probability``)."""
+    with the estimate ~ truth + se·T_df and the interval's half-width ``half`` (default t(df)·se;
+    ``stats.pass_probability``)."""
     from .stats import pass_probability
 
     if rule not in COMPARISONS or not math.isfinite(se) or margin <= 0:
         return math.nan
-    return pass_probability(rule, margin, se, df, alpha)
+    return pass_probability(rule, margin, se, df, alpha, half)
 
 
 def seeds_needed(rule: str, var_seeds: float, var_examples: float, n_seeds: int, margin: float,
@@ -103,13 +105,14 @@ def seeds_needed(rule: str, var_seeds: float, var_examples: float, n_seeds: int,
     """Seeds per arm at which ``power`` reaches ``target``: the seed part shrinks as var_seeds·n/n′, the test-set
     part does not, and the degrees of freedom follow (Welch–Satterthwaite). None if ``most`` seeds do not
     reach it."""
-    from .stats import welch_df
+    from .stats import half_width, welch_df
 
     if not (math.isfinite(var_seeds) and math.isfinite(var_examples)) or n_seeds < 2:
         return None
     for n in range(2, most + 1):
         vs = var_seeds * n_seeds / n
-        if power(rule, math.sqrt(vs + var_examples), margin, welch_df(vs, var_examples, n)) >= target:
+        if power(rule, math.sqrt(vs + var_examples), margin, welch_df(vs, var_examples, n),
+                 half=half_width(vs, var_examples, n)) >= target:
             return n
     return None
 
