@@ -85,6 +85,39 @@ def minilm_folder():
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+def text_tokenizer():
+    """MiniLM's tokenizer with an end-of-text token (its [SEP]): a quick stand-in for reading text records."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    tok.eos_token = tok.sep_token
+    return tok
+
+
+def write_records(path, rows: list, **edit) -> str:
+    """``rows`` as JSON lines at ``path`` with row i replaced by ``edit["r<i>"]``; the path as a string."""
+    import json
+
+    for key, row in edit.items():
+        rows[int(key[1:])] = row
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def lora_weights(model) -> dict:
+    """{(module, "A"|"B"): tensor} of qkvtune's deltas or PEFT's LoRA layers (public names only)."""
+    from qkvtune import attach
+
+    out = {}
+    for _, d in attach.iter_deltas(model):
+        out[d.target.module, "A"], out[d.target.module, "B"] = d.lora_A.detach(), d.lora_B.detach()
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+            out[module, "A" if ".lora_A." in name else "B"] = p.detach()
+    return out
+
+
 def _save_tiny(path, model_cls, cfg, tok):
     torch.manual_seed(0)
     model_cls(cfg).save_pretrained(path)

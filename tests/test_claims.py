@@ -186,6 +186,7 @@ def test_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_dir, tiny_llama_di
     report = (out / "REPORT.md").read_text()
     assert "## C1: qv vs qkv" in report and "85.06 vs 83.25" in report and "| qv | glue/sst2 |" in report
     assert "### Testable here?" in report and "CPU time" in report
+    assert "| C1 | qv at least qkv | " in report.split("### For a reviewer")[1]  # each part: could it fail, what resolves it
     record = {c["id"]: c for c in json.load(open(out / "claims.json"))["claims"]}
     c1 = record["C1"]
     assert c1["tasks"] == c1["testable"] == ["glue/sst2"]
@@ -495,6 +496,21 @@ def test_every_paper_quote_names_its_row_and_matches_the_transcription():
             assert found, f"{claim.id}: no row {row} under a heading naming {q['table']!r} with {list(q['cells'])}"
             assert any(all(r[header.index(k)] == v for k, v in q["cells"].items()) for _, header, r in found), \
                 f"{claim.id}: {row}: {q['cells']} differ from papers.md"
+
+
+def test_the_reviewer_table_names_unit_tests_that_exist():
+    """Every test the report names as "the unit test that makes a check of this kind fail" is a test of this suite."""
+    import ast
+    import pathlib
+
+    from qkvtune.bench.report import FAILS_IN
+
+    here = pathlib.Path(__file__).parent
+    named = {t.strip().split(" ")[0] for _, tests in FAILS_IN for t in tests.split(", ")}
+    for name in named:
+        file, _, fn = name.partition("::")
+        tree = ast.parse((here / file).read_text())
+        assert fn in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name
 
 
 def test_smt_warmup_counted_inside_the_step_cap(monkeypatch):

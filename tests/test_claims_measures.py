@@ -236,4 +236,6 @@ def test_the_stopping_check_reads_only_seeds_whose_loss_turned():
     kept = judge([1.02, 1.6, 1.03], [1, 0, 1], [1.5, 1.6, 1.4])  # seed 1 never turned: its 1.6 is truncation
     assert kept["interval"].n == 2 and kept["verdict"] == V.HOLDS and "turned > 0.5 in 2 of 3" in kept["note"]
     assert judge([1.02, 1.01, 1.03], [0, 0, 0], [1.5, 1.6, 1.4])["verdict"] == V.UNSURE  # nothing to read
+    one = judge([1.44, 1.147, 1.3], [1, 0, 0], [1.5, 1.6, 1.4])  # v3's C7: one readable seed, past the bound
+    assert one["verdict"] == V.UNSURE and "leans not held: the readable seed's value 1.44 is past" in one["note"]
     assert judge([1.3, 1.35, 1.4], [1, 1, 1], [1.5, 1.6, 1.7])["verdict"] == V.FAILS

@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import minilm_folder, run_cli
-from qkvtune import attach
+from conftest import lora_weights, run_cli, text_tokenizer, write_records
 from qkvtune.config import ConfigError, build_config
 from qkvtune.data import DataError, load_task
 
@@ -27,22 +26,11 @@ def _pairs(path, n=24, chat=False, **edit):
                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
                  "rejected": [{"role": "assistant", "content": r["rejected"]}]}
         rows.append(r)
-    for i, row in edit.items():
-        rows[int(i[1:])] = row
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _tok():
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
-    tok.eos_token = tok.sep_token
-    return tok
+    return write_records(path, rows, **edit)
 
 
 def test_preference_records_are_read_and_checked(tmp_path):
-    tok = _tok()
+    tok = text_tokenizer()
     data = load_task("preference", tok, train_file=_pairs(tmp_path / "p.jsonl"), val_size=4)
     # 24 records: 2 (validation_fraction 0.1) the test split, 4 (val_size) the validation split, 18 trained on
     assert len(data.train) == 18 and len(data.evals["validation"]) == 4 and len(data.tests["test"]) == 2
@@ -75,18 +63,6 @@ def test_objective_keys_are_checked(tmp_path):
             build_config({**settings, "output_dir": str(tmp_path / "o")})
 
 
-def _lora_weights(model):
-    """{(module, "A"|"B"): tensor} of qkvtune's deltas or PEFT's LoRA layers."""
-    out = {}
-    for _, d in attach.iter_deltas(model):
-        out[d.target.module, "A"], out[d.target.module, "B"] = d.lora_A.detach(), d.lora_B.detach()
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
-            out[module, "A" if ".lora_A." in name else "B"] = p.detach()
-    return out
-
-
 def test_dpo_equals_trl_with_peft_step_for_step(tmp_path, tiny_llama_dir):
     """LoRA q, v (r 4, α 8) under DPO: qkvtune's run (its deltas, its optimizer groups, the reference precomputed
     with the deltas off) and TRL's DPOTrainer with a PEFT LoraConfig (the reference by disabling the adapter at
@@ -102,7 +78,7 @@ def test_dpo_equals_trl_with_peft_step_for_step(tmp_path, tiny_llama_dir):
                             targets=["q", "v"], rank=4, alpha=8, lr=5e-3, max_steps=6, batch_size=4, warmup_ratio=0.0,
                             eval_strategy="no", logging_steps=1, seed=3, dpo_beta=0.2, output_dir=str(tmp_path / "q")))
     run = runs.build(cfg)
-    initial = {k: v.clone() for k, v in _lora_weights(run.model).items()}
+    initial = {k: v.clone() for k, v in lora_weights(run.model).items()}
     args = dpo.dpo_arguments(cfg, training_arguments(cfg, run.task, "loss", False, has_eval=False))
     ours = dpo.build_trainer(run.model, run.tokenizer, args, run.task.train, None, run.adapter, rates=cfg)
     ours.train()
@@ -126,7 +102,7 @@ def test_dpo_equals_trl_with_peft_step_for_step(tmp_path, tiny_llama_dir):
         for k in keys:
             assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
     assert mine[-1]["rewards/margins"] > mine[0]["rewards/margins"]  # it learned something: the check is not vacuous
-    w_ours, w_theirs = _lora_weights(run.model), _lora_weights(theirs.model)
+    w_ours, w_theirs = lora_weights(run.model), lora_weights(theirs.model)
     assert w_ours.keys() == w_theirs.keys() and len(w_ours) == 2 * 2 * 2
     for k in w_ours:
         torch.testing.assert_close(w_ours[k], w_theirs[k], atol=1e-5, rtol=1e-4, msg=str(k))

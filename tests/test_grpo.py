@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qkvtune import attach
+from conftest import lora_weights, run_cli, text_tokenizer, write_records
 from qkvtune.config import ConfigError, build_config
 from qkvtune.data import DataError, load_task
 from qkvtune.rewards import answer_reward, final_answer, reward_function
@@ -36,25 +36,11 @@ def test_rewards_are_their_closed_forms(tmp_path, monkeypatch):
 
 
 def _prompts(path, n=16, **edit):
-    rows = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(n)]
-    for key, row in edit.items():
-        rows[int(key[1:])] = row
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _tok():
-    import transformers
-
-    from conftest import minilm_folder
-
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
-    tok.eos_token = tok.sep_token
-    return tok
+    return write_records(path, [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(n)], **edit)
 
 
 def test_prompt_records_are_read_and_checked(tmp_path):
-    tok = _tok()
+    tok = text_tokenizer()
     data = load_task("prompts", tok, train_file=_prompts(tmp_path / "p.jsonl", n=20), val_size=4)
     assert data.rewarded and data.train.column_names == ["prompt", "answer"] and len(data.evals["validation"]) == 4
     chats = load_task("prompts", tok, train_file=_prompts(tmp_path / "c.jsonl"), as_chat=True)
@@ -75,17 +61,6 @@ def test_prompt_records_are_read_and_checked(tmp_path):
             build_config({"task": "prompts", "train_file": str(tmp_path / "p.jsonl"), "output_dir": "x", **settings})
 
 
-def _lora_weights(model):
-    out = {}
-    for _, d in attach.iter_deltas(model):
-        out[d.target.module, "A"], out[d.target.module, "B"] = d.lora_A.detach(), d.lora_B.detach()
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            out[name.split("base_model.model.", 1)[1].split(".lora_")[0], "A" if ".lora_A." in name else "B"] = \
-                p.detach()
-    return out
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.2])
 def test_grpo_equals_trl_with_peft_on_the_same_samples(tmp_path, tiny_llama_dir, beta):
     """LoRA q, v under GRPO: qkvtune's run and TRL's GRPOTrainer with a PEFT LoraConfig, from the same initial A
@@ -104,7 +79,7 @@ def test_grpo_equals_trl_with_peft_on_the_same_samples(tmp_path, tiny_llama_dir,
                             warmup_ratio=0.0, eval_strategy="no", logging_steps=1, seed=5, grpo_beta=beta,
                             output_dir=str(tmp_path / "q")))
     run = runs.build(cfg)
-    initial = {k: v.clone() for k, v in _lora_weights(run.model).items()}
+    initial = {k: v.clone() for k, v in lora_weights(run.model).items()}
     args = grpo.grpo_arguments(cfg, training_arguments(cfg, run.task, "loss", False, has_eval=False))
     ours = grpo.build_trainer(run.model, run.tokenizer, args, run.task.train, None, cfg.reward, run.adapter,
                               rates=cfg)
@@ -129,7 +104,7 @@ def test_grpo_equals_trl_with_peft_on_the_same_samples(tmp_path, tiny_llama_dir,
     for a, b in zip(mine, other):
         for k in ("loss", "reward", "reward_std", "completions/mean_length") + (("kl",) if beta else ()):
             assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
-    w_ours, w_theirs = _lora_weights(run.model), _lora_weights(theirs.model)
+    w_ours, w_theirs = lora_weights(run.model), lora_weights(theirs.model)
     assert w_ours.keys() == w_theirs.keys()
     for k in w_ours:
         torch.testing.assert_close(w_ours[k], w_theirs[k], atol=1e-5, rtol=1e-4, msg=str(k))
@@ -153,3 +128,15 @@ def test_a_grpo_run_trains_scores_greedy_answers_and_saves(tmp_path, tiny_llama_
     history = json.load(open(out / "checkpoint-2" / "trainer_state.json"))["log_history"]
     assert {"reward", "kl", "completions/mean_length"} <= set(history[0])  # progress: reward, KL, lengths
     assert (out / "adapter_model.safetensors").exists() and (out / "qkvtune_adapter.safetensors").exists()
+
+
+def test_bad_prompt_or_reward_input_is_one_line_and_exit_2(tmp_path, tiny_llama_dir):
+    bad = _prompts(tmp_path / "p.jsonl", r3={"prompt": "", "answer": "1"})
+    good = _prompts(tmp_path / "ok.jsonl")
+    for extra, message in (([f"train_file={bad}"], "p.jsonl row 4: empty prompt"),
+                           ([f"train_file={good}", "reward=no_such_module:f"], "reward: cannot import 'no_such_module'")):
+        out = tmp_path / "out"
+        r = run_cli("train", f"model={tiny_llama_dir}", "task=prompts", *extra, f"output_dir={out}")
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-500:]
+        assert not out.exists()  # nothing half-written

@@ -181,6 +181,16 @@ def _per_seed_values(result: ClaimResult, c: dict, xs: list[float]) -> tuple[lis
     return [x for x, k in zip(xs, keep) if k], "; ".join(why)
 
 
+def _lean(rule: str, ci: Interval, threshold) -> str:
+    """Where a requirement left fewer than 2 seeds: which side of the threshold the readable ones lie on, said as
+    a lean (the numbers decide the wording; one seed decides no verdict)."""
+    if rule not in ("above", "below") or threshold is None or ci.n == 0:
+        return ""
+    side = ci.mean > threshold if rule == "above" else ci.mean < threshold
+    return (f"; leans {'holds' if side else 'not held'}: the readable seed's value {ci.mean:.4g} is "
+            f"{'on' if side else 'past'} the threshold {threshold:g}")
+
+
 def evaluate_check(result: ClaimResult, c: dict) -> dict:
     rule, a, b = c["rule"], c["a"], c.get("b")
     margin = float(c.get("margin", 0.0))
@@ -233,13 +243,17 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     if note.startswith("neither"):
         verdict = UNSURE
     if c.get("requires") and ci.n < 2:
-        verdict, note = UNSURE, f"not interpretable: {note}"
+        verdict, note = UNSURE, f"not interpretable: {note}" + _lean(rule, ci, c.get("threshold"))
     var_seeds = p.var_seeds if p is not None else (ci.se ** 2 if math.isfinite(ci.se) else math.nan)
     var_examples = p.var_examples if p is not None else 0.0
     pw = power(rule, ci.se, margin, ci.df, half=(ci.high - ci.low) / 2 if ci.n >= 2 else None)
     needed = seeds_needed(rule, var_seeds, var_examples, max(ci.n, 1), margin) if math.isfinite(pw) else None
     note = "; ".join(x for x in (note, caveat) if x)
-    return {**c, "part": part, "verdict": verdict, "interval": ci, "power": pw, "seeds_needed": needed, "note": note}
+    effect = None  # the seeds at which a true difference of the paper's size would be seen (the ``better`` rule)
+    if c.get("effect") is not None and rule in COMPARISONS and math.isfinite(pw):
+        effect = seeds_needed("better", var_seeds, var_examples, max(ci.n, 1), float(c["effect"]))
+    return {**c, "part": part, "verdict": verdict, "interval": ci, "power": pw, "seeds_needed": needed, "note": note,
+            "effect_seeds": effect}
 
 
 def run_claim(claim: Claim, ctx: Runner) -> ClaimResult:

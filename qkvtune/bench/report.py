@@ -250,6 +250,52 @@ are ratios measured side by side; run-to-run noise on these small, launch- or lo
 percent, so a ratio within ±0.05 of its target is not a verdict either way."""
 
 
+# what makes a check on a quantity fail in the unit tests: (quantity prefix, test), first match wins
+FAILS_IN = (
+    ("score:", "test_claims.py::test_rules_on_intervals, test_claims_measures.py::"
+               "test_the_head_only_gate_reads_the_validation_split_and_says_when_it_cannot_decide"),
+    ("steps:", "test_claims.py::test_rules_on_intervals"),
+    ("phi_top1", "test_claims_measures.py::test_phi_on_B_fails_without_a_shared_direction_and_is_not_fooled_by_a_shared_A"),
+    ("psi_bottom", "test_claims_measures.py::test_bottom_directions_check_fails_when_the_larger_adapter_holds_them"),
+    ("dirs_over_random", "test_claims_measures.py::test_amplification_on_what_moved_can_fail_and_ignores_the_update_norm"),
+    ("log_factor_over_random", "test_claims_measures.py::test_amplification_on_what_moved_can_fail_and_ignores_the_"
+                               "update_norm (it is −log dirs_over_random: test_claims.py end to end)"),
+    ("regret_at_prediction", "test_claims_measures.py::test_the_stopping_check_reads_only_seeds_whose_loss_turned"),
+)
+
+
+def reviewer_lines(results) -> list[str]:
+    """Per part: the unit test in which a check of its kind fails (none: said), and what would resolve it — decided,
+    the seeds for 80 % power at this test set, and at the paper's effect where the claim states one (``effect``)."""
+    lines = ["### For a reviewer: could each check fail, and what would resolve it", "",
+             "The unit test (under `tests/`) that builds inputs on which a check of this kind does not hold; then "
+             "what the part needs: nothing (decided), the seeds for 80 % power at this test set and margin, or — "
+             "where no number of seeds reaches it — a larger test set or budget (the papers' scale: a GPU, "
+             "`--device cuda` with the papers' models and full data).", "",
+             "| claim | part | verdict | could it fail? (unit test) | to resolve |", "|---|---|---|---|---|"]
+    for r in results:
+        for c in r.checks:
+            names = [str(c.get(s, "")) for s in ("a", "b") if c.get(s) is not None]
+            test = next((t for p, t in FAILS_IN if any(n.startswith(p) for n in names)), None)
+            if c["verdict"] in (verdicts.HOLDS, verdicts.FAILS):
+                need = "decided"
+            elif c["verdict"] == verdicts.UNTESTABLE:
+                need = f"testable first: {c.get('note') or 'the gate'}"
+            elif c.get("seeds_needed"):
+                need = f"{c['seeds_needed']} seeds"
+            elif c["rule"] in verdicts.COMPARISONS and math.isfinite(c["interval"].se):
+                need = f"> 50 seeds at this test set (±{(c['interval'].high - c['interval'].low) / 2:.3g} against a " \
+                       f"margin of {c.get('margin', 0)}): a larger test set or budget"
+            else:
+                need = "more seeds (one value per seed; no power figure for this rule)"
+            if c.get("effect_seeds") is not None or "effect" in c:
+                need += f"; at the paper's effect ({c['effect']}): " + \
+                    (f"{c['effect_seeds']} seeds" if c.get("effect_seeds") else "> 50 seeds here")
+            lines.append(f"| {r.claim.id} | {c['part']} | {c['verdict']} | "
+                         f"{test or '**no unit test makes it fail**'} | {need} |")
+    return lines + [""]
+
+
 def speed_section(folder: str | None) -> list[str]:
     """The tables of every speed_*.json in ``folder`` (written by ``qkvtune bench speed``)."""
     from .speed import table
@@ -320,7 +366,8 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
         need = ", ".join(f"{c['part']}: {c.get('seeds_needed') or '–'}" for c in readable
                          if c["verdict"] == verdicts.UNSURE and c["rule"] in verdicts.COMPARISONS) or "–"
         lines.append(f"| {r.claim.id} | {len(decided)} / {len(readable)} | {missing} | {need} |")
-    lines += ["", "### The verdict rule", "", verdicts.__doc__.split("\n\n", 1)[1].strip(), ""]
+    lines += [""] + reviewer_lines(results)
+    lines += ["### The verdict rule", "", verdicts.__doc__.split("\n\n", 1)[1].strip(), ""]
     lines += speed_section(speed_dir)
     record = []
     for r in results:
