@@ -15,7 +15,7 @@ import functools
 
 from . import attach
 from .config import ConfigError, TrainConfig
-from .trainer import QkvTraining
+from .trainer import QkvTraining, trl_arguments
 
 
 @functools.cache
@@ -36,11 +36,9 @@ def dpo_arguments(cfg: TrainConfig, args):
     unknown = [t for t in types if known and t not in known]
     if unknown:  # TRL itself would say so only at the first training step
         raise ConfigError(f"dpo_loss_type: {', '.join(unknown)} is not one of TRL's ({', '.join(known)})")
-    fields = {k: v for k, v in args.to_dict().items() if k in DPOConfig.__dataclass_fields__ and
-              DPOConfig.__dataclass_fields__[k].init and not k.startswith("_")}
     try:
-        return DPOConfig(**{**fields, "beta": cfg.dpo_beta, "loss_type": types, "max_length": cfg.max_length,
-                            "precompute_ref_log_probs": True, "learning_rate": cfg.lr})
+        return trl_arguments(DPOConfig, args, beta=cfg.dpo_beta, loss_type=types, max_length=cfg.max_length,
+                             precompute_ref_log_probs=True)
     except ValueError as e:
         raise ConfigError(f"dpo_loss_type: {e}") from None
 

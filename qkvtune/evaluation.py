@@ -25,19 +25,17 @@ def evaluate_all(trainer: Trainer, model, tokenizer, task, cfg, predictions: dic
     each test split's per-example labels and predictions (class ids, scores or extracted answers; for a
     language-model loss, each example's trained-token count as its label and its summed next-token loss as its
     prediction: the split's ``test_loss`` is their token-weighted mean, ``data.metrics.token_loss_of``)."""
-    if task.preference:  # TRL's DPO metrics on every split, each against the pretrained model (``adapter`` off)
-        from .dpo import preference_metrics
-
+    if task.preference or task.rewarded:  # TRL's records: every split scored by the objective's own metrics
         sets = {("eval" if len(task.evals) == 1 else f"eval_{n}"): ds for n, ds in task.evals.items()}
         sets.update({("test" if len(task.tests) == 1 else f"test_{n}"): ds for n, ds in task.tests.items()})
+        if task.rewarded:  # the mean reward of greedy answers
+            from .grpo import reward_metrics
+
+            return reward_metrics(model, tokenizer, sets, cfg)
+        from .dpo import preference_metrics  # TRL's DPO metrics, each against the pretrained model (``adapter`` off)
+
         metrics = preference_metrics(model, tokenizer, trainer.args, sets, adapter, cfg)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    if task.rewarded:  # the mean reward of greedy answers on every split
-        from .grpo import reward_metrics
-
-        sets = {("eval" if len(task.evals) == 1 else f"eval_{n}"): ds for n, ds in task.evals.items()}
-        sets.update({("test" if len(task.tests) == 1 else f"test_{n}"): ds for n, ds in task.tests.items()})
-        return reward_metrics(model, tokenizer, sets, cfg)
     metrics = {}
     if len(task.evals) == 1:
         metrics.update(trainer.evaluate(next(iter(task.evals.values()))))

@@ -12,7 +12,7 @@ import functools
 from . import attach
 from .config import TrainConfig
 from .rewards import reward_functions
-from .trainer import QkvTraining
+from .trainer import QkvTraining, trl_arguments
 
 
 @functools.cache
@@ -28,11 +28,9 @@ def grpo_arguments(cfg: TrainConfig, args):
     of each prompt), ``grpo_completion_length`` caps each, sampled at ``grpo_temperature``; ``grpo_beta`` weighs the KL."""
     from trl import GRPOConfig
 
-    fields = {k: v for k, v in args.to_dict().items() if k in GRPOConfig.__dataclass_fields__ and
-              GRPOConfig.__dataclass_fields__[k].init and not k.startswith("_")}
-    return GRPOConfig(**{**fields, "num_generations": cfg.grpo_generations, "beta": cfg.grpo_beta,
-                         "max_completion_length": cfg.grpo_completion_length, "temperature": cfg.grpo_temperature,
-                         "learning_rate": cfg.lr, "log_completions": False})
+    return trl_arguments(GRPOConfig, args, num_generations=cfg.grpo_generations, beta=cfg.grpo_beta,
+                         max_completion_length=cfg.grpo_completion_length, temperature=cfg.grpo_temperature,
+                         log_completions=False)
 
 
 class DeltasOff:
@@ -75,7 +73,7 @@ def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
             out.append(tokenizer(p)["input_ids"])
         else:
             ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
-            out.append(list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids))
+            out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))  # a BatchEncoding or ids
     return out
 
 

@@ -1,5 +1,5 @@
 """A run, whole: the config's model, adapter and task data (``runs.build``) trained by ``trainer.QkvTrainer`` (or,
-for preference pairs, ``dpo.QkvDPOTrainer``), evaluated, and written out: the adapter, metrics.json, config.yaml
+for preference pairs, ``dpo.QkvDPOTrainer``; for prompts with a reward, ``grpo.QkvGRPOTrainer``), evaluated, and written out: the adapter, metrics.json, config.yaml
 and loss.png. ``patience`` is ``callbacks.PatienceCallback``."""
 
 from __future__ import annotations

@@ -169,6 +169,14 @@ class QkvTrainer(QkvTraining, Trainer):
     """Trainer on the task's own loss."""
 
 
+def trl_arguments(cls, args: TrainingArguments, **own):
+    """``args`` (``training_arguments``) as TRL's config class ``cls`` (a TrainingArguments subclass), with the
+    objective's own keys ``own`` set."""
+    fields = cls.__dataclass_fields__
+    kept = {k: v for k, v in args.to_dict().items() if k in fields and fields[k].init and not k.startswith("_")}
+    return cls(**{**kept, **own})
+
+
 def training_arguments(cfg: TrainConfig, task: TaskInfo, metric: str, greater: bool, has_eval: bool,
                        layers: list[str] = ()) -> TrainingArguments:
     evaluate = cfg.eval_strategy if has_eval else "no"

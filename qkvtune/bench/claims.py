@@ -217,14 +217,13 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
         return {**blank, "verdict": UNTESTABLE,
                 "note": "; ".join(f"{ADAPTER_NOT_LEARNED}: {arm} (validation score not above its head-only score)"
                                   for arm in unlearned)}
-    unresolved = [arm for arm in compared for t in result.testable if only in (None, t) and
-                  ((result.head_only.get(t) or {}).get(arm) or {}).get("status") == GAIN_UNRESOLVED]
-    caveat = "; ".join(f"{GAIN_UNRESOLVED} over head-only: {arm}" for arm in dict.fromkeys(unresolved))
-    heads = {arm: h["score"] for arm in compared for t in result.testable if only in (None, t)
-             if (h := (result.head_only.get(t) or {}).get(arm)) and math.isfinite(h["score"])}
-    if len(heads) == 2 and len(result.testable) == 1:  # what the heads alone score: a gap there is not ΔW's
-        caveat = "; ".join(x for x in (caveat, "head-only test: " + ", ".join(f"{a} {s:.3f}" for a, s in heads.items()))
-                           if x)
+    heads = [(arm, h) for arm in compared for t in result.testable if only in (None, t)
+             if (h := (result.head_only.get(t) or {}).get(arm))]
+    caveats = [f"{GAIN_UNRESOLVED} over head-only: {arm}"
+               for arm in dict.fromkeys(arm for arm, h in heads if h["status"] == GAIN_UNRESOLVED)]
+    alone = {arm: h["score"] for arm, h in heads if math.isfinite(h["score"])}
+    if len(alone) == 2 and len(result.testable) == 1:  # what the heads alone score: a gap there is not ΔW's
+        caveats.append("head-only test: " + ", ".join(f"{a} {s:.3f}" for a, s in alone.items()))
     if rule in COMPARISONS and str(a).startswith("score:") and str(b).startswith("score:"):
         ci, p, note = score_interval(result, a[len("score:"):], b[len("score:"):], only)
     else:
@@ -248,7 +247,7 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     var_examples = p.var_examples if p is not None else 0.0
     pw = power(rule, ci.se, margin, ci.df, half=(ci.high - ci.low) / 2 if ci.n >= 2 else None)
     needed = seeds_needed(rule, var_seeds, var_examples, max(ci.n, 1), margin) if math.isfinite(pw) else None
-    note = "; ".join(x for x in (note, caveat) if x)
+    note = "; ".join(x for x in (note, *caveats) if x)
     effect = None  # the seeds at which a true difference of the paper's size would be seen (the ``better`` rule)
     if c.get("effect") is not None and rule in COMPARISONS and math.isfinite(pw):
         effect = seeds_needed("better", var_seeds, var_examples, max(ci.n, 1), float(c["effect"]))
@@ -443,10 +442,10 @@ def cmd_claims(args) -> int:
     only = [c.strip() for c in args.claims.split(",")] if args.claims else None
     overrides = dict(parse_override(o) for o in args.overrides)
     use_device(args.device)
-    report, log = open_output(args.out, args.report, "REPORT.md", "claims.log")  # checked before, made after
-    t0 = time.time()
     if args.max_minutes is not None and not args.max_minutes >= 0:
         raise ConfigError(f"--max-minutes: must be >= 0, got {args.max_minutes!r}")
+    report, log = open_output(args.out, args.report, "REPORT.md", "claims.log")  # checked before, made after
+    t0 = time.time()
     results = run_suite(args.suite, args.data_dir, args.out, seeds, only, args.tasks, overrides, log, args.profile,
                         args.max_minutes)
     command = command_line("qkvtune bench claims …")

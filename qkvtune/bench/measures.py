@@ -205,7 +205,7 @@ def subspace(runs: dict, a: str, b: str, side: str = "B", control: tuple[str, st
     return out
 
 
-def amplification(runs: dict, arms: list[str], other: dict | None = None) -> dict:
+def amplification(runs: dict, arms: list[str]) -> dict:
     """LoRA §7.3 per arm and matrix kind (median over layers and tasks), on what training moved: U, V are the
     top-r singular vectors of M = s·B·(A − A₀) (``moved_factors``); ΔW = s·B·A itself has its row space in A's,
     which is mostly A's random initialisation after a short run, so its directions are random on that side by

@@ -196,7 +196,7 @@ def resolution(r) -> float:
 def _flags(r, task: str, arm: str, res) -> list[str]:
     flags = ["not learned"] if arm in r.not_learned.get(task, []) else []
     head = (r.head_only.get(task) or {}).get(arm)
-    if head and head.get("status", "learned") != "learned":
+    if head and head["status"] != "learned":
         flags.append(head["status"])
     if res.at_bound:
         flags.append(f"rate at the search's {res.at_bound} bound")
@@ -288,7 +288,7 @@ def reviewer_lines(results) -> list[str]:
                        f"margin of {c.get('margin', 0)}): a larger test set or budget"
             else:
                 need = "more seeds (one value per seed; no power figure for this rule)"
-            if c.get("effect_seeds") is not None or "effect" in c:
+            if "effect" in c:
                 need += f"; at the paper's effect ({c['effect']}): " + \
                     (f"{c['effect_seeds']} seeds" if c.get("effect_seeds") else "> 50 seeds here")
             lines.append(f"| {r.claim.id} | {c['part']} | {c['verdict']} | "

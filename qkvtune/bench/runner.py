@@ -171,7 +171,7 @@ class Runner:
         # the time bound: no run starts that the longest run so far would carry past it (a report is always written)
         self.max_minutes, self.started = max_minutes, time.monotonic()
         self.longest = 0.0
-        self.tried: list[dict] = []  # every run this invocation trained or read: task, arm, budget, seed, lr, score
+        self.tried: dict[str, dict] = {}  # run folder -> task, arm, budget, seed, lr, score: every run trained or read
 
     # --- settings of one run ------------------------------------------------------------------------------
     def settings(self, claim: "Claim", task: str, arm: str, seed: int, lr: float | None = None) -> dict:
@@ -217,8 +217,8 @@ class Runner:
         label = f"{task.replace('/', '-')}-s{settings['seed']}"
         run = ensure_run(settings, run_dir(self.out, settings, label), arm, self.log, task, self.may_train)
         self.longest = max(self.longest, run.seconds)
-        self.tried.append({"task": task, "arm": arm, "budget": self.budget.get(task, 1), "seed": run.seed,
-                           "lr": settings.get("lr"), "val_score": run.val_score})
+        self.tried.setdefault(run.dir, {"task": task, "arm": arm, "budget": self.budget.get(task, 1), "seed": run.seed,
+                                        "lr": settings.get("lr"), "val_score": run.val_score})  # a run read again: once
         return run
 
     def may_train(self) -> None:
@@ -232,7 +232,7 @@ class Runner:
     def tried_text(self, tasks: list[str]) -> str:
         """Every rate and budget tried on ``tasks`` so far, with each run's validation score."""
         groups: dict[tuple, list[str]] = {}
-        for t in self.tried:
+        for t in self.tried.values():
             if t["task"] in tasks:
                 groups.setdefault((t["task"], t["arm"], t["budget"]), []).append(
                     f"{t['lr']:g} (seed {t['seed']}): {t['val_score']:.3f}" if t["lr"] is not None

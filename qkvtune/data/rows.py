@@ -43,6 +43,19 @@ def split_train(columns: dict[str, list], max_train_samples: int | None, val_siz
     return subsample(pick(rest), max_train_samples, seed), pick(held)
 
 
+def record_splits(train: list, dev: list, spec, seed: int) -> tuple[list, dict[str, list], dict[str, list]]:
+    """Records kept whole (TRL's text records) cut as every table's rows are: (training records, {evaluation
+    split: records}, {test split: records}). With ``val_size`` the validation records come out of the training
+    ones and the dev records are the test split; else the dev records are the one evaluation split. The first
+    ``max_eval_samples`` dev records are kept."""
+    kept, held = split_train({"i": list(range(len(train)))}, spec.max_train_samples, spec.val_size, seed)
+    dev = [dev[i] for i in subsample({"i": list(range(len(dev)))}, spec.max_eval_samples, None)["i"]]
+    chosen = [train[i] for i in kept["i"]]
+    if held is not None:
+        return chosen, {"validation": [train[i] for i in held["i"]]}, {"test": dev}
+    return chosen, {"dev": dev}, {}
+
+
 # --- columns -----------------------------------------------------------------------------------------------
 
 def text_columns(given, columns, where: str, guess: bool = False) -> list[str]:

@@ -17,7 +17,7 @@ from ...errors import DataError
 from ...task import PREFERENCE
 from ..examples import TaskData
 from ..family import Family
-from ..rows import split_train, subsample
+from ..rows import record_splits
 from ..tables import Table, read_splits
 from .tables import needs_rows
 
@@ -82,20 +82,12 @@ class Preference(Family):
 
     def load(self, spec, tokenizer, seed: int) -> TaskData:
         train, dev, _ = read_splits(spec, seed)
-        rows = {"train": records(train), "dev": records(dev)}
-        kept, held = split_train({"i": list(range(len(rows["train"])))}, spec.max_train_samples, spec.val_size, seed)
-        dev_idx = subsample({"i": list(range(len(rows["dev"])))}, spec.max_eval_samples, None)["i"]
-        pick = lambda split, idx: [rows[split][i] for i in idx]
+        chosen, evals, tests = record_splits(records(train), records(dev), spec, seed)
         convert = as_chats if spec.as_chat else (lambda r: r)
         as_ds = lambda r: datasets.Dataset.from_list(convert(r))
-        sets = {"train": as_ds(pick("train", kept["i"])), "dev": as_ds(pick("dev", dev_idx))}
-        if held is not None:  # validation (selection) out of the training records, the validation file as the test
-            evals, tests = {"validation": as_ds(pick("train", held["i"]))}, {"test": sets["dev"]}
-        else:
-            evals, tests = {"dev": sets["dev"]}, {}
-        return TaskData(name="preference", kind=PREFERENCE, num_labels=0, label_names=None, train=sets["train"],
-                        evals=evals, tests=tests, collator=None, compute_metrics=None,
-                        metric_for_best=self.metric, greater_is_better=True)
+        return TaskData(name="preference", kind=PREFERENCE, num_labels=0, label_names=None, train=as_ds(chosen),
+                        evals={n: as_ds(r) for n, r in evals.items()}, tests={n: as_ds(r) for n, r in tests.items()},
+                        collator=None, compute_metrics=None, metric_for_best=self.metric, greater_is_better=True)
 
 
 FAMILIES = (Preference(),)

@@ -15,7 +15,7 @@ from ...errors import DataError
 from ...task import REWARD
 from ..examples import TaskData
 from ..family import Family
-from ..rows import split_train, subsample
+from ..rows import record_splits
 from ..tables import Table, read_splits
 from .preference import _text
 from .tables import needs_rows
@@ -61,20 +61,13 @@ class Prompts(Family):
 
         need_answer = "answer" in names(spec.reward)
         train, dev, _ = read_splits(spec, seed)
-        rows = {"train": records(train, need_answer), "dev": records(dev, need_answer)}
-        kept, held = split_train({"i": list(range(len(rows["train"])))}, spec.max_train_samples, spec.val_size, seed)
-        dev_idx = subsample({"i": list(range(len(rows["dev"])))}, spec.max_eval_samples, None)["i"]
+        chosen, evals, tests = record_splits(records(train, need_answer), records(dev, need_answer), spec, seed)
         chat = (lambda r: {**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
                 if isinstance(r["prompt"], str) else r) if spec.as_chat else (lambda r: r)
-        as_ds = lambda split, idx: datasets.Dataset.from_list([chat(rows[split][i]) for i in idx])
-        train_ds, dev_ds = as_ds("train", kept["i"]), as_ds("dev", dev_idx)
-        if held is not None:
-            evals, tests = {"validation": as_ds("train", held["i"])}, {"test": dev_ds}
-        else:
-            evals, tests = {"dev": dev_ds}, {}
-        return TaskData(name="prompts", kind=REWARD, num_labels=0, label_names=None, train=train_ds, evals=evals,
-                        tests=tests, collator=None, compute_metrics=None, metric_for_best=self.metric,
-                        greater_is_better=True)
+        as_ds = lambda rows: datasets.Dataset.from_list([chat(r) for r in rows])
+        return TaskData(name="prompts", kind=REWARD, num_labels=0, label_names=None, train=as_ds(chosen),
+                        evals={n: as_ds(r) for n, r in evals.items()}, tests={n: as_ds(r) for n, r in tests.items()},
+                        collator=None, compute_metrics=None, metric_for_best=self.metric, greater_is_better=True)
 
 
 FAMILIES = (Prompts(),)
