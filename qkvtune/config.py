@@ -56,7 +56,8 @@ class TrainConfig(DataSpec):
     smt_per_matrix: bool = False           # equal quotas per matrix instead of one global top-N
     smt_selection: str | None = None       # a fixed selection JSON instead of the warm-up
     # learning rates (arXiv 2410.02247): η_Q = lr, η_V = lr_ratio·lr
-    lr: float = 5e-4
+    lr: float | str = 5e-4                 # or "auto": chosen before the run (autolr.py), recorded in lr_auto
+    lr_auto: dict | None = None            # how lr: auto chose the rate (written by the run; informational)
     lr_ratio: float = 1.0
     lr_mlp_ratio: float = 1.0              # η of the MLP's kinds (gate, up, down) = lr_mlp_ratio·lr
     lr_q: float | None = None
@@ -208,7 +209,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.targets is not None and len(set(cfg.targets)) != len(cfg.targets):
         raise ConfigError(f"targets: {cfg.targets} names a matrix twice")
     cfg.check()  # the data keys (DataSpec)
-    positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_ratio": cfg.lr_ratio,
+    if isinstance(cfg.lr, str) and cfg.lr != "auto":
+        raise ConfigError(f"lr: expected a number or auto, got {cfg.lr!r}")
+    positive = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": 1.0 if cfg.lr == "auto" else cfg.lr, "lr_ratio": cfg.lr_ratio,
                 "lr_mlp_ratio": cfg.lr_mlp_ratio, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "grad_accum": cfg.grad_accum,
                 "logging_steps": cfg.logging_steps, "max_new_tokens": cfg.max_new_tokens}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 
@@ -83,6 +84,11 @@ def _train(cfg: TrainConfig) -> dict:
                           "launch --config_file configs/accelerate/fsdp.yaml)")
     resume = _resume_arg(cfg)
     run = runs.build(cfg, resume)
+    if cfg.lr == "auto":  # chosen on this model, adapter and data before the run (a resumed run probes again)
+        from .autolr import choose_rate
+
+        lr, record = choose_rate(cfg, run)
+        cfg = run.cfg = replace(cfg, lr=lr, lr_auto=record)
     model, task = run.model, run.task
     metric = task.metric_for_best if task.metric_for_best == "loss" else metric_key(task, task.metric_for_best)
     args = training_arguments(cfg, task, metric, task.greater_is_better, bool(task.evals),

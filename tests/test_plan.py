@@ -44,7 +44,7 @@ def test_candidate_grid_groups_rates_and_scores():
 def test_plan_writes_a_config_train_accepts(tmp_path, tiny_bert_dir):
     out = tmp_path / "plan"
     common = [f"model={tiny_bert_dir}", "task=glue/sst2", f"data_dir={data_dir()}", "max_train_samples=64",
-              "val_size=24", "max_steps=12", "eval_strategy=steps", "eval_steps=4", "batch_size=8", "lr=1e-3"]
+              "val_size=24", "max_steps=12", "eval_strategy=steps", "eval_steps=4", "batch_size=8", "lr=auto"]
     r = run_cli("plan", *common, "--out", str(out), "--n", "32", "--m", "24", "--calibration-steps", "4",
                 "--kinds", "v;q,v;mlp;all-linear", "--lambdas", "1,4", "--lrs", "1e-3,1e-2", "--max-budget", "2")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -75,11 +75,16 @@ def test_plan_writes_a_config_train_accepts(tmp_path, tiny_bert_dir):
     assert not (tmp_path / "plan.partial").exists()
     cfg = load_config(str(out / "plan.yaml"))
     rec = summary["recommended"]
-    assert cfg.targets == rec["targets"] and cfg.lr_ratio == rec["lr_ratio"] and cfg.lr == rec["lr"]
+    assert cfg.targets == rec["targets"] and cfg.lr_ratio == rec["lr_ratio"] and cfg.lr == rec["lr"] == "auto"
     assert cfg.max_steps == rec["max_steps"]
+    # lr: auto — the calibration run's chosen rate is the plan's lr; plan.yaml trains at lr: auto on its own targets
+    calib = yaml.safe_load(open(out / "calibration" / "config.yaml"))
+    assert summary["lr"] == calib["lr"] == calib["lr_auto"]["lr"] and isinstance(summary["lr"], float)
+    assert rec["kernel_lr"] in summary["lrs"] and "default" in rec
     trained = run_cli("train", str(out / "plan.yaml"), f"output_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["targets"] == rec["targets"]
+    ran = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+    assert ran["targets"] == rec["targets"] and ran["lr"] == ran["lr_auto"]["lr"]
     # bad input: one line, exit 2, nothing written
     r = run_cli("plan", *common, "method=smt", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("qkvtune: error: method:")
@@ -556,3 +561,33 @@ def test_plan_for_a_language_models_own_loss(tmp_path, tiny_llama_dir):
     assert cfg.targets == summary["recommended"]["targets"] and cfg.lr == summary["recommended"]["lr"]
     trained = run_cli("train", str(out / "plan.yaml"), f"output_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr[-3000:]
+
+
+def test_plan_keeps_the_simple_default_unless_a_candidate_beats_it_beyond_the_noise():
+    """keep_default: all-linear λ = 1 is recommended unless the best stable candidate is predicted better by more
+    than twice the noise of a validation score on m points (a proportion's √(p(1−p)/m))."""
+    from qkvtune.plan.planner import keep_default, score_noise
+
+    m = 400
+    noise = score_noise("accuracy", 0.80, m)
+    assert noise == pytest.approx((0.8 * 0.2 / 400) ** 0.5)
+
+    def row(targets, lam, score, unstable=False):
+        return {"name": ",".join(targets) + f" λ={lam:g}", "targets": targets, "lr_ratio": lam, "lr": 1e-3,
+                "best_score": score, "unstable": unstable, "best_step": 10}
+
+    default = row(["all-linear"], 1.0, 0.80)
+    close = [row(["q", "v"], 2.0, 0.80 + 1.9 * noise), default]
+    pick, why = keep_default(close, "accuracy", m)
+    assert pick is default and why["default_kept"] and why["best_other"].startswith("q,v")
+    far = [row(["q", "v"], 2.0, 0.80 + 2.1 * noise), default]
+    pick, why = keep_default(far, "accuracy", m)
+    assert pick is far[0] and not why["default_kept"] and why["margin"] == pytest.approx(2.1 * noise)
+    # an unstable top is never the pick; a loss is better when lower
+    pick, _ = keep_default([row(["v"], 1.0, 0.99, unstable=True), *far], "accuracy", m)
+    assert pick is far[0]
+    loss_default = row(["all-linear"], 1.0, 2.0)
+    lower = row(["mlp"], 1.0, 2.0 - 3 * score_noise("loss", 2.0, m))
+    assert keep_default([lower, loss_default], "loss", m)[0] is lower
+    # no all-linear candidate: the plan's own ranking
+    assert keep_default(far[:1], "accuracy", m)[0] is far[0]

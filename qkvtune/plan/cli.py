@@ -47,7 +47,7 @@ def cmd_plan(args) -> int:
     rec = summary["recommended"]
     if summary["budget"].get("found") not in (None, "configured"):
         print(plan_budget_line(summary))
-    print(f"recommended: targets={rec['targets']} lr_ratio={rec['lr_ratio']:g} lr={rec['lr']:g} "
+    print(f"recommended: targets={rec['targets']} lr_ratio={rec['lr_ratio']:g} lr={rec['lr']} "
           f"max_steps={rec['max_steps']} (predicted validation {summary['metric']} {rec['predicted_val_score']:.4g}); "
           f"time scale {summary['time_scale']['scale']:.4g}")
     print(f"plan: {os.path.join(out, 'plan.md')}; train it: qkvtune train {os.path.join(out, 'plan.yaml')}")

@@ -3,8 +3,10 @@ recommendation for one config, written out (``report``)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from dataclasses import replace
 
 from ..analysis import AnalysisError
 from ..config import ConfigError, TrainConfig
@@ -37,6 +39,7 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     from ..train import train
 
     method = delta_class(cfg.method)
+    auto = cfg.lr == "auto"  # plan.yaml then trains at lr: auto (the kernel's rate is reported beside it)
     if method.needs_selection:  # its slices and blocks come from a warm-up, not from targets
         raise ConfigError(f"method: plan simulates updates on chosen matrices, not {cfg.method!r}'s selected blocks")
     try:
@@ -44,7 +47,7 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     except NotImplementedError:
         raise ConfigError(f"method: {cfg.method} has no kernel at initialisation to plan with") from None
     cands = cands or candidates()
-    lrs = sorted(set(lrs or method.rate_grid or (cfg.lr,)))
+    lrs = sorted(set(lrs or method.rate_grid or (() if auto else (cfg.lr,))))
     rule, beta = update_rule(cfg)
     t0 = time.perf_counter()
     run = pretrained(cfg, n_train=n, n_eval=m, kinds=[ALL_LINEAR])
@@ -95,9 +98,12 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     t1 = time.perf_counter()
     calib_dir = os.path.join(out, "calibration")
     ref_cfg = calibration_config(cfg, calib_dir, calibration_steps, n)  # the data the kernel's points came from
-    log(f"plan: calibration run, {calibration_steps} steps of {cfg.method} on q, v ({cfg.optim}, lr {cfg.lr:g})")
+    log(f"plan: calibration run, {calibration_steps} steps of {cfg.method} on q, v ({cfg.optim}, lr {cfg.lr})")
     train(ref_cfg)
     real = open_run(calib_dir, with_task=False)
+    if cfg.lr == "auto":  # the rate lr: auto chose for the calibration run stands for lr where the kernel needs one
+        cfg = replace(cfg, lr=real.cfg.lr)
+        lrs = lrs or [cfg.lr]
     moved = float((outputs(real.model, readout.train, readout.collator, readout.output, readout.label_ids)
                    - res.f0[:n]).norm())
     kappa = measured_growth(real, cfg.lr, calibration_steps)
@@ -122,7 +128,7 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
         budget["max_steps_configured"] = total
     # the pick: at the extended horizon where it learns there (or with more examples at the cap), else as configured
     chosen = budget["rows"] if budget.get("found") in ("steps", "examples") else rows
-    pick = chosen[0]
+    pick, default = keep_default(chosen, readout.metric, m)
     simulate_seconds = time.perf_counter() - t2
 
     kernel_all = sum(v for k, v in res.per_kind.items() if k != HEAD)
@@ -144,7 +150,8 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
         "budget": {k: v for k, v in budget.items() if k != "rows"},
         "extended": [{k: r[k] for k in ("name", "lr", "best_step", "best_score", "unstable")}
                      for r in budget.get("rows") or []],
-        "recommended": {"targets": pick["targets"], "lr_ratio": pick["lr_ratio"], "lr": pick["lr"],
+        "recommended": {"targets": pick["targets"], "lr_ratio": pick["lr_ratio"],
+                        "lr": "auto" if auto else pick["lr"], "kernel_lr": pick["lr"], **default,
                         "max_steps": pick["best_step"], "predicted_val_score": pick["best_score"],
                         "unstable": pick["unstable"], "reaches_goal": reaches(readout.metric, pick["best_score"], goal)
                         and not pick["unstable"]},
@@ -160,6 +167,39 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
         summary["recommended"]["budget_factor"] = budget.get("factor") or budget.get("examples_factor")
     write_plan(summary, cfg, out)
     return summary
+
+
+def score_noise(metric: str, score: float, m: int) -> float:
+    """The standard error a validation score on ``m`` points carries, which no prediction can resolve below:
+    a proportion's √(p(1−p)/m) (accuracy, F1 read as one), a correlation's (1 − r²)/√(m − 3), a mean loss's
+    score/√m (per-token losses spread about as much as their mean)."""
+    if metric == "loss":
+        return abs(score) / math.sqrt(m)
+    if metric in ("pearson", "spearmanr", "spearman", "matthews_correlation"):
+        return (1 - min(score * score, 1.0)) / math.sqrt(max(1, m - 3))
+    p = min(max(score, 0.0), 1.0)
+    return math.sqrt(max(p * (1 - p), 1.0 / m) / m)
+
+
+def keep_default(rows: list[dict], metric: str, m: int) -> tuple[dict, dict]:
+    """(the row to recommend, why): the simplest strong default — all-linear, λ = 1 — unless the best stable row
+    is predicted to beat it by more than twice the validation score's noise (``score_noise``): the plan's own
+    benchmarks found the choice of targets moving results less than the seeds do, and the rate deciding."""
+    from .readout import better
+
+    key = better(metric)
+    stable = [r for r in rows if not r["unstable"]] or rows
+    top = stable[0]
+    default = min((r for r in stable if r["targets"] == [ALL_LINEAR] and r["lr_ratio"] == 1),
+                  key=lambda r: key(r["best_score"]), default=None)
+    if default is None:
+        return top, {"default": None}
+    noise = score_noise(metric, default["best_score"], m)
+    margin = key(default["best_score"]) - key(top["best_score"])  # > 0: the top row is predicted better
+    if top is default or margin <= 2 * noise:
+        return default, {"default": "all-linear λ=1", "default_kept": True, "margin": margin, "noise": noise,
+                         "best_other": row_name(top)}
+    return top, {"default": "all-linear λ=1", "default_kept": False, "margin": margin, "noise": noise}
 
 
 def parameter_counts(run, cands: list, cfg: TrainConfig) -> dict[str, int]:

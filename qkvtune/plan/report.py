@@ -28,6 +28,19 @@ def verdict_sentence(summary: dict) -> str:
             f"{stable[win]['score']:.4g} ({stable[win]['best']})" + (f", against {others}." if others else "."))
 
 
+def default_sentence(rec: dict, metric: str) -> str:
+    """Why the recommendation is, or is not, the simple default (planner.keep_default)."""
+    if not rec.get("default"):
+        return ""
+    if rec.get("default_kept"):
+        return (f"The recommendation is the simple default, all-linear λ = 1: the best other candidate "
+                f"({rec['best_other']}) is predicted {max(rec['margin'], 0):.3g} better in validation {metric}, within "
+                f"twice the noise a validation score on these points carries ({rec['noise']:.3g}) — below what the "
+                f"plan can resolve. ")
+    return (f"Recommended over the default (all-linear λ = 1) by a predicted {rec['margin']:.3g} in validation "
+            f"{metric}, more than twice its noise ({rec['noise']:.3g}). ")
+
+
 def recommended_config(cfg: TrainConfig, summary: dict) -> TrainConfig:
     rec, budget = summary["recommended"], summary["budget"]
     keys = {"targets": rec["targets"], "lr_ratio": rec["lr_ratio"], "lr": rec["lr"], "lr_q": None, "lr_k": None,
@@ -75,11 +88,12 @@ def write_plan(summary: dict, cfg: TrainConfig, out: str) -> None:
             lines += [f"**No candidate is predicted to reach {summary['goal']:.4g} ({metric}) within {configured} "
                       f"steps, nor by ×{cap} of them (steps), nor by more examples within ×{cap}: the kernel foresees "
                       f"no learning at this budget.**", ""]
-    lines += [f"Recommended: **targets {rec['targets']}, λ = {rec['lr_ratio']:g}, lr {rec['lr']:g}, max_steps "
+    rate = (f"lr auto (the kernel's rate {rec['kernel_lr']:g})" if rec["lr"] == "auto" else f"lr {rec['lr']:g}")
+    lines += [f"Recommended: **targets {rec['targets']}, λ = {rec['lr_ratio']:g}, {rate}, max_steps "
               f"{rec['max_steps']}** (predicted validation {metric} {rec['predicted_val_score']:.4g}; "
               + (f"the pretrained model's {summary['baseline']:.4g}" if metric == "loss" else
                  f"the constant predictor's {summary['baseline']:.4g}") + "); `qkvtune train plan.yaml`.", "",
-              verdict_sentence(summary), "",
+              default_sentence(rec, metric), verdict_sentence(summary), "",
               f"Kernel: {summary['n_train']} training + {summary['n_val']} validation points; {summary['readout']}; "
               f"kinds {', '.join(summary['kinds'])}; loss {summary['loss']}; decay exponent p = "
               f"{summary['spectrum']['decay_exponent']:.3g}.", "",
