@@ -130,8 +130,8 @@ def line_search(trainer, model, params: list, d: list, batches: list[dict], cent
     return {"eta": eta, "start": start, "low": low, "curve": sorted(curve)}
 
 
-def scaling_groups(model, cfg: TrainConfig) -> list[float]:
-    """Each optimizer group's rate at η_Q = 1: its ratio to η_Q (λ for V, lr_mlp_ratio, LoRA+'s, the head's when
+def scaling_groups(model, cfg: TrainConfig) -> list[tuple[float, bool]]:
+    """Each optimizer group's (rate at η_Q = 1, whether it moves with η_Q): its ratio to η_Q (λ for V, lr_mlp_ratio, LoRA+'s, the head's when
     it follows lr), or its own absolute rate where the config gives one (lr_head, lr_q …: those do not move with
     η_Q) — told apart by building the groups at η_Q = 1 and 2."""
     from .optim import param_groups
@@ -166,10 +166,10 @@ def choose_rate(cfg: TrainConfig, run, log=print) -> tuple[float, dict]:
     fixed = [0.0 if moves else s for s, moves in groups]      # ... and the groups at their own rates
     device = args.device
     step_batch = cfg.batch_size * cfg.grad_accum
-    train_ex = run.examples("train", None)
-    total = cfg.max_steps or max(1, int(len(train_ex) // step_batch * cfg.epochs))
-    n = probe_examples(cfg, total, len(train_ex))
-    first = _batches(train_ex[:n], task.collator, cfg.batch_size, device)
+    available = len(task.train)
+    total = cfg.max_steps or max(1, int(available // step_batch * cfg.epochs))
+    n = probe_examples(cfg, total, available)
+    first = _batches(run.examples("train", n), task.collator, cfg.batch_size, device)  # only the n it reads
     centered = bool(run.info.regression)
     initial = [p.detach().clone() for p in params]
     try:

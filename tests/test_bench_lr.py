@@ -42,10 +42,10 @@ def test_regret_is_against_the_grids_best_mean_beyond_its_two_seed_noise():
 
 
 @needs_data
-def test_range_test_picks_the_steepest_fall_of_its_own_smoothed_curve(tiny_bert_dir):
+def test_range_test_picks_the_steepest_fall_of_its_own_smoothed_curve(tmp_path, tiny_bert_dir):
     settings = dict(model=tiny_bert_dir, task="glue/sst2", data_dir=data_dir(), max_train_samples=64,
                     max_eval_samples=16, batch_size=8, method="lora", rank=4, alpha=8, targets=["q", "v"], seed=0)
-    found = bench_lr.range_test(settings, log=lambda m: None)
+    found = bench_lr.range_test(settings, log=lambda m: None, out_dir=str(tmp_path / "range"))
     rates, smooth = zip(*found["curve"])
     assert 0 < len(rates) <= bench_lr.RANGE_STEPS and rates[0] == pytest.approx(bench_lr.RANGE[0])
     assert all(b > a for a, b in zip(rates, rates[1:]))  # exponentially rising

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 
 FFT_RATE = 2e-5  # full fine-tuning's rate for "10× full fine-tuning" (BERT: 2e-5 – 5e-5; LoRA Without Regret: ×10)
@@ -80,7 +81,7 @@ def rules(settings: dict) -> dict[str, float | None]:
     return out
 
 
-def range_test(settings: dict, log=print) -> dict:
+def range_test(settings: dict, log=print, out_dir: str | None = None) -> dict:
     """Smith's LR range test on the setting's model, method and data: ``RANGE_STEPS`` real steps at rates rising
     exponentially over ``RANGE``; the loss smoothed (β = 0.98, bias-corrected) until it passes 4× its minimum; the
     rate is where the smoothed loss falls fastest per log-rate (fastai's "steep" suggestion)."""
@@ -92,7 +93,8 @@ def range_test(settings: dict, log=print) -> dict:
     from .. import chunked_loss
 
     t0 = time.perf_counter()
-    cfg = build_config({**settings, "lr": 1.0, "output_dir": "/tmp/qkvtune-range-test", "overwrite": True})
+    out_dir = out_dir or tempfile.mkdtemp(prefix="qkvtune-range-test-")  # SMT's warm-up writes its selection there
+    cfg = build_config({**settings, "lr": 1.0, "output_dir": out_dir, "overwrite": True})
     run = build(cfg)
     probe = replace(cfg, warmup_ratio=0.0, eval_strategy="no", report_to="none")
     args = training_arguments(probe, run.task, "loss", False, has_eval=False)
@@ -202,17 +204,17 @@ def measure(names: list[str], seeds: list[int], data_dir: str, out: str, log=pri
                 probes.append(yaml.safe_load(f).get("lr_auto") or {})
         record["rules"]["auto"]["rates"] = [p.get("lr") for p in probes]
         record["rules"]["auto"]["probe_seconds"] = [p.get("seconds") for p in probes]
-        rt_path = os.path.join(out, f"range-test-{label}-{name.replace(' ', '_')}.json")
         tests = []
-        for seed in seeds:
-            path = rt_path.replace(".json", f"-s{seed}.json")
+        for seed in seeds:  # each range test kept in a folder named, as runs are, by a hash of its settings
+            folder = run_dir(out, {**base, "seed": seed, "probe": "range test"}, f"range-{label}-s{seed}")
+            path = os.path.join(folder, "range_test.json")
             if os.path.exists(path):
                 with open(path) as f:
                     tests.append(json.load(f))
             else:
                 from ..files import write_json
 
-                tests.append(range_test({**base, "seed": seed}, log))
+                tests.append(range_test({**base, "seed": seed}, log, out_dir=folder))
                 write_json(path, tests[-1])
         rt = [train(t["lr"], seed, "range test") for t, seed in zip(tests, seeds)]
         record["rules"]["range test"] = summary(rt, pretrained_loss, None)
