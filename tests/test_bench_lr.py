@@ -41,6 +41,20 @@ def test_regret_is_against_the_grids_best_mean_beyond_its_two_seed_noise():
     assert loss["rules"]["auto"]["regret_beyond_noise"] == pytest.approx(0.2 / 2.1 - noise / 2.1)
 
 
+def test_per_seed_compares_autos_rate_with_that_seeds_own_best():
+    record = {"higher_better": True, "seeds": [0, 1],
+              "grid": {"0.0003": _point(3e-4, [0.79, 0.60]), "0.001": _point(1e-3, [0.80, 0.79]),
+                       "0.003": _point(3e-3, [0.78, 0.80])},
+              "rules": {"auto": {**_point(None, [0.80, 0.61]), "rates": [1e-3, 3.2e-4]}}}
+    got = bench_lr.per_seed(record)
+    assert [(p["seed"], p["best_rate"]) for p in got] == [(0, 1e-3), (1, 3e-3)]
+    assert got[0]["log10_gap"] == pytest.approx(0.0)
+    assert got[1]["log10_gap"] == pytest.approx(math.log10(3.2e-4 / 3e-3))  # a decade under what seed 1 needed
+    loss = {"higher_better": False, "seeds": [0], "grid": {"0.001": _point(1e-3, [2.0]), "0.01": _point(1e-2, [1.9])},
+            "rules": {"auto": {**_point(None, [2.0]), "rates": [1e-3]}}}
+    assert bench_lr.per_seed(loss)[0]["best_rate"] == 1e-2  # a loss: the lowest
+
+
 @needs_data
 def test_range_test_picks_the_steepest_fall_of_its_own_smoothed_curve(tmp_path, tiny_bert_dir):
     settings = dict(model=tiny_bert_dir, task="glue/sst2", data_dir=data_dir(), max_train_samples=64,

@@ -547,3 +547,26 @@ def test_a_profile_can_run_a_documented_subset_of_a_claims_arms():
     assert part["verdict"] == V.UNTESTABLE and "not run in this profile: qv_eqp" in part["note"]
     with pytest.raises(ConfigError, match="C10 has no arm 'mlpx'"):
         keep_arms(c10, ["mlpx"])
+
+
+def test_the_time_bound_expects_a_run_to_grow_with_its_budget():
+    from qkvtune.bench.runner import expected_seconds
+
+    assert expected_seconds({}, 1) == 0.0
+    longest = {1.0: 26.0, 2.0: 40.0, 4.0: 60.0}  # as measured by --profile quick on a task it cannot learn
+    assert expected_seconds(longest, 8) == pytest.approx(120.0)  # the nearest budget's longest, doubled (was 109 s)
+    assert expected_seconds(longest, 2) == 40.0
+    assert expected_seconds({4.0: 60.0}, 1) == pytest.approx(15.0)
+
+
+def test_a_shared_reference_search_is_counted_once_in_the_reports_minutes():
+    from types import SimpleNamespace as NS
+
+    from qkvtune.bench.report import search_minutes
+    from qkvtune.bench.runner import ArmResult
+
+    runs = {1e-3: NS(dir="a"), 3e-3: NS(dir="b")}
+    shared = [ArmResult(None, [(1e-3, 0.5), (3e-3, 0.52)], {}, 600.0, grid_runs=runs) for _ in range(2)]
+    own = ArmResult(3e-3, [(1e-3, 0.7), (3e-3, 0.8)], {}, 120.0, grid_runs={1e-3: NS(dir="c"), 3e-3: NS(dir="d")})
+    results = [NS(arms={"glue/sst2": {"qv": shared[0], "v": own}}), NS(arms={"glue/sst2": {"k": shared[1]}})]
+    assert search_minutes(results) == pytest.approx((600.0 + 120.0) / 60)  # not 2 × 600 for the shared ladder

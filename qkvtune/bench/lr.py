@@ -221,6 +221,7 @@ def measure(names: list[str], seeds: list[int], data_dir: str, out: str, log=pri
         record["rules"]["range test"]["rates"] = [t["lr"] for t in tests]
         record["rules"]["range test"]["probe_seconds"] = [t["seconds"] for t in tests]
         judge(record)
+        record["auto_per_seed"] = per_seed(record)
         results.append(record)
         if done is not None:
             done(results)
@@ -256,6 +257,19 @@ def judge(record: dict) -> None:
         rule["log10_over_best"] = math.log10(g / float(best_rate))
 
 
+def per_seed(record: dict) -> list[dict]:
+    """Each seed's own best grid rate against the rate ``lr: auto`` chose on that seed (log10 of their ratio):
+    whether the probe follows what a seed needs where the seeds' best rates differ (their fresh heads and adapters
+    start differently), not only whether the pair's mean lands near the grid's best."""
+    sign = 1 if record["higher_better"] else -1
+    out = []
+    for i, (seed, auto) in enumerate(zip(record["seeds"], record["rules"]["auto"]["rates"])):
+        rate = float(max(record["grid"].items(), key=lambda kv: sign * kv[1]["scores"][i])[0])
+        out.append({"seed": seed, "best_rate": rate, "auto_rate": auto,
+                    "log10_gap": math.log10(auto / rate) if auto else math.nan})
+    return out
+
+
 def write_report(results: list[dict], path: str, command: str, seconds: float, pending: list[str] = ()) -> None:
     from ..files import write_json
     from .report import machine
@@ -289,6 +303,12 @@ def write_report(results: list[dict], path: str, command: str, seconds: float, p
         lines.append(f"- {r['setting']} ({r['task']}): " + "; ".join(
             f"{k}: {v['mean']:.4f} ({', '.join(f'{s:.3f}' for s in v['scores'])})"
             + (" collapsed" if any(v["collapsed"]) else "") for k, v in r["grid"].items()))
+    lines += ["", "`lr: auto` per seed: each seed's own best grid rate, the rate auto chose on that seed, and "
+              "log10 of their ratio (decades; + is above the seed's best):", ""]
+    for r in results:
+        lines.append(f"- {r['setting']}: " + "; ".join(
+            f"seed {p['seed']}: best {p['best_rate']:g}, auto {p['auto_rate']:.2g} ({p['log10_gap']:+.2f})"
+            for p in per_seed(r)))
     if pending:
         lines += ["", f"Not yet run when this report was written: {'; '.join(pending)}."]
     lines += ["", targets_section(results)]

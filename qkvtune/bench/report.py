@@ -313,19 +313,26 @@ def speed_section(folder: str | None) -> list[str]:
     return lines
 
 
+def search_minutes(results) -> float:
+    """Minutes of the rate searches' other runs (and budgets not kept), each search once: claims that share a
+    task's reference arm share its runs (an untestable task's ladder appeared in every claim on it)."""
+    searches = {}
+    for r in results:
+        for task, arms in r.arms.items():
+            for arm, a in arms.items():
+                if a.grid:
+                    key = tuple(sorted(x.dir for x in a.grid_runs.values())) or (task, json.dumps(sorted(a.grid)), arm)
+                    searches[key] = a.search_seconds
+    return sum(searches.values()) / 60
+
+
 def write_report(results, path: str, command: str, seconds: float, speed_dir: str | None = None,
                  preface: str | None = None) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     plots = os.path.join(out_dir, "claims_plots")
     os.makedirs(plots, exist_ok=True)
     unique = {run.dir: run for r in results for t in r.arms.values() for a in t.values() for run in a.runs.values()}
-    searches = {}
-    for r in results:
-        for task, arms in r.arms.items():
-            for arm, a in arms.items():
-                if a.grid:
-                    searches[(task, json.dumps(sorted(a.grid)), arm)] = a.search_seconds
-    search_min = sum(searches.values()) / 60
+    search_min = search_minutes(results)
     cpu = cpu_minutes()
     lines = ["# qkvtune claims report", "",
              f"- command: `{command}`",

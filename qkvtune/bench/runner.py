@@ -95,6 +95,17 @@ def run_dir(out: str, settings: dict, label: str) -> str:
     return os.path.join(out, "runs", f"{label}-{key}")
 
 
+def expected_seconds(longest: dict[float, float], factor: float) -> float:
+    """How long the next run at budget ``factor`` is expected to take: the longest run at the nearest budget tried
+    (``longest``: factor -> seconds), scaled by the ratio of the budgets — examples, steps and evaluations all grow
+    with it, and the first run at ×8 takes about twice the longest at ×4 (the longest run overall would let it
+    start with half the time it needs). 0 before any run."""
+    if not longest:
+        return 0.0
+    nearest = min(longest, key=lambda f: (abs(math.log(f / factor)), -f))
+    return longest[nearest] * factor / nearest
+
+
 class OutOfTime(Exception):
     """The suite's time bound (``--max-minutes``) leaves no room for another run: none is started."""
 
@@ -168,9 +179,11 @@ class Runner:
         self.head_lr: dict[str, float] = {}  # task -> the task head's rate (families with a head)
         self.references: dict[str, tuple] = {}  # task -> (ArmResult, gate) of the task's reference arm
         self.ranks: dict[tuple, dict] = {}  # (claim, task, arm) -> the rank/α of a ``params_from`` arm
-        # the time bound: no run starts that the longest run so far would carry past it (a report is always written)
+        # the time bound: no run starts that would end past it, by the longest run so far at the nearest budget
+        # scaled to the next one's (a report is always written)
         self.max_minutes, self.started = max_minutes, time.monotonic()
-        self.longest = 0.0
+        self.longest: dict[float, float] = {}  # budget factor -> the longest run at it
+        self.factor = 1.0  # the budget of the run about to start
         self.tried: dict[str, dict] = {}  # run folder -> task, arm, budget, seed, lr, score: every run trained or read
 
     # --- settings of one run ------------------------------------------------------------------------------
@@ -215,8 +228,9 @@ class Runner:
 
     def run(self, settings: dict, task: str, arm: str) -> SuiteRun:
         label = f"{task.replace('/', '-')}-s{settings['seed']}"
+        self.factor = float(self.budget.get(task, 1))
         run = ensure_run(settings, run_dir(self.out, settings, label), arm, self.log, task, self.may_train)
-        self.longest = max(self.longest, run.seconds)
+        self.longest[self.factor] = max(self.longest.get(self.factor, 0.0), run.seconds)
         self.tried.setdefault(run.dir, {"task": task, "arm": arm, "budget": self.budget.get(task, 1), "seed": run.seed,
                                         "lr": settings.get("lr"), "val_score": run.val_score})  # a run read again: once
         return run
@@ -225,9 +239,10 @@ class Runner:
         if self.max_minutes is None:
             return
         elapsed = time.monotonic() - self.started
-        if elapsed + self.longest > 60 * self.max_minutes:
-            raise OutOfTime(f"the bound of {self.max_minutes:g} min ({elapsed / 60:.1f} min gone, the longest run "
-                            f"{self.longest / 60:.1f} min)")
+        expected = expected_seconds(self.longest, self.factor)
+        if elapsed + expected > 60 * self.max_minutes:
+            raise OutOfTime(f"the bound of {self.max_minutes:g} min ({elapsed / 60:.1f} min gone, the next run "
+                            f"expected to take {expected / 60:.1f} min)")
 
     def tried_text(self, tasks: list[str]) -> str:
         """Every rate and budget tried on ``tasks`` so far, with each run's validation score."""
