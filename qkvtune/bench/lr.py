@@ -5,7 +5,7 @@ log-spaced ladder × every seed, each an ordinary run cached by its settings (``
 test split (a language model: its validation loss, lower is better). Each rule then picks a rate and is trained at
 it on every seed:
 - ``auto``: ``lr: auto`` itself (each seed probes and trains at its own rate);
-- fixed 1e-4, 2e-4, 5e-4 (qkvtune's default before ``lr: auto``), 1e-3;
+- fixed 1e-4, 2e-4, 5e-4 (qkvtune's default; ``lr: auto`` replaces it once it meets its targets), 1e-3;
 - "10× full fine-tuning": 10 × 2e-5 (BERT's and most small models' full fine-tuning rate) for a low-rank update,
   the full fine-tuning rate itself for a dense ΔW or SMT's blocks (they are full fine-tuning on their entries);
 - ``range test``: Smith's LR range test (one run at exponentially rising rates, 10⁻⁷ → 1 over ``RANGE_STEPS``
