@@ -308,7 +308,7 @@ def write_report(results: list[dict], path: str, command: str, seconds: float, p
     for r in results:
         lines.append(f"- {r['setting']}: " + "; ".join(
             f"seed {p['seed']}: best {p['best_rate']:g}, auto {p['auto_rate']:.2g} ({p['log10_gap']:+.2f})"
-            for p in per_seed(r)))
+            for p in r["auto_per_seed"]))
     if pending:
         lines += ["", f"Not yet run when this report was written: {'; '.join(pending)}."]
     lines += ["", targets_section(results)]

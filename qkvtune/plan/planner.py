@@ -101,7 +101,7 @@ def plan(cfg: TrainConfig, out: str, *, n: int = 256, m: int = 128, sketch_dim: 
     log(f"plan: calibration run, {calibration_steps} steps of {cfg.method} on q, v ({cfg.optim}, lr {cfg.lr})")
     train(ref_cfg)
     real = open_run(calib_dir, with_task=False)
-    if cfg.lr == "auto":  # the rate lr: auto chose for the calibration run stands for lr where the kernel needs one
+    if auto:  # the rate lr: auto chose for the calibration run stands for lr where the kernel needs one
         cfg = replace(cfg, lr=real.cfg.lr)
         lrs = lrs or [cfg.lr]
     moved = float((outputs(real.model, readout.train, readout.collator, readout.output, readout.label_ids)
