@@ -104,7 +104,10 @@ def test_auto_run_is_the_run_at_its_recorded_rate(tmp_path, tiny_bert_dir):
     saved = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
     lr, why = saved["lr"], saved["lr_auto"]
     assert isinstance(lr, float) and lr == why["lr"] and why["margin"] == pytest.approx(0.1)
-    assert lr == pytest.approx(why["margin"] * why["eta_star"], rel=2e-3)
+    tried = why["short_runs"]["tried"]  # (1 − β₁)·η* × 1, √10, 10, climbed while the held-out loss falls
+    assert tried[0][0] == pytest.approx(why["margin"] * why["eta_star"], rel=2e-3)
+    assert [r for r, _ in tried] == sorted(r for r, _ in tried) and all(r <= why["eta_star"] * 1.001 for r, _ in tried)
+    assert lr == min(tried, key=lambda t: math.inf if t[1] is None else t[1])[0]
     curve = why["curve"]
     assert min(v for _, v in curve if v is not None) < why["loss"]  # it found a descent
     rates = json.load(open(tmp_path / "run" / "qkvtune_adapter.json"))["settings"]["learning_rates"]
@@ -113,6 +116,28 @@ def test_auto_run_is_the_run_at_its_recorded_rate(tmp_path, tiny_bert_dir):
     assert fixed["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
     a, b = (lora_weights(runs.open_run(str(tmp_path / d)).model) for d in ("run", "b"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_climb_reads_rates_upwards_while_the_loss_falls():
+    """The short runs' search: up the rates while each beats every lower one; the first that does not is the last
+    read (a fifth of a run each: the ones above it cost nothing); a non-finite loss stops it and never wins."""
+    calls = []
+
+    def valley(best):
+        def loss_at(rate):
+            calls.append(rate)
+            return (math.log10(rate) - math.log10(best)) ** 2
+        return loss_at
+
+    rates = [1e-3, 3.16e-3, 1e-2]
+    assert autolr.climb(rates, valley(3e-3))[0] == 3.16e-3 and calls == rates
+    calls.clear()
+    assert autolr.climb(rates, valley(1e-4))[0] == 1e-3 and calls == rates[:2]
+    calls.clear()
+    assert autolr.climb(rates, valley(1.0))[0] == 1e-2 and calls == rates
+    chosen, tried = autolr.climb(rates, lambda r: math.inf if r > 2e-3 else 0.5)
+    assert chosen == 1e-3 and [r for r, _ in tried] == rates[:2]
+    assert autolr.climb(rates, lambda r: math.nan)[0] == 1e-3
 
 
 def test_bad_lr_is_one_line_and_exit_2(tmp_path):

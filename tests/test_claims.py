@@ -43,6 +43,8 @@ def test_rules_on_intervals():
     assert V.combine([V.HOLDS, V.HOLDS]) == V.HOLDS and V.combine([V.FAILS, V.FAILS]) == V.FAILS
     assert V.combine([V.HOLDS, V.FAILS]) == V.MIXED and V.combine([V.UNSURE, V.HOLDS]) == V.MIXED
     assert V.combine([V.UNTESTABLE]) == V.UNTESTABLE and V.combine([V.UNTESTABLE, V.HOLDS]) == V.HOLDS
+    assert V.combine([V.NOT_RUN, V.FAILS]) == V.FAILS and V.combine([V.NOT_RUN]) == V.NOT_RUN
+    assert V.combine([V.NOT_RUN, V.UNTESTABLE]) == V.UNTESTABLE
 
 
 def test_power_closed_forms():
@@ -544,7 +546,12 @@ def test_a_profile_can_run_a_documented_subset_of_a_claims_arms():
     assert list(sub.arms) == ["mlp", "qkvo_eqp"] and sub.ref == "mlp" and "qv" in sub.dropped
     result = ClaimResult(sub, ["sft/x"], [0, 1], {}, {}, [], V.UNSURE, gates={"sft/x": (True, "")})
     part = evaluate_check(result, {"rule": "better", "a": "score:mlp", "b": "score:qv_eqp", "margin": 0.01})
-    assert part["verdict"] == V.UNTESTABLE and "not run in this profile: qv_eqp" in part["note"]
+    assert part["verdict"] == V.NOT_RUN and "not run in this profile: qv_eqp" in part["note"]
+    on = {"rule": "better", "a": "score:mlp", "b": "score:qkvo_eqp", "margin": 0.01, "task": "glue.0", "_task": None}
+    part = evaluate_check(result, {**on, "_found": "glue/sst2"})  # the task exists; the profile left it out
+    assert part["verdict"] == V.NOT_RUN and "glue/sst2 not among this profile's tasks" in part["note"]
+    part = evaluate_check(result, {**on, "_found": None})  # no such task in the data folder at all
+    assert part["verdict"] == V.UNTESTABLE and "no such task in the data folder" in part["note"]
     with pytest.raises(ConfigError, match="C10 has no arm 'mlpx'"):
         keep_arms(c10, ["mlpx"])
 
@@ -570,3 +577,24 @@ def test_a_shared_reference_search_is_counted_once_in_the_reports_minutes():
     own = ArmResult(3e-3, [(1e-3, 0.7), (3e-3, 0.8)], {}, 120.0, grid_runs={1e-3: NS(dir="c"), 3e-3: NS(dir="d")})
     results = [NS(arms={"glue/sst2": {"qv": shared[0], "v": own}}), NS(arms={"glue/sst2": {"k": shared[1]}})]
     assert search_minutes(results) == pytest.approx((600.0 + 120.0) / 60)  # not 2 × 600 for the shared ladder
+
+
+def test_the_time_bound_keeps_room_for_the_claims_scoring_after_its_last_run():
+    import time
+
+    from qkvtune.bench import runner
+
+    ctx = runner.Runner({}, {"glue": ["glue/sst2"]}, [0], None, "unused", lambda msg: None, max_minutes=1)
+    ctx.begin_claim()
+    ctx.claim_runs, ctx.last_run_end = 3, time.monotonic() - 6.0  # a claim of 3 runs scored for 6 s after them
+    ctx.end_claim()
+    assert ctx.wrapup == pytest.approx(2.0, abs=0.5)
+    ctx.started, ctx.longest, ctx.factor = time.monotonic() - 30.0, {1.0: 10.0}, 1.0
+    ctx.begin_claim()
+    ctx.claim_runs = 9  # 30 s gone + a 10-s run + (9 + 1) runs' scoring at ~2 s: past the 60-s bound
+    with pytest.raises(runner.OutOfTime, match="scoring"):
+        ctx.may_train()
+    ctx.claim_runs = 2  # 30 + 10 + 3 × ~2 s: inside it
+    ctx.may_train()
+    ctx.wrapup, ctx.claim_runs = 0.0, 9  # without the reserve the same claim would start its run
+    ctx.may_train()

@@ -53,7 +53,7 @@ from . import scores
 from .measures import CROSS_SEED, MEASURES, TRAINING_MEASURES, mean, without_delta
 from .runner import BUDGET_KEYS, OutOfTime, Runner, open_output
 from .suite import Claim, default_suite_dir, discover_tasks, load_suite, parse_tasks, slot_task
-from .verdicts import (COMPARISONS, UNSURE, UNTESTABLE, Interval, combine, judge, power, seeds_needed,
+from .verdicts import (COMPARISONS, NOT_RUN, UNSURE, UNTESTABLE, Interval, combine, judge, power, seeds_needed,
                        t_interval)
 
 # --- the driver -----------------------------------------------------------------------------------------------
@@ -204,13 +204,15 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
     if "task" in c and (only is None or only not in result.testable):
         if only is None:  # the slot names no task here: none was found, or the profile did not take it
             found = c.get("_found")
-            why = f"{found} not among this profile's tasks" if found else "no such task in the data folder"
+            if found:
+                return {**blank, "verdict": NOT_RUN, "note": f"{found} not among this profile's tasks"}
+            why = "no such task in the data folder"
         else:
             why = f"{only} not among this claim's tasks here" if only not in result.tasks else f"{only} not testable"
         return {**blank, "verdict": UNTESTABLE, "note": why}
     compared = [x[len("score:"):].split("@")[0] for x in (a, b) if str(x).startswith("score:")]
     if [arm for arm in compared if arm in result.claim.dropped]:
-        return {**blank, "verdict": UNTESTABLE, "note": "arm not run in this profile: " +
+        return {**blank, "verdict": NOT_RUN, "note": "arm not run in this profile: " +
                 ", ".join(arm for arm in compared if arm in result.claim.dropped)}
     unlearned = [arm for arm in compared if [t for t in result.adapter_not_learned(arm) if only in (None, t)]]
     if unlearned:
@@ -258,8 +260,11 @@ def evaluate_check(result: ClaimResult, c: dict) -> dict:
 def run_claim(claim: Claim, ctx: Runner) -> ClaimResult:
     """The claim's runs, measures and verdict; past the suite's time bound, "not testable within the bound" with
     every rate and budget it tried."""
+    ctx.begin_claim()
     try:
-        return _run_claim(claim, ctx)
+        result = _run_claim(claim, ctx)
+        ctx.end_claim()
+        return result
     except OutOfTime as e:
         tasks = [t for t in (slot_task(ctx.tasks, s, ctx.all_tasks) for s in claim.tasks) if t is not None]
         ctx.log(f"{claim.id}: {OUT_OF_TIME} ({e})")

@@ -174,8 +174,11 @@ def measure(names: list[str], seeds: list[int], data_dir: str, out: str, log=pri
         pretrained_loss = None
 
         def train(lr, seed, arm):
-            s = {**base, "lr": lr, "seed": seed}
-            return ensure_run(s, run_dir(out, s, f"{label}-s{seed}"), arm, log, task=task)
+            from ..autolr import VERSION
+
+            s = {**base, "lr": lr, "seed": seed}  # an auto run's folder also names the rule's version
+            key = {**s, "lr_rule": VERSION} if lr == "auto" and VERSION > 1 else s
+            return ensure_run(s, run_dir(out, key, f"{label}-s{seed}"), arm, log, task=task)
 
         record = {"setting": name, "task": task, "higher_better": higher, "ladder": list(ladder), "seeds": seeds,
                   "bound": regret_bound(task),

@@ -279,7 +279,7 @@ def reviewer_lines(results) -> list[str]:
             test = next((t for p, t in FAILS_IN if any(n.startswith(p) for n in names)), None)
             if c["verdict"] in (verdicts.HOLDS, verdicts.FAILS):
                 need = "decided"
-            elif c["verdict"] == verdicts.UNTESTABLE:
+            elif c["verdict"] in verdicts.UNREAD:
                 need = f"testable first: {c.get('note') or 'the gate'}"
             elif c.get("seeds_needed"):
                 need = f"{c['seeds_needed']} seeds"
@@ -366,10 +366,10 @@ def write_report(results, path: str, command: str, seconds: float, speed_dir: st
               "| claim | decided / readable parts | not testable here | seeds for 80 % power (undecided comparisons) |",
               "|---|---|---|---|"]
     for r in results:
-        readable = [c for c in r.checks if c["verdict"] != verdicts.UNTESTABLE]
+        readable = [c for c in r.checks if c["verdict"] not in verdicts.UNREAD]
         decided = [c for c in readable if c["verdict"] in (verdicts.HOLDS, verdicts.FAILS)]
         missing = "; ".join(f"{c['part']} ({c.get('note', '')})" for c in r.checks
-                            if c["verdict"] == verdicts.UNTESTABLE) or (r.skipped or "–")
+                            if c["verdict"] in verdicts.UNREAD) or (r.skipped or "–")
         need = ", ".join(f"{c['part']}: {c.get('seeds_needed') or '–'}" for c in readable
                          if c["verdict"] == verdicts.UNSURE and c["rule"] in verdicts.COMPARISONS) or "–"
         lines.append(f"| {r.claim.id} | {len(decided)} / {len(readable)} | {missing} | {need} |")

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 UNTESTABLE = "not testable at this budget"
+NOT_RUN = "not run in this profile"  # a part whose arm or task the profile leaves out
+UNREAD = (UNTESTABLE, NOT_RUN)  # parts with no reading: left out of a claim's verdict
 MIXED = "mixed"
 COMPARISONS = ("at_least", "better", "equivalent")
 RULES = COMPARISONS + ("above", "below")
@@ -118,9 +120,10 @@ def seeds_needed(rule: str, var_seeds: float, var_examples: float, n_seeds: int,
 
 
 def combine(verdicts) -> str:
-    verdicts = [v for v in verdicts if v != UNTESTABLE]
+    given = list(verdicts)
+    verdicts = [v for v in given if v not in UNREAD]
     if not verdicts:
-        return UNTESTABLE
+        return NOT_RUN if given and all(v == NOT_RUN for v in given) else UNTESTABLE
     if all(v == HOLDS for v in verdicts):
         return HOLDS
     if all(v == FAILS for v in verdicts):
