@@ -18,9 +18,9 @@ those steps did not see, climbing while each beats the ones below. Measured befo
 11 settings × seeds of bench lr, against each seed's own best grid rate): 9 of 11 on the seed's best or within a
 point of it, where the first candidate alone was on 6; the two misses: SST-2 LoRA r 8 seed 1 (10⁻² for 3·10⁻³,
 2.3 points) and SmolLM2 SFT (20 steps, 16 held-out examples: the 12-step losses of 5.6·10⁻⁴ and 1.8·10⁻³ differed
-by 0.3 % and did not tell them apart). Tried and dropped: scaling the
-margin by how much the batches' gradients agree (Adam's μ/√(μ² + σ²) against the sign step): 0.55–0.63 on every
-setting from 4 batches, the noise floor of the estimate, not a property of the setting.
+by 0.3 % and did not tell them apart). Tried and dropped: scaling the margin by how much the batches' gradients
+agree (Adam's μ/√(μ² + σ²) against the sign step): 0.55–0.63 on every setting from 4 batches, the noise floor of the
+estimate, not a property of the setting.
 
 Measured before it was adopted (MiniLM on SST-2 against the claims suite's grid, the head at 3·10⁻³): 6 of 8
 settings (LoRA r 1/8/64 on q,v, all-linear, the MLP, λ = 4, dense, dense λ = 8) on their grid's best rate, the other
@@ -179,10 +179,8 @@ def short_runs(cfg: TrainConfig, run, rates: list[float], total: int, centered: 
     held_ex, train_ex = examples[-held:], examples[:-held] or examples  # a tiny set: read on what it trained on
     params = _trainable(model)
     initial = [p.detach().clone() for p in params]
-    device = None
 
     def loss_at(rate: float) -> float:
-        nonlocal device
         probe = replace(cfg, lr=rate, warmup_ratio=0.0, max_steps=None, epochs=1.0, eval_strategy="no",
                         report_to="none")
         args = training_arguments(probe, task, "loss", False, has_eval=False)
