@@ -111,6 +111,27 @@ def _direction(optimizer, params: list, scale_groups: list[float]) -> list[torch
     return d
 
 
+def _probe_trainer(cfg: TrainConfig, run, lr: float):
+    """A trainer for the probe's own steps on the run's model, at η_Q = ``lr``: the run's optimizer groups and
+    loss, no warm-up, schedule or evaluation of its own."""
+    from . import chunked_loss
+    from .trainer import QkvTrainer, training_arguments
+
+    probe = replace(cfg, lr=lr, warmup_ratio=0.0, max_steps=None, epochs=1.0, eval_strategy="no", report_to="none")
+    args = training_arguments(probe, run.task, "loss", False, has_eval=False)
+    return QkvTrainer(model=run.model, args=args, data_collator=run.task.collator, rates=probe,
+                      lm_loss=chunked_loss.for_run(run.model, cfg.chunked_loss, run.task))
+
+
+def _put_back(model, params: list, initial: list) -> None:
+    """The trainable weights as they were before the probe, no gradients, training mode."""
+    with torch.no_grad():
+        for p, x in zip(params, initial):
+            p.copy_(x)
+    model.zero_grad(set_to_none=True)
+    model.train()
+
+
 def _set(params: list, base: list, d: list, eta: float) -> None:
     with torch.no_grad():
         for p, b, x in zip(params, base, d):
@@ -164,38 +185,30 @@ def climb(rates: list[float], loss_at) -> tuple[float, list[tuple[float, float]]
 def short_runs(cfg: TrainConfig, run, rates: list[float], total: int, centered: bool) -> dict:
     """Each of ``rates`` (ascending, via ``climb``) trained for ``SHORT`` of the run's ``total`` steps from the
     run's own start (its warm-up, then the peak rate), judged by the loss on training examples those steps did not
-    see; the weights are put back after each. Why: the greedy step sets the scale, but how far below it the best
-    rate sits moved from 0.05 to 1 × η* over ``bench lr``'s matrix (a seed's fresh head, SFT's many directions), and
-    a fifth of the run at three half-decades told them apart where the one step could not (README, lr: auto)."""
-    from . import chunked_loss
-    from .trainer import NonFiniteError, QkvTrainer, training_arguments
+    see; the weights are put back after each (why short runs at all: the module docstring)."""
+    from .trainer import NonFiniteError
 
     model, task = run.model, run.task
     steps = max(MIN_SHORT, min(total, round(SHORT * total)))
     warm = max(1, math.ceil(cfg.warmup_ratio * total))
-    held = min(MAX_EXAMPLES, max(4 * cfg.batch_size, cfg.batch_size * cfg.grad_accum))
     step_batch = cfg.batch_size * cfg.grad_accum
+    held = min(MAX_EXAMPLES, max(4 * cfg.batch_size, step_batch))
     examples = run.examples("train", steps * step_batch + held)
     held_ex, train_ex = examples[-held:], examples[:-held] or examples  # a tiny set: read on what it trained on
     params = _trainable(model)
     initial = [p.detach().clone() for p in params]
 
     def loss_at(rate: float) -> float:
-        probe = replace(cfg, lr=rate, warmup_ratio=0.0, max_steps=None, epochs=1.0, eval_strategy="no",
-                        report_to="none")
-        args = training_arguments(probe, task, "loss", False, has_eval=False)
-        trainer = QkvTrainer(model=model, args=args, data_collator=task.collator, rates=probe,
-                             lm_loss=chunked_loss.for_run(model, cfg.chunked_loss, task))
+        trainer = _probe_trainer(cfg, run, rate)
         optimizer = trainer.create_optimizer()
-        device = args.device
+        device = trainer.args.device
         peaks = [g["lr"] for g in optimizer.param_groups]
         try:
             for t in range(steps):
                 for g, peak in zip(optimizer.param_groups, peaks):
                     g["lr"] = peak * min(1.0, (t + 1) / warm)
                 model.train()
-                first = (t * step_batch) % len(train_ex)
-                chunk = (train_ex + train_ex)[first:first + step_batch]
+                chunk = [train_ex[(t * step_batch + i) % len(train_ex)] for i in range(step_batch)]
                 for micro in _batches(chunk, task.collator, cfg.batch_size, device):
                     loss = trainer.compute_loss(model, micro) / cfg.grad_accum  # the run's own loss
                     if not torch.isfinite(loss):
@@ -207,10 +220,7 @@ def short_runs(cfg: TrainConfig, run, rates: list[float], total: int, centered: 
         except NonFiniteError:
             return math.inf
         finally:
-            with torch.no_grad():
-                for p, x in zip(params, initial):
-                    p.copy_(x)
-            model.zero_grad(set_to_none=True)
+            _put_back(model, params, initial)
 
     t0 = time.perf_counter()
     chosen, tried = climb(rates, loss_at)
@@ -232,9 +242,7 @@ def choose_rate(cfg: TrainConfig, run, log=print) -> tuple[float, dict]:
     """The peak η_Q for ``cfg`` (whose ``lr`` is "auto") on ``run`` (``runs.build``: the model with its fresh
     adapter and head, the task's data). Returns (η_Q, the record for config.yaml). The model's trainable weights
     are left as they were."""
-    from . import chunked_loss
     from .optim import update_rule
-    from .trainer import QkvTrainer, training_arguments
 
     t0 = time.perf_counter()
     model, task = run.model, run.task
@@ -242,17 +250,13 @@ def choose_rate(cfg: TrainConfig, run, log=print) -> tuple[float, dict]:
         raise ConfigError(f"lr: auto reads the task's own loss; objective {cfg.objective} has none of its kind: "
                           "give lr a number")
     margin = 1.0 - update_rule(cfg)[1]  # Adam: 1 − β₁ (module docstring); plain SGD: the greedy step
-    probe_cfg = replace(cfg, lr=1.0, warmup_ratio=0.0, max_steps=None, epochs=1.0, eval_strategy="no",
-                        report_to="none")
-    args = training_arguments(probe_cfg, task, "loss", False, has_eval=False)
-    trainer = QkvTrainer(model=model, args=args, data_collator=task.collator, rates=probe_cfg,
-                         lm_loss=chunked_loss.for_run(model, cfg.chunked_loss, task))
+    trainer = _probe_trainer(cfg, run, 1.0)
     optimizer = trainer.create_optimizer()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = scaling_groups(model, cfg)
     scale = [s if moves else 0.0 for s, moves in groups]      # the part of the step that η_Q sets ...
     fixed = [0.0 if moves else s for s, moves in groups]      # ... and the groups at their own rates
-    device = args.device
+    device = trainer.args.device
     step_batch = cfg.batch_size * cfg.grad_accum
     available = len(task.train)
     total = cfg.max_steps or max(1, int(available // step_batch * cfg.epochs))
@@ -277,11 +281,7 @@ def choose_rate(cfg: TrainConfig, run, log=print) -> tuple[float, dict]:
             if found_delta["eta"] is not None and (found["eta"] is None or found_delta["eta"] < found["eta"]):
                 found = {**found_delta, "limited_by": "the adapter alone", "with_head": found["eta"]}
     finally:
-        with torch.no_grad():
-            for p, x in zip(params, initial):
-                p.copy_(x)
-        model.zero_grad(set_to_none=True)
-        model.train()
+        _put_back(model, params, initial)
     if found["eta"] is None:
         raise ConfigError("lr: auto found no step size that lowers the loss along the optimizer's first step (the "
                           "model already fits these examples, or the loss is flat in the trained weights); give lr a "

@@ -158,6 +158,7 @@ def collapsed(run, pretrained_loss: float | None) -> bool:
 
 def measure(names: list[str], seeds: list[int], data_dir: str, out: str, log=print, done=None) -> list[dict]:
     """Every setting's grid and rules; ``done(results)`` after each setting (the report so far)."""
+    from ..autolr import VERSION
     from .runner import ensure_run, run_dir
     from .scores import higher_better
     from .suite import task_settings
@@ -174,10 +175,8 @@ def measure(names: list[str], seeds: list[int], data_dir: str, out: str, log=pri
         pretrained_loss = None
 
         def train(lr, seed, arm):
-            from ..autolr import VERSION
-
             s = {**base, "lr": lr, "seed": seed}  # an auto run's folder also names the rule's version
-            key = {**s, "lr_rule": VERSION} if lr == "auto" and VERSION > 1 else s
+            key = {**s, "lr_rule": VERSION} if lr == "auto" else s
             return ensure_run(s, run_dir(out, key, f"{label}-s{seed}"), arm, log, task=task)
 
         record = {"setting": name, "task": task, "higher_better": higher, "ladder": list(ladder), "seeds": seeds,
